@@ -1,0 +1,90 @@
+"""The adapter: exactly the trainable tensors of a forecaster, the only model state that travels.
+
+On disk an adapter is a directory:
+  adapter.safetensors   every trainable tensor, by its parameter name in `Forecaster`
+  lora/                 the LoRA part as peft writes it; `PeftModel.from_pretrained(blocks, "lora")`
+                        loads it onto the same truncated backbone (`shared.backbone.truncated_backbone`)
+  meta.json             the model config and anything the caller adds (round number, metrics)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from shared.backbone import load_pretrained
+from shared.model import Forecaster
+
+OPACUS_PREFIX = "_module."
+
+
+class AdapterMismatch(ValueError):
+    """An update that cannot be loaded: wrong keys, wrong shapes or non-finite values."""
+
+
+def _clean(name: str) -> str:
+    return name.removeprefix(OPACUS_PREFIX)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> detached CPU copy of every trainable tensor, in a stable order."""
+    return {_clean(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {_clean(n): tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_update(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raises AdapterMismatch unless `state` has exactly the expected keys and shapes, all finite."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise AdapterMismatch(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise AdapterMismatch(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]}")
+        if not torch.isfinite(tensor).all():
+            raise AdapterMismatch(f"{name}: non-finite values")
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies `state` into the model's trainable tensors after checking it completely first."""
+    check_update(state, adapter_shapes(model))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(state[_clean(name)].to(param.device, param.dtype))
+
+
+def adapter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def backbone_bytes(model: Forecaster) -> int:
+    """Size of the full pretrained file's tensors (all blocks), which never travel."""
+    full, _ = load_pretrained(model.cfg.backbone)
+    return sum(p.numel() * p.element_size() for p in full.parameters())
+
+
+def save_adapter(model: Forecaster, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter_state(model).items()}, str(directory / "adapter.safetensors"))
+    if (lora := model.lora_model()) is not None:
+        lora.save_pretrained(str(directory / "lora"))
+    info = {"model": dataclasses.asdict(model.cfg), "shape": dataclasses.asdict(model.shape), **(meta or {})}
+    (directory / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+    return directory
+
+
+def load_adapter(model: Forecaster, directory: str | Path) -> dict[str, Any]:
+    """Loads an adapter directory into `model`; returns its meta.json."""
+    directory = Path(directory)
+    load_adapter_state(model, load_file(str(directory / "adapter.safetensors")))
+    return json.loads((directory / "meta.json").read_text())

@@ -1,0 +1,218 @@
+"""The one place configuration is read: TOML files in configs/ become typed, validated dataclasses.
+
+A file names only what differs from the defaults below; an unknown key is an error, so a typo
+cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Maps a merchant file's own column names onto the long schema."""
+
+    merchant_id: str | None = "merchant_id"
+    unique_id: str = "unique_id"
+    ds: str = "ds"
+    y: str = "y"
+    known: tuple[str, ...] = ()
+    observed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_merchants: int = 6
+    n_days: int = 540
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"
+    path: str = ""
+    freq: str = "D"
+    horizon: int = 14
+    context: int = 84
+    stride: int = 1
+    negative: str = "clip"
+    fill: str = "zero"
+    short_series: str = "error"
+    columns: Columns = field(default_factory=Columns)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_series_per_merchant: int = 0  # 0 keeps all; presets use it to bound benchmark time
+    merchants: tuple[str, ...] = ()  # a subset of merchant ids to keep; empty keeps all
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    freeze_a: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "smollm2"
+    llm_layers: int = 6
+    variant: str = "llm"
+    patch_len: int = 7
+    patch_stride: int = 7
+    d_patch: int = 32
+    n_prototypes: int = 256
+    reprogram_heads: int = 4
+    reprogram_dim: int = 32
+    d_ff: int = 32
+    prompt: bool = True
+    prompt_max_tokens: int = 40
+    domain: str = "Daily unit sales of one product of an online shop."
+    quantiles: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    nonnegative: bool = True
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_steps: int = 150
+    eval_every: int = 25
+    patience: int = 3
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = False
+    unit: str = "series"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    ledger_dir: str = "runs/ledgers"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_merchants: int = 4
+    num_rounds: int = 3
+    local_steps: int = 30
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.05
+    trim_beta: float = 0.2
+    max_update_norm: float = 50.0
+    min_replies: int = 2
+    round_timeout_s: float = 600.0
+    out_dir: str = "runs/demo"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+_CHOICES = {
+    ("data", "source"): {"synthetic", "file", "walmart", "online_retail"},
+    ("data", "negative"): {"keep", "flag", "clip", "error"},
+    ("data", "fill"): {"zero", "ffill", "error"},
+    ("data", "short_series"): {"error", "drop"},
+    ("model", "variant"): {"llm", "no_llm", "attention", "random_llm"},
+    ("train", "device"): {"auto", "cpu", "cuda"},
+    ("train", "precision"): {"fp32", "bf16", "fp16"},
+    ("privacy", "unit"): {"series", "day"},
+    ("federation", "strategy"): {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as written."""
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [{where}]; allowed: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = float(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turns {"train.lr": 0.1} into {"train": {"lr": 0.1}}."""
+    nested: dict[str, Any] = {}
+    for dotted_key, value in overrides.items():
+        *parents, leaf = dotted_key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def validate(cfg: Config) -> Config:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"[{section}] {key} = {value!r}; choose one of {sorted(allowed)}")
+    m, d = cfg.model, cfg.data
+    if 0.5 not in m.quantiles or list(m.quantiles) != sorted(set(m.quantiles)):
+        raise ConfigError(f"[model] quantiles must be increasing and include 0.5, got {m.quantiles}")
+    if not all(0.0 < q < 1.0 for q in m.quantiles):
+        raise ConfigError(f"[model] quantiles must lie in (0, 1), got {m.quantiles}")
+    if d.context < m.patch_len or d.horizon < 1:
+        raise ConfigError(f"[data] context ({d.context}) must hold one patch ({m.patch_len}) and horizon must be >= 1")
+    if (d.context - m.patch_len) % m.patch_stride:
+        raise ConfigError("[data] context - patch_len must be a multiple of patch_stride so patches tile the context")
+    if d.horizon % m.patch_len:
+        raise ConfigError(f"[data] horizon ({d.horizon}) must be a multiple of patch_len ({m.patch_len})")
+    if not 0.0 < cfg.privacy.delta < 1.0 or cfg.privacy.target_epsilon <= 0:
+        raise ConfigError("[privacy] needs 0 < delta < 1 and target_epsilon > 0")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Reads the defaults, then `path` (if given) over them, then dotted `overrides` over both."""
+    raw = tomllib.loads(DEFAULT_CONFIG.read_text())
+    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
+        try:
+            raw = _merge(raw, tomllib.loads(Path(path).read_text()))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+    raw = _merge(raw, _dotted(overrides or {}))
+    return validate(_build(Config, raw, "config"))

@@ -1,0 +1,198 @@
+"""A merchant's differential-privacy budget, kept on the merchant's own disk across rounds and restarts.
+
+Opacus' accountant lives in memory, so a restarted client would otherwise start again from ε = 0 and
+could spend its whole budget a second time on the same data. The ledger stores the accountant's
+history, a list of (noise_multiplier, sample_rate, num_steps), as JSON next to the merchant's data and
+refuses any step that would take ε past the target: training asks `affordable_steps` first, then
+`record`s what it ran, and the file is replaced atomically before `record` returns.
+
+ε is always Opacus' RDP analysis (`compute_rdp` composed over the history, converted with
+`get_privacy_spent`, exactly as `RDPAccountant.get_epsilon` does); the only addition is a cache of the
+one-step RDP curve per (noise, rate), because that curve is what costs time (up to ~0.2 s each) and
+the binary search in `affordable_steps` evaluates ε many times with the same pairs. The tests check
+that the result is bit-for-bit the accountant's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+Entry = tuple[float, float, int]  # (noise_multiplier, sample_rate, num_steps), as Opacus stores it
+
+_FORMAT_VERSION = 1
+
+
+class BudgetExceeded(RuntimeError):
+    """Recording the requested steps would spend more than the merchant's ε budget."""
+
+    def __init__(self, path: Path, spent: float, would_be: float, target: float) -> None:
+        self.spent, self.would_be, self.target = spent, would_be, target
+        super().__init__(
+            f"privacy budget of merchant ledger {path} exceeded: ε spent {spent:.4f}, these steps would "
+            f"make it {would_be:.4f}, target {target:g}; nothing was recorded"
+        )
+
+
+class LedgerError(ValueError):
+    """The ledger file cannot be trusted as this merchant's budget (corrupt, or for another budget)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus' RDP curve of one step; `compute_rdp` scales it by the step count, so this is exact."""
+    curve = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    curve.setflags(write=False)  # shared by every caller through the cache
+    return curve
+
+
+def _epsilon(history: list[Entry], delta: float) -> float:
+    """`RDPAccountant.get_epsilon(delta)` for `history`, composed in the same order so it matches bitwise."""
+    if not history:
+        return 0.0
+    rdp = sum(_rdp_per_step(noise, rate) * steps for noise, rate, steps in history)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _extended(history: list[Entry], noise_multiplier: float, sample_rate: float, steps: int) -> list[Entry]:
+    """`history` after `steps` more steps, merged into the last entry when noise and rate are equal.
+
+    Opacus merges the same way, so a resumed engine's history stays identical to the ledger's; and
+    `affordable_steps` and `record` both go through here, so they judge exactly the same history; the
+    casts keep numpy scalars out of the JSON file.
+    """
+    noise_multiplier, sample_rate, steps = float(noise_multiplier), float(sample_rate), int(steps)
+    if steps == 0:
+        return list(history)
+    if history and history[-1][:2] == (noise_multiplier, sample_rate):
+        return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + steps)]
+    return [*history, (noise_multiplier, sample_rate, steps)]
+
+
+def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not noise_multiplier > 0 or not 0 < sample_rate <= 1:
+        raise ValueError(f"need noise_multiplier > 0 and 0 < sample_rate <= 1, got {noise_multiplier}, {sample_rate}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+class PrivacyLedger:
+    """The ε spent by one merchant under one (target ε, δ, unit) budget, persisted at `path`."""
+
+    def __init__(self, path: Path, target_epsilon: float, delta: float, unit: str) -> None:
+        if not target_epsilon > 0 or not 0 < delta < 1:
+            raise ValueError(f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+        self.path = Path(path)
+        self.target_epsilon, self.delta, self.unit = float(target_epsilon), float(delta), unit
+        self._history: list[Entry] = self._load() if self.path.exists() else []
+
+    @property
+    def history(self) -> list[Entry]:
+        """A copy, so callers cannot change what was spent without going through `record`."""
+        return list(self._history)
+
+    def epsilon(self) -> float:
+        """ε spent so far at this ledger's δ."""
+        return _epsilon(self._history, self.delta)
+
+    def remaining(self) -> float:
+        return max(0.0, self.target_epsilon - self.epsilon())
+
+    def affordable_steps(self, noise_multiplier: float, sample_rate: float, planned: int) -> int:
+        """The most steps, up to `planned`, that can still be taken without ε passing the target.
+
+        ε grows monotonically with the step count, so a binary search finds the boundary.
+        """
+        _check_step_args(noise_multiplier, sample_rate, planned)
+
+        def fits(n: int) -> bool:
+            extended = _extended(self._history, noise_multiplier, sample_rate, n)
+            return _epsilon(extended, self.delta) <= self.target_epsilon
+
+        if fits(planned):
+            return planned
+        low, high = 0, planned  # fits(high) is False; fits(low) is assumed, and 0 is the answer if not
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Adds `steps` to the history and writes it to disk, or raises `BudgetExceeded` and changes nothing."""
+        _check_step_args(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
+        extended = _extended(self._history, noise_multiplier, sample_rate, steps)
+        would_be = _epsilon(extended, self.delta)
+        if not would_be <= self.target_epsilon:
+            raise BudgetExceeded(self.path, self.epsilon(), would_be, self.target_epsilon)
+        self._save(extended)
+        self._history = extended
+
+    def accountant(self) -> RDPAccountant:
+        """A fresh Opacus accountant holding this history, e.g. to resume a PrivacyEngine(accountant="rdp")."""
+        accountant = RDPAccountant()
+        accountant.history = self.history
+        return accountant
+
+    def to_metrics(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon(), "delta": self.delta, "target_epsilon": self.target_epsilon}
+
+    def _load(self) -> list[Entry]:
+        try:
+            stored: dict[str, Any] = json.loads(self.path.read_text())
+            if stored["version"] != _FORMAT_VERSION:
+                raise ValueError(f"unknown ledger format version {stored['version']!r}")
+            budget = (stored["target_epsilon"], stored["delta"], stored["unit"])
+            history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in stored["history"]]
+            for noise, rate, steps in history:
+                _check_step_args(noise, rate, steps)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Starting from an empty history here would silently hand the merchant a fresh budget.
+            raise LedgerError(f"privacy ledger {self.path} is unreadable ({exc}); refusing to start from ε = 0") from exc
+        if budget != (self.target_epsilon, self.delta, self.unit):
+            raise LedgerError(
+                f"privacy ledger {self.path} was written for target_epsilon={budget[0]}, delta={budget[1]}, "
+                f"unit={budget[2]!r}, but the config asks for target_epsilon={self.target_epsilon}, "
+                f"delta={self.delta}, unit={self.unit!r}. A merchant's budget cannot change once it is being "
+                f"spent; to start a new budget on purpose, delete {self.path} knowingly."
+            )
+        return history
+
+    def _save(self, history: list[Entry]) -> None:
+        """Writes a temp file beside the ledger, then renames it over, so a crash leaves old or new, never half."""
+        stored = {
+            "version": _FORMAT_VERSION,
+            "target_epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "unit": self.unit,
+            "history": [list(entry) for entry in history],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(stored, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX); Windows cannot open dirs
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

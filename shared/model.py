@@ -1,0 +1,199 @@
+"""The forecaster: a frozen LLM reprogrammed for time series (Time-LLM), with a quantile head.
+
+Read top to bottom, one window's path is:
+  scale by the context's mean |y|  ->  patches of (y, observed, known covariates)  ->  patch embedding
+  ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
+  tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head
+  ->  non-crossing quantiles  ->  rescale.
+Only LoRA and the small layers defined here train; they are the adapter that federation moves.
+Every trainable layer is an nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute
+per-sample gradients for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from shared.backbone import text_prototypes, truncated_backbone
+from shared.config import ModelConfig
+from shared.prompt import prompt_texts, tokenize_left_padded
+
+MAX_SCALED = 100.0  # guards the patch embedding against a window with one huge spike after scaling
+
+
+@dataclass(frozen=True)
+class SeriesShape:
+    """What the data decides about the model's input and output sizes."""
+
+    context: int
+    horizon: int
+    n_known: int  # calendar + known-ahead covariates
+    n_observed: int
+
+
+def mean_abs_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-window mean |x| over time; 1 for an all-zero window so intermittent series stay finite."""
+    scale = x.abs().mean(dim=1, keepdim=True)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def monotone_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
+    """Median plus cumulative positive gaps either side, so quantiles never cross by construction."""
+    median = raw[..., mid : mid + 1]
+    upper = median + torch.cumsum(F.softplus(raw[..., mid + 1 :]), dim=-1)
+    lower = median - torch.cumsum(F.softplus(raw[..., :mid]).flip(-1), dim=-1).flip(-1)
+    return torch.cat([lower, median, upper], dim=-1)
+
+
+def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Mean pinball loss per window ([B]); per-window so DP can clip each window's gradient."""
+    diff = target.unsqueeze(-1) - pred
+    return torch.maximum(levels * diff, (levels - 1) * diff).mean(dim=(1, 2))
+
+
+class Reprogramming(nn.Module):
+    """Patch embeddings (queries) attend over frozen text prototypes (keys and values)."""
+
+    def __init__(self, d_patch: int, d_llm: int, heads: int, d_head: int):
+        super().__init__()
+        self.heads, self.d_head = heads, d_head
+        self.query = nn.Linear(d_patch, heads * d_head)
+        self.key = nn.Linear(d_llm, heads * d_head)
+        self.value = nn.Linear(d_llm, heads * d_head)
+        self.out = nn.Linear(heads * d_head, d_llm)
+
+    def forward(self, patches: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        batch = patches.shape[0]
+        # expanded per window so Opacus sees a batch dimension on key/value's inputs
+        source = prototypes.unsqueeze(0).expand(batch, -1, -1)
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, x.shape[1], self.heads, self.d_head).transpose(1, 2)
+
+        q, k, v = split(self.query(patches)), split(self.key(source)), split(self.value(source))
+        mixed = F.scaled_dot_product_attention(q, k, v)
+        return self.out(mixed.transpose(1, 2).reshape(batch, -1, self.heads * self.d_head))
+
+
+class AttentionBlock(nn.Module):
+    """One trainable self-attention layer: the "LLM replaced by attention" ablation."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        keep = mask.bool()[:, None, None, :]
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return x + self.out(mixed.transpose(1, 2).reshape(b, t, d))
+
+
+class Forecaster(nn.Module):
+    def __init__(self, cfg: ModelConfig, shape: SeriesShape):
+        super().__init__()
+        self.cfg, self.shape = cfg, shape
+        pretrained = cfg.variant != "random_llm"
+        backbone, self.tokenizer = truncated_backbone(cfg.backbone, cfg.llm_layers, pretrained, cfg.seed)
+        d_llm = backbone.config.hidden_size
+        self.n_patches = (shape.context - cfg.patch_len) // cfg.patch_stride + 1
+        self.n_future = shape.horizon // cfg.patch_len
+        channels = 1 + shape.n_observed + shape.n_known
+        torch.manual_seed(cfg.seed)  # identical initial adapter (and LoRA A) on every merchant
+        self.embed_tokens = backbone.embed_tokens
+        self.register_buffer("prototypes", text_prototypes(backbone.embed_tokens, cfg.n_prototypes, cfg.seed), persistent=False)
+        self.patch_embed = nn.Linear(cfg.patch_len * channels, cfg.d_patch)
+        self.patch_position = nn.Embedding(self.n_patches, cfg.d_patch)
+        self.reprogram = Reprogramming(cfg.d_patch, d_llm, cfg.reprogram_heads, cfg.reprogram_dim)
+        self.future_embed = nn.Linear(cfg.patch_len * shape.n_known, d_llm)
+        self.future_position = nn.Embedding(self.n_future, d_llm)
+        self.llm: nn.Module | None = None
+        if cfg.variant in ("llm", "random_llm"):
+            self.llm = get_peft_model(backbone, self._lora_config())
+            if cfg.lora.freeze_a:
+                for name, param in self.llm.named_parameters():
+                    if "lora_A" in name:
+                        param.requires_grad_(False)
+        elif cfg.variant == "attention":
+            self.llm = AttentionBlock(d_llm, cfg.reprogram_heads)
+        self.to_ff = nn.Linear(d_llm, cfg.d_ff)
+        n_quantiles = len(cfg.quantiles)
+        self.head = nn.Linear((self.n_patches + self.n_future) * cfg.d_ff, shape.horizon * n_quantiles)
+        self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
+        self.mid = list(cfg.quantiles).index(0.5)
+
+    def _lora_config(self) -> PeftLoraConfig:
+        lora = self.cfg.lora
+        return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets))
+
+    @property
+    def uses_prompt(self) -> bool:
+        return self.cfg.prompt and self.llm is not None
+
+    def encode_prompts(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt token ids for a stack of raw contexts (tokenised once, when windows are built)."""
+        if not self.uses_prompt:
+            return np.zeros((len(context), 0), dtype=np.int64), np.zeros((len(context), 0), dtype=np.int64)
+        texts = prompt_texts(context, self.cfg.domain, self.shape.horizon)
+        return tokenize_left_padded(self.tokenizer, texts, self.cfg.prompt_max_tokens)
+
+    def forward(
+        self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantiles in scaled units [B, H, Q] and the scale [B, 1] that maps them back to sales."""
+        batch, L = context.shape
+        P, S = self.cfg.patch_len, self.cfg.patch_stride
+        scale = mean_abs_scale(context)
+        series = (context / scale).clamp(-MAX_SCALED, MAX_SCALED).unsqueeze(-1)
+        observed = (observed / mean_abs_scale(observed)).clamp(-MAX_SCALED, MAX_SCALED)
+        channels = torch.cat([series, observed, known[:, :L]], dim=-1)
+        patches = channels.unfold(1, P, S).flatten(2)  # [B, n_patches, channels * P]
+        patch_tokens = self.reprogram(self.patch_embed(patches) + self.patch_position(self._positions(batch, self.n_patches)), self.prototypes)
+        future = known[:, L:].unfold(1, P, P).flatten(2)  # [B, n_future, n_known * P]
+        future_tokens = self.future_embed(future) + self.future_position(self._positions(batch, self.n_future))
+        tokens = torch.cat([patch_tokens, future_tokens], dim=1)
+        mask = torch.ones(batch, tokens.shape[1], dtype=torch.long, device=context.device)
+        if self.uses_prompt:
+            tokens = torch.cat([self.embed_tokens(prompt_ids).to(tokens.dtype), tokens], dim=1)
+            mask = torch.cat([prompt_mask, mask], dim=1)
+        hidden = self._mix(tokens, mask)[:, -(self.n_patches + self.n_future) :]
+        raw = self.head(self.to_ff(hidden).flatten(1)).view(batch, self.shape.horizon, -1)
+        return monotone_quantiles(raw.float(), self.mid), scale
+
+    def _positions(self, batch: int, count: int) -> torch.Tensor:
+        """Position ids with a batch dimension, which Opacus needs to attribute gradients per window."""
+        return torch.arange(count, device=self.levels.device).expand(batch, count)
+
+    def _mix(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.llm is None:
+            return tokens
+        if isinstance(self.llm, AttentionBlock):
+            return self.llm(tokens, mask)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        return self.llm(inputs_embeds=tokens, attention_mask=mask, position_ids=positions).last_hidden_state
+
+    def loss(self, target: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Per-window pinball loss in scaled units, so shops of any size weigh the same."""
+        quantiles, scale = self(**inputs)
+        return pinball_loss(quantiles, target / scale, self.levels)
+
+    @torch.no_grad()
+    def predict(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Quantiles in the series' own units [B, H, Q]."""
+        quantiles, scale = self(**inputs)
+        quantiles = quantiles * scale.unsqueeze(-1)
+        return quantiles.clamp_min(0.0) if self.cfg.nonnegative else quantiles
+
+    def lora_model(self) -> PeftModel | None:
+        return self.llm if isinstance(self.llm, PeftModel) else None

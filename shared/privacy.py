@@ -1,0 +1,92 @@
+"""DP-SGD for one merchant's local training: what is sampled, what is clipped, what is spent.
+
+The protected unit decides the sampling. Windows overlap, so one day sits in up to L + H windows
+and "one window" protects nothing meaningful:
+  - "series": a whole product/customer series is the unit. Each step Poisson-samples series, and a
+    sampled series contributes one window, hence one clipped gradient.
+  - "day":    only non-overlapping windows are used, so each day lies in at most one training example
+    and the per-example guarantee covers any single day (and the rest of its window).
+The accountant is charged with the sampling rate of that unit, and the budget is reserved in the
+merchant's ledger before the first step runs, so a crash can never leave steps unaccounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from torch.utils.data import DataLoader
+
+from shared.config import PrivacyConfig, TrainConfig
+from shared.ledger import PrivacyLedger
+from shared.windows import WindowDataset, Windows
+
+
+def privacy_units(windows: Windows, unit: str, window_length: int) -> list[np.ndarray]:
+    """Window indices grouped by protected unit (see the module docstring)."""
+    if unit == "series":
+        return [np.flatnonzero(windows.series == s) for s in np.unique(windows.series)]
+    units: list[np.ndarray] = []
+    for s in np.unique(windows.series):
+        next_free = -np.inf
+        for i in np.flatnonzero(windows.series == s)[np.argsort(windows.offset[windows.series == s])]:
+            if windows.offset[i] >= next_free:
+                units.append(np.array([i]))
+                next_free = windows.offset[i] + window_length
+    return units
+
+
+def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
+    """The merchant's own ledger file, kept on its disk across rounds and restarts."""
+    path = Path(cfg.ledger_dir) / f"{merchant.replace('/', '_')}.json"
+    return PrivacyLedger(path, cfg.target_epsilon, cfg.delta, cfg.unit)
+
+
+class PrivateTraining:
+    """One DP training session: reserves budget, wraps model and optimiser with Opacus, unwraps."""
+
+    def __init__(self, cfg: PrivacyConfig, ledger: PrivacyLedger, train: Windows, batch_size: int, window_length: int):
+        self.cfg, self.ledger = cfg, ledger
+        self.units = privacy_units(train, cfg.unit, window_length)
+        self.batch_size = min(batch_size, len(self.units))
+        # Opacus samples each unit with probability 1 / len(loader); the ledger is charged the same
+        self.sample_rate = 1.0 / int(np.ceil(len(self.units) / self.batch_size))
+        self._wrapped: GradSampleModule | None = None
+
+    def reserve(self, planned_steps: int) -> int:
+        """Records as many of `planned_steps` as the remaining budget allows; returns that number."""
+        steps = self.ledger.affordable_steps(self.cfg.noise_multiplier, self.sample_rate, planned_steps)
+        if steps:
+            self.ledger.record(self.cfg.noise_multiplier, self.sample_rate, steps)
+        return steps
+
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows, cfg: TrainConfig
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Iterator[dict[str, torch.Tensor]]]:
+        dataset = WindowDataset(train, self.units, seed=cfg.seed)
+        loader = DataLoader(dataset, batch_size=self.batch_size)
+        engine = PrivacyEngine(accountant="rdp")
+        model.train()
+        wrapped, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.cfg.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        )
+        self._wrapped = wrapped
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            while True:
+                yield from dp_loader
+
+        return wrapped, dp_optimizer, batches()
+
+    def detach(self) -> None:
+        """Removes Opacus' hooks so the same forecaster serves the next round or merchant."""
+        if self._wrapped is not None:
+            self._wrapped._close()
+            self._wrapped = None
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon()

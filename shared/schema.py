@@ -1,0 +1,202 @@
+"""The long tabular schema every merchant file is turned into, and the checks that guard it.
+
+One row per (series, timestamp): `merchant_id, unique_id, ds, y` plus covariate columns, the format
+the forecasting ecosystem (statsforecast, mlforecast, GluonTS) uses. Every error names the file, the
+row (1-based, as a spreadsheet shows it, header = row 1) and the column, so a merchant can fix the
+export instead of guessing; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.config import Columns, DataConfig
+
+MERCHANT, ID, DS, Y = "merchant_id", "unique_id", "ds", "y"
+NEGATIVE_FLAG = "y_was_negative"
+
+log = logging.getLogger(__name__)
+
+
+def quantile_column(level: float) -> str:
+    """Column name of a quantile forecast, e.g. 0.1 -> "q0.1"; one spelling for model and baselines."""
+    return f"q{level:g}"
+
+
+class DataValidationError(ValueError):
+    """Input that cannot be used as it is; the message says where and what to change."""
+
+    def __init__(self, message: str, file: str | Path | None = None, row: int | None = None, column: str | None = None):
+        where = ", ".join(
+            part for part in (f"file {file}" if file else "", f"row {row}" if row else "", f"column {column!r}" if column else "") if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file, self.row, self.column = file, row, column
+
+
+@dataclass(frozen=True)
+class SeriesTable:
+    """A validated long frame plus which covariates are known ahead and which are only observed."""
+
+    frame: pd.DataFrame
+    known: tuple[str, ...]
+    observed: tuple[str, ...]
+    freq: str
+
+    def merchants(self) -> list[str]:
+        return sorted(self.frame[MERCHANT].unique())
+
+    def for_merchant(self, merchant: str) -> "SeriesTable":
+        return SeriesTable(self.frame[self.frame[MERCHANT] == merchant].reset_index(drop=True), self.known, self.observed, self.freq)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Reads CSV or Parquet; a file that cannot be parsed raises an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError("file does not exist", file=path)
+    try:
+        if path.suffix.lower() in {".parquet", ".pq"}:
+            return pd.read_parquet(path)
+        if path.suffix.lower() in {".csv", ".txt", ".gz"}:
+            return pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for a malformed file; all mean the same here
+        raise DataValidationError(f"cannot be read as {path.suffix.lstrip('.')}: {exc}", file=path) from exc
+    raise DataValidationError("unsupported format; use .csv or .parquet", file=path)
+
+
+def _spreadsheet_row(frame: pd.DataFrame, mask: np.ndarray | pd.Series) -> int:
+    return int(frame.index[np.asarray(mask)][0]) + 2
+
+
+def to_long(raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>", negative: str = "clip") -> pd.DataFrame:
+    """Renames a merchant's columns onto the schema and checks every value."""
+    covariates = list(columns.known) + list(columns.observed)
+    wanted = {columns.unique_id: ID, columns.ds: DS, columns.y: Y, **{c: c for c in covariates}}
+    if columns.merchant_id:
+        wanted[columns.merchant_id] = MERCHANT
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=source)
+    frame = raw[list(wanted)].rename(columns=wanted).reset_index(drop=True)
+    if MERCHANT not in frame:
+        frame[MERCHANT] = Path(str(source)).stem
+    frame[MERCHANT] = frame[MERCHANT].astype(str)
+    frame[ID] = frame[ID].astype(str)
+
+    dates = pd.to_datetime(frame[DS], errors="coerce")
+    bad = dates.isna()
+    if bad.any():
+        value = frame.loc[bad, DS].iloc[0]
+        raise DataValidationError(f"unparseable date {value!r}", file=source, row=_spreadsheet_row(frame, bad), column=columns.ds)
+    frame[DS] = dates
+
+    for name, original in [(Y, columns.y)] + [(c, c) for c in covariates]:
+        values = pd.to_numeric(frame[name], errors="coerce")
+        non_numeric = values.isna() & frame[name].notna()
+        if non_numeric.any():
+            value = frame.loc[non_numeric, name].iloc[0]
+            raise DataValidationError(f"non-numeric value {value!r}", file=source, row=_spreadsheet_row(frame, non_numeric), column=original)
+        not_finite = ~np.isfinite(values.to_numpy(dtype=float))
+        if not_finite.any():
+            raise DataValidationError(
+                "missing, NaN or infinite value; fill it in the export or drop the row", file=source,
+                row=_spreadsheet_row(frame, not_finite), column=original,
+            )
+        frame[name] = values.astype(float)
+
+    duplicated = frame.duplicated([ID, DS], keep="first")
+    if duplicated.any():
+        row = _spreadsheet_row(frame, duplicated)
+        key = frame.loc[duplicated, [ID, DS]].iloc[0]
+        raise DataValidationError(
+            f"duplicate timestamp {key[DS].date()} for series {key[ID]!r}", file=source, row=row, column=columns.ds
+        )
+    return _apply_negative_policy(frame, negative, source, columns.y)
+
+
+def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path, y_name: str) -> pd.DataFrame:
+    negative = frame[Y] < 0
+    if not negative.any() or policy == "keep":
+        return frame
+    if policy == "error":
+        raise DataValidationError(
+            f"negative value {frame.loc[negative, Y].iloc[0]} (returns?); set [data] negative to keep, flag or clip",
+            file=source, row=_spreadsheet_row(frame, negative), column=y_name,
+        )
+    log.warning("%s: %d negative values in %r handled by policy %r", source, int(negative.sum()), y_name, policy)
+    if policy == "flag":
+        frame[NEGATIVE_FLAG] = negative.astype(float)
+    else:  # clip
+        frame[Y] = frame[Y].clip(lower=0.0)
+    return frame
+
+
+def regularise(frame: pd.DataFrame, freq: str, fill: str, source: str | Path = "<frame>") -> pd.DataFrame:
+    """Puts every series on a regular grid at `freq`; gaps are filled by an explicit policy."""
+    pieces = []
+    for uid, series in frame.sort_values([ID, DS]).groupby(ID, sort=True):
+        series_freq = pd.infer_freq(series[DS]) if freq == "auto" and len(series) >= 3 else freq
+        if series_freq is None:
+            raise DataValidationError(f"cannot infer the frequency of series {uid!r}; set [data] freq", file=source)
+        grid = pd.date_range(series[DS].iloc[0], series[DS].iloc[-1], freq=series_freq)
+        off_grid = ~series[DS].isin(grid)
+        if off_grid.any():
+            raise DataValidationError(
+                f"timestamp {series.loc[off_grid, DS].iloc[0]} of series {uid!r} is not on the {series_freq!r} grid",
+                file=source, column=DS,
+            )
+        full = series.set_index(DS).reindex(grid)
+        gaps = int(full[Y].isna().sum())
+        if gaps:
+            if fill == "error":
+                first_gap = full.index[full[Y].isna()][0]
+                raise DataValidationError(
+                    f"series {uid!r} has {gaps} missing timestamp(s), first {first_gap.date()}; set [data] fill to zero or ffill",
+                    file=source, column=DS,
+                )
+            log.info("%s: series %r: %d missing timestamps filled by %r", source, uid, gaps, fill)
+            numeric = [c for c in full.columns if c not in (ID, MERCHANT)]
+            full[numeric] = full[numeric].ffill() if fill == "ffill" else full[numeric].fillna(0.0)
+            full[[ID, MERCHANT]] = full[[ID, MERCHANT]].ffill()
+        pieces.append(full.rename_axis(DS).reset_index())
+    return pd.concat(pieces, ignore_index=True)
+
+
+def drop_or_reject_short(frame: pd.DataFrame, min_length: int, policy: str, source: str | Path = "<frame>") -> pd.DataFrame:
+    lengths = frame.groupby(ID).size()
+    short = lengths[lengths < min_length]
+    if short.empty:
+        return frame
+    if policy == "error":
+        uid, n = short.index[0], int(short.iloc[0])
+        raise DataValidationError(
+            f"series {uid!r} has {n} timestamps, fewer than context + 3 x horizon = {min_length} "
+            f"(one training window, a validation and a test horizon); {len(short)} series are this short. "
+            "Shorten [data] context or set short_series = \"drop\"",
+            file=source,
+        )
+    log.warning("%s: dropping %d series shorter than %d: %s", source, len(short), min_length, list(short.index[:5]))
+    return frame[~frame[ID].isin(short.index)].reset_index(drop=True)
+
+
+def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
+    """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
+    frame = to_long(raw, cfg.columns, source, cfg.negative)
+    frame = regularise(frame, cfg.freq, cfg.fill, source)
+    frame = drop_or_reject_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, source)
+    if frame.empty:
+        raise DataValidationError("no series left after validation", file=source)
+    observed = tuple(cfg.columns.observed) + ((NEGATIVE_FLAG,) if NEGATIVE_FLAG in frame else ())
+    ordered = [MERCHANT, ID, DS, Y, *cfg.columns.known, *observed]
+    freq = cfg.freq if cfg.freq != "auto" else pd.infer_freq(frame[DS].drop_duplicates().sort_values()) or "D"
+    return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq)
+
+
+def load_file(path: str | Path, cfg: DataConfig) -> SeriesTable:
+    return prepare(read_table(path), cfg, path)

@@ -1,0 +1,181 @@
+"""Series -> model-ready windows, with time-ordered splits (never random).
+
+For a series of length T and horizon H: the test targets are its last H steps, the validation
+targets the H before them, and every training window's target ends before validation starts. The
+window right after the last date is the one a merchant actually forecasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from shared.config import DataConfig
+from shared.schema import DS, ID, MERCHANT, Y, SeriesTable
+
+PromptEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def calendar_features(ds: pd.DatetimeIndex, freq: str) -> np.ndarray:
+    """Sin/cos of the cycles a frequency has (day of week, day/week of year), known for any future date."""
+    offset = pd.tseries.frequencies.to_offset(freq).name
+    cycles: list[tuple[np.ndarray, float]] = []
+    if offset.startswith(("h", "H", "min", "T")):
+        cycles.append((ds.hour.to_numpy(), 24.0))
+    if offset.startswith(("D", "B", "h", "H", "min", "T")):
+        cycles.append((ds.dayofweek.to_numpy(), 7.0))
+    if offset.startswith(("D", "B", "W")):
+        cycles.append((ds.dayofyear.to_numpy(), 365.25))
+    if offset.startswith(("M", "Q")):
+        cycles.append((ds.month.to_numpy(), 12.0))
+    if not cycles:
+        return np.zeros((len(ds), 0), dtype=np.float32)
+    angles = [2 * np.pi * values / period for values, period in cycles]
+    return np.stack([f(a) for a in angles for f in (np.sin, np.cos)], axis=1).astype(np.float32)
+
+
+def _standardise_known(values: np.ndarray) -> np.ndarray:
+    """Flags stay 0/1; other known covariates (price, markdown) are z-scored per series."""
+    out = values.astype(np.float32).copy()
+    for j in range(values.shape[1]):
+        column = values[:, j]
+        if not np.isin(column, (0.0, 1.0)).all():
+            out[:, j] = (column - column.mean()) / (column.std() + 1e-8)
+    return out
+
+
+@dataclass
+class Windows:
+    """A stack of (context, horizon) windows; index i of every array is one window."""
+
+    context: np.ndarray  # [N, L] target history
+    target: np.ndarray  # [N, H] what to forecast (zeros for the future window)
+    observed: np.ndarray  # [N, L, Co] past-only covariates
+    known: np.ndarray  # [N, L + H, Ck] calendar + known-ahead covariates
+    series: np.ndarray  # [N] index into Splits.series_ids: the series each window belongs to
+    target_start: np.ndarray  # [N] first timestamp of the target
+    offset: np.ndarray  # [N] position of the window's first step in its series
+    prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    prompt_mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    def subset(self, index: np.ndarray) -> "Windows":
+        return Windows(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def tensors(self, index: np.ndarray | slice | None = None) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for windows `index` (all when None)."""
+        sel = slice(None) if index is None else index
+        return {
+            "context": torch.as_tensor(self.context[sel], dtype=torch.float32),
+            "observed": torch.as_tensor(self.observed[sel], dtype=torch.float32),
+            "known": torch.as_tensor(self.known[sel], dtype=torch.float32),
+            "prompt_ids": torch.as_tensor(self.prompt_ids[sel], dtype=torch.long),
+            "prompt_mask": torch.as_tensor(self.prompt_mask[sel], dtype=torch.long),
+        }
+
+
+@dataclass
+class Splits:
+    """One merchant's (or a pooled set's) windows for training, validation, test and the real forecast."""
+
+    train: Windows
+    val: Windows
+    test: Windows
+    future: Windows
+    series_ids: list[str]
+    merchant_of: list[str]
+    frame: pd.DataFrame  # the validated long frame the windows came from
+    freq: str
+
+    def history_before_test(self) -> pd.DataFrame:
+        return self.frame.groupby(ID, group_keys=False).apply(lambda g: g.iloc[: len(g) - len(self.test.target[0])])
+
+    def test_actuals(self) -> pd.DataFrame:
+        h = self.test.target.shape[1]
+        return self.frame.groupby(ID, group_keys=False).apply(lambda g: g.iloc[len(g) - h :])[[MERCHANT, ID, DS, Y]]
+
+
+def _stack(pieces: list[dict[str, np.ndarray]]) -> Windows:
+    return Windows(**{k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]})
+
+
+def _series_windows(
+    y: np.ndarray, observed: np.ndarray, known: np.ndarray, dates: pd.DatetimeIndex, starts: list[int], L: int, H: int, sid: int
+) -> dict[str, np.ndarray]:
+    idx = np.asarray(starts)
+    ctx = idx[:, None] + np.arange(L)
+    full = idx[:, None] + np.arange(L + H)
+    tgt = idx[:, None] + L + np.arange(H)
+    return {
+        "context": y[ctx],
+        "target": y[tgt],
+        "observed": observed[ctx],
+        "known": known[full],
+        "series": np.full(len(idx), sid),
+        "target_start": dates[idx + L].to_numpy(),
+        "offset": idx,
+    }
+
+
+def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEncoder, future_known: pd.DataFrame | None = None) -> Splits:
+    """Cuts every series of `table` into train/val/test/future windows and attaches prompt tokens.
+
+    `future_known` holds known covariates for the H dates after the last one (promotions planned);
+    without it they are taken as zero, i.e. no promotion and no holiday.
+    """
+    L, H = cfg.context, cfg.horizon
+    parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "test": [], "future": []}
+    series_ids, merchant_of = [], []
+    for sid, (uid, g) in enumerate(table.frame.groupby(ID, sort=True)):
+        series_ids.append(uid)
+        merchant_of.append(str(g[MERCHANT].iloc[0]))
+        T = len(g)
+        dates = pd.DatetimeIndex(g[DS])
+        future_dates = pd.date_range(dates[-1], periods=H + 1, freq=table.freq)[1:]
+        all_dates = dates.append(future_dates)
+        future_cov = np.zeros((H, len(table.known)), dtype=np.float64)
+        if future_known is not None and table.known:
+            rows = future_known[future_known[ID] == uid].set_index(DS).reindex(future_dates)
+            future_cov = rows[list(table.known)].fillna(0.0).to_numpy(dtype=np.float64)
+        raw_known = np.concatenate([g[list(table.known)].to_numpy(dtype=np.float64), future_cov])
+        known = np.concatenate([calendar_features(all_dates, table.freq), _standardise_known(raw_known)], axis=1)
+        y = np.concatenate([g[Y].to_numpy(dtype=np.float32), np.zeros(H, dtype=np.float32)])
+        observed = np.concatenate(
+            [g[list(table.observed)].to_numpy(dtype=np.float32), np.zeros((H, len(table.observed)), dtype=np.float32)]
+        )
+        last_train_start = T - 2 * H - (L + H)
+        train_starts = sorted(set(range(0, last_train_start + 1, cfg.stride)) | {last_train_start})
+        for name, starts in (("train", train_starts), ("val", [T - 2 * H - L]), ("test", [T - H - L]), ("future", [T - L])):
+            parts[name].append(_series_windows(y, observed, known, all_dates, starts, L, H, sid))
+    windows = {name: _stack(pieces) for name, pieces in parts.items()}
+    for w in windows.values():
+        w.prompt_ids, w.prompt_mask = encode_prompts(w.context)
+    return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)
+
+
+class WindowDataset(Dataset):
+    """Item i is one window, or, when `units` is given, a random window of privacy unit i.
+
+    Under DP the sampled thing must be the protected unit: a whole series contributes one window
+    (hence one clipped gradient) per step, however many overlapping windows it has.
+    """
+
+    def __init__(self, windows: Windows, units: list[np.ndarray] | None = None, seed: int = 0):
+        self.windows, self.units = windows, units
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.units) if self.units is not None else len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = int(self.rng.choice(self.units[i])) if self.units is not None else i
+        item = {k: v[0] for k, v in self.windows.tensors(np.array([index])).items()}
+        item["target"] = torch.as_tensor(self.windows.target[index], dtype=torch.float32)
+        return item

@@ -1,0 +1,146 @@
+"""The privacy ledger: Opacus' ε, persisted across restarts, and never one step over the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+
+from shared.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+
+# Opacus' advice to widen the α grid; the ledger must use the default grid to match the engine.
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+
+DELTA = 1e-5
+
+
+def _ledger(path: Path, target: float = 8.0, delta: float = DELTA, unit: str = "series") -> PrivacyLedger:
+    return PrivacyLedger(path, target_epsilon=target, delta=delta, unit=unit)
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [(1.1, 0.02, 30), (1.1, 0.02, 20), (0.9, 0.05, 10), (1.1, 0.02, 5)],  # merge, switch, switch back
+        [(0.7, 0.3, 3), (2.5, 0.01, 200)],
+    ],
+)
+def test_epsilon_matches_opacus_accountant(tmp_path: Path, segments: list[tuple[float, float, int]]) -> None:
+    ledger = _ledger(tmp_path / "m.json", target=1e6)
+    accountant = RDPAccountant()
+    for noise, rate, steps in segments:
+        ledger.record(noise, rate, steps)
+        for _ in range(steps):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+    assert ledger.history == accountant.history
+    assert ledger.epsilon() == accountant.get_epsilon(DELTA)  # bit for bit, not approximately
+    assert ledger.accountant().get_epsilon(DELTA) == ledger.epsilon()
+
+
+def test_empty_ledger_has_spent_nothing_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    ledger = _ledger(path, target=3.0)
+    assert ledger.epsilon() == 0.0
+    assert ledger.remaining() == 3.0
+    assert ledger.to_metrics() == {"epsilon": 0.0, "delta": DELTA, "target_epsilon": 3.0}
+    ledger.record(1.0, 0.1, 0)
+    assert not path.exists()
+
+
+def test_ledger_survives_restart(tmp_path: Path) -> None:
+    path = tmp_path / "ledgers" / "m.json"  # the directory is created on first write
+    first = _ledger(path)
+    first.record(1.0, 0.05, 40)
+    first.record(1.2, 0.05, 10)
+
+    second = _ledger(path)
+    assert second.history == first.history
+    assert second.epsilon() == first.epsilon()
+    second.record(1.2, 0.05, 5)  # continues the last entry, as Opacus would
+    assert _ledger(path).history == [(1.0, 0.05, 40), (1.2, 0.05, 15)]
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp file left behind
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off")
+def test_accountant_resumes_a_privacy_engine(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path / "m.json")
+    ledger.record(1.0, 0.05, 25)
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = ledger.accountant().history
+    assert engine.get_epsilon(DELTA) == ledger.epsilon()
+
+
+def test_refused_record_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    ledger = _ledger(path, target=1.0)
+    n = ledger.affordable_steps(2.0, 0.05, 10_000)
+    assert 0 < n < 10_000
+    ledger.record(2.0, 0.05, n)
+    before = path.read_bytes()
+    with pytest.raises(BudgetExceeded, match=r"m\.json.*target 1") as refused:
+        ledger.record(2.0, 0.05, 1)
+    assert refused.value.spent == ledger.epsilon() <= 1.0 < refused.value.would_be
+    assert ledger.history == [(2.0, 0.05, n)]
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("changed", [{"target": 9.0}, {"target": 7.0}, {"delta": 1e-6}, {"unit": "day"}])
+def test_budget_change_on_reload_is_an_error(tmp_path: Path, changed: dict) -> None:
+    path = tmp_path / "m.json"
+    _ledger(path).record(1.0, 0.05, 10)
+    with pytest.raises(LedgerError, match="delete"):
+        _ledger(path, **changed)
+
+
+@pytest.mark.parametrize("content", ["", "{not json", '{"version": 1}', '{"version": 2, "history": []}'])
+def test_unreadable_ledger_is_an_error_not_a_fresh_budget(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(content)
+    with pytest.raises(LedgerError, match="refusing to start from"):
+        _ledger(path)
+
+
+@pytest.mark.parametrize("args", [(0.0, 0.1, 1), (1.0, 0.0, 1), (1.0, 1.5, 1), (1.0, 0.1, -1), (float("nan"), 0.1, 1)])
+def test_invalid_step_arguments_are_rejected(tmp_path: Path, args: tuple[float, float, int]) -> None:
+    ledger = _ledger(tmp_path / "m.json")
+    with pytest.raises(ValueError):
+        ledger.record(*args)
+    with pytest.raises(ValueError):
+        ledger.affordable_steps(*args)
+
+
+@st.composite
+def _schedules(draw: st.DrawFn) -> tuple[float, list[tuple[float, float, int, bool]]]:
+    """A target and rounds of (noise, rate, planned steps, restart first); pairs repeat so entries merge."""
+    target = draw(st.floats(0.5, 10.0))
+    pairs = draw(st.lists(st.tuples(st.floats(0.6, 3.0), st.floats(0.01, 0.5)), min_size=1, max_size=3))
+    rounds = draw(
+        st.lists(st.tuples(st.sampled_from(pairs), st.integers(0, 2000), st.booleans()), min_size=1, max_size=6)
+    )
+    return target, [(noise, rate, planned, restart) for (noise, rate), planned, restart in rounds]
+
+
+@settings(deadline=None, max_examples=30)
+@given(schedule=_schedules())
+def test_budget_is_never_exceeded_by_a_single_step(
+    tmp_path_factory: pytest.TempPathFactory, schedule: tuple[float, list[tuple[float, float, int, bool]]]
+) -> None:
+    target, rounds = schedule
+    path = tmp_path_factory.mktemp("ledger") / "m.json"
+    ledger = _ledger(path, target=target)
+    for noise, rate, planned, restart in rounds:
+        if restart:
+            ledger = _ledger(path, target=target)
+        n = ledger.affordable_steps(noise, rate, planned)
+        assert 0 <= n <= planned
+        ledger.record(noise, rate, n)
+        assert ledger.epsilon() <= target
+        if n < planned:
+            history = ledger.history
+            with pytest.raises(BudgetExceeded):
+                ledger.record(noise, rate, 1)
+            assert ledger.history == history
