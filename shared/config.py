@@ -7,7 +7,10 @@ cannot silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ class Columns:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_merchants: int = 6
+    n_merchants: int = 4
     n_days: int = 540
     seed: int = 0
 
@@ -204,6 +207,29 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < cfg.privacy.delta < 1.0 or cfg.privacy.target_epsilon <= 0:
         raise ConfigError("[privacy] needs 0 < delta < 1 and target_epsilon > 0")
     return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Command-line `key=value` pairs; values are read as TOML (numbers, booleans, lists), else as text."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = text
+    return overrides
+
+
+def config_from_run(run_config: Mapping[str, Any]) -> Config:
+    """The config a Flower app runs with: `config` from the run config (flwr run), else from
+    SHOPCAST_CONFIG, plus dotted overrides from SHOPCAST_OVERRIDES (JSON) that a simulation driver
+    sets before it starts the engine, whose Python API passes no run config to the apps."""
+    path = run_config.get("config") or os.environ.get("SHOPCAST_CONFIG")
+    overrides = json.loads(os.environ.get("SHOPCAST_OVERRIDES", "{}"))
+    return load_config(PROJECT_ROOT / path if path and not Path(path).is_absolute() else path, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -4,9 +4,10 @@ MASE and WQL follow GluonTS (`MASE`, `mean_weighted_sum_quantile_loss`), and the
 summary follows Chronos: plain means plus the geometric mean of each model's score relative to
 seasonal naive on the same series, which is what the Chronos / GluonTS tables report.
 
-Every metric that has no meaning for a series (a flat history gives MASE no scale, an all-zero
-test part gives WQL no weight) is NaN rather than a huge number from a tiny denominator: one
-such series would otherwise swamp every mean. NaN scores are skipped by the (NaN-aware) means.
+A score whose denominator is 0 (a flat history gives MASE no scale, an all-zero test part gives
+WQL no weight) is 0 when its numerator is 0 too, since the forecast was exact, and NaN otherwise,
+rather than a huge number from a guarded tiny denominator: one such series would swamp every
+mean. NaN scores are skipped by the (NaN-aware) means.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def pinball(y: np.ndarray, q: np.ndarray, levels: Sequence[float]) -> np.ndarray
 
 
 def _safe_divide(numerator: np.ndarray | pd.Series, denominator: np.ndarray | pd.Series) -> np.ndarray:
-    """numerator / denominator, NaN where the denominator is 0 (the metric is undefined there)."""
-    denominator = np.asarray(denominator, dtype=float)
+    """numerator / denominator; where the denominator is 0 (or NaN): 0 for an exact forecast
+    (numerator 0), NaN for an error the metric has no scale for."""
+    numerator, denominator = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, np.asarray(numerator, dtype=float) / denominator, np.nan)
+        undefined = np.where((numerator == 0) & (denominator == 0), 0.0, np.nan)
+        return np.where(denominator > 0, numerator / denominator, undefined)
 
 
 def _quantile_columns(frame: pd.DataFrame, levels: Sequence[float]) -> list[str]:
@@ -72,8 +75,8 @@ def _align(forecast: pd.DataFrame, actual: pd.DataFrame, columns: list[str]) -> 
 
 def seasonal_scale(history: pd.DataFrame, season: int) -> pd.Series:
     """MASE denominator per series: mean |y_t - y_{t-m}| over the history, m = season, or 1 when
-    the history holds no full season plus one point (GluonTS' fallback). 0 for a flat history,
-    NaN for a single point."""
+    the history holds no full season plus one point (GluonTS' fallback). 0 for a flat or purely
+    seasonal history, NaN for a single point."""
     ordered = history.sort_values([*_KEYS, DS])
     grouped = ordered.groupby(_KEYS, sort=True)[Y]
     seasonal = ordered[Y].sub(grouped.shift(season)).abs().groupby([ordered[MERCHANT], ordered[ID]]).mean()
@@ -88,7 +91,8 @@ def score(
 
     Columns: merchant_id, unique_id, mase, smape, wql, coverage_80, coverage_90. sMAPE is of the
     median on the 0..200 scale, with 0/0 counted as a perfect 0 (both actual and forecast zero, as
-    utilsforecast does); a coverage is NaN when its two quantiles are not among `levels`.
+    utilsforecast does), and MASE and WQL follow the same 0/0 rule (module docstring). A coverage
+    is NaN when its two quantiles are not among `levels`.
     """
     columns = _quantile_columns(forecast, levels)
     joined = _align(forecast, actual, columns)
@@ -97,7 +101,7 @@ def score(
     losses = pinball(y, joined[columns].to_numpy(dtype=float), levels)
 
     points = pd.DataFrame({MERCHANT: joined[MERCHANT], ID: joined[ID], "abs_error": np.abs(y - median), "abs_y": np.abs(y)})
-    points["smape"] = np.nan_to_num(_safe_divide(200.0 * np.abs(y - median), np.abs(y) + np.abs(median)), nan=0.0)
+    points["smape"] = _safe_divide(200.0 * np.abs(y - median), np.abs(y) + np.abs(median))
     for name, (low, high) in _INTERVALS.items():
         if low in levels and high in levels:
             inside = (joined[quantile_column(low)] <= y) & (y <= joined[quantile_column(high)])

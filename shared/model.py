@@ -101,11 +101,12 @@ class AttentionBlock(nn.Module):
 
 
 class Forecaster(nn.Module):
-    def __init__(self, cfg: ModelConfig, shape: SeriesShape):
+    def __init__(self, cfg: ModelConfig, shape: SeriesShape, device: torch.device | str = "cpu"):
         super().__init__()
         self.cfg, self.shape = cfg, shape
         pretrained = cfg.variant != "random_llm"
         backbone, self.tokenizer = truncated_backbone(cfg.backbone, cfg.llm_layers, pretrained, cfg.seed)
+        backbone.to(device)  # before get_peft_model: moving LoRA afterwards corrupts it under Opacus (opacus #820)
         d_llm = backbone.config.hidden_size
         self.n_patches = (shape.context - cfg.patch_len) // cfg.patch_stride + 1
         self.n_future = shape.horizon // cfg.patch_len
@@ -132,6 +133,7 @@ class Forecaster(nn.Module):
         self.head = nn.Linear((self.n_patches + self.n_future) * cfg.d_ff, shape.horizon * n_quantiles)
         self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
         self.mid = list(cfg.quantiles).index(0.5)
+        self.to(device)
 
     def _lora_config(self) -> PeftLoraConfig:
         lora = self.cfg.lora

@@ -122,6 +122,8 @@ def to_long(raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>",
 
 def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path, y_name: str) -> pd.DataFrame:
     negative = frame[Y] < 0
+    if policy == "flag":  # the column exists even without negatives, so every merchant's model has the same inputs
+        frame[NEGATIVE_FLAG] = negative.astype(float)
     if not negative.any() or policy == "keep":
         return frame
     if policy == "error":
@@ -130,9 +132,7 @@ def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path,
             file=source, row=_spreadsheet_row(frame, negative), column=y_name,
         )
     log.warning("%s: %d negative values in %r handled by policy %r", source, int(negative.sum()), y_name, policy)
-    if policy == "flag":
-        frame[NEGATIVE_FLAG] = negative.astype(float)
-    else:  # clip
+    if policy == "clip":
         frame[Y] = frame[Y].clip(lower=0.0)
     return frame
 

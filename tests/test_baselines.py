@@ -59,7 +59,7 @@ def test_seasonal_naive_is_exact_on_a_purely_seasonal_series() -> None:
 
 def test_seasonal_naive_spread_grows_past_one_season() -> None:
     rng = np.random.default_rng(1)
-    history, _ = _split(_series("m", "walk", 100 + np.cumsum(rng.normal(0, 1, 200))))
+    history, _ = _split(_series("m", "walk", 1000 + np.cumsum(rng.normal(0, 1, 2000))))
     forecast = seasonal_naive(history, H, SEASON, LEVELS)
     _assert_well_formed(forecast, history)
     width = (forecast[quantile_column(0.9)] - forecast[quantile_column(0.1)]).to_numpy()

@@ -89,6 +89,13 @@ def test_undefined_scores_are_nan_and_skipped_by_summaries() -> None:
     assert summary["mase"] == pytest.approx(scores.loc["sku", "mase"])
 
 
+def test_exact_forecast_of_a_flat_series_scores_zero() -> None:
+    flat = _long("a", "sku", "2024-01-01", [5.0] * 8)
+    exact = _forecast("a", "sku", "2024-01-09", {0.1: [5.0, 5.0], 0.5: [5.0, 5.0], 0.9: [5.0, 5.0]})
+    row = score(exact, ACTUAL.assign(**{Y: 5.0}), flat, 7, LEVELS).iloc[0]
+    assert row["mase"] == 0.0 and row["wql"] == 0.0 and row["smape"] == 0.0
+
+
 def test_missing_forecast_is_an_error() -> None:
     with pytest.raises(ValueError, match="no forecast"):
         score(FORECAST.iloc[:1], ACTUAL, HISTORY, 7, LEVELS)

@@ -1,0 +1,103 @@
+"""The merchant's ClientApp: trains the shared adapter on data that never leaves this process.
+
+What a reply carries is exactly the adapter tensors and a few scalars (loss, counts, ε, bytes).
+In simulation the merchant is chosen by the node's partition id; in deployment the SuperNode's
+node config points at the merchant's own file: `data-path="/srv/shop/sales.csv"`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.adapter import AdapterMismatch, adapter_state, load_adapter_state
+from shared.config import Config, config_from_run
+from shared.forecast import forecast_frame
+from shared.local import build_model, load_table
+from shared.metrics import score, season_for
+from shared.privacy import PrivateTraining, open_ledger
+from shared.train import fit, predict
+from shared.windows import Splits, build_splits
+
+log = logging.getLogger(__name__)
+BUDGET_EXHAUSTED = 901  # error code a merchant replies with when its privacy budget is spent
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=2)
+def _model(cfg: Config):
+    """One forecaster (frozen backbone + adapter) per process, reused for every merchant and round."""
+    return build_model(cfg)
+
+
+@lru_cache(maxsize=None)
+def _merchant(cfg: Config, partition_id: int, data_path: str | None) -> tuple[str, Splits]:
+    """The merchant's validated windows; built once per process and merchant, kept in memory."""
+    if data_path is not None:
+        cfg = replace(cfg, data=replace(cfg.data, source="file", path=data_path))
+    table = load_table(cfg)
+    merchant = table.merchants()[0] if data_path is not None else table.merchants()[partition_id % len(table.merchants())]
+    return merchant, build_splits(table.for_merchant(merchant), cfg.data, _model(cfg).encode_prompts)
+
+
+def _setup(msg: Message, context: Context):
+    cfg = config_from_run(context.run_config)
+    data_path = context.node_config.get("data-path")
+    merchant, splits = _merchant(cfg, int(context.node_config.get("partition-id", 0)), None if data_path is None else str(data_path))
+    model = _model(cfg)
+    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    return cfg, merchant, splits, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        cfg, merchant, splits, model = _setup(msg, context)
+    except AdapterMismatch as exc:
+        return Message(Error(code=902, reason=f"received adapter rejected: {exc}"), reply_to=msg)
+    privacy = None
+    if cfg.privacy.enabled:
+        ledger = open_ledger(cfg.privacy, merchant)
+        privacy = PrivateTraining(cfg.privacy, ledger, splits.train, cfg.train.batch_size, cfg.data.context + cfg.data.horizon)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    result = fit(model, splits.train, None, cfg.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu)
+    if result.status == "budget_exhausted":
+        reason = f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of {cfg.privacy.target_epsilon}); declining to train"
+        log.warning(reason)
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+    state = adapter_state(model)
+    metrics = {
+        "train-loss": result.train_loss,
+        "num-examples": len(splits.train),
+        "steps": result.steps,
+        "bytes-sent": sum(t.numel() * t.element_size() for t in state.values()),
+        "partition-id": int(context.node_config.get("partition-id", -1)),
+    }
+    if result.epsilon is not None:
+        metrics.update({"epsilon": result.epsilon, "delta": cfg.privacy.delta})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Holdout metrics on the merchant's last horizon (the test split), as means over its series."""
+    cfg, merchant, splits, model = _setup(msg, context)
+    device = next(model.parameters()).device
+    quantiles = predict(model, splits.test, device)
+    forecast = forecast_frame(splits, splits.test, quantiles, cfg.model.quantiles)
+    scores = score(forecast, splits.test_actuals(), splits.history_before_test(), season_for(splits.freq), cfg.model.quantiles)
+    metrics = {
+        "mase": float(np.nanmean(scores["mase"])),
+        "wql": float(np.nanmean(scores["wql"])),
+        "coverage-80": float(np.nanmean(scores["coverage_80"])),
+        "num-examples": len(splits.series_ids),
+        "partition-id": int(context.node_config.get("partition-id", -1)),
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+

@@ -1,0 +1,93 @@
+"""PNG charts for merchants and reports, drawn without a display.
+
+Figures are built with matplotlib's object API on the Agg canvas, never through pyplot, so plotting
+works on servers and in tests and cannot change the backend of a caller's own session.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from shared.schema import DS, ID, Y, quantile_column
+
+MEDIAN, LOW, HIGH = quantile_column(0.5), quantile_column(0.1), quantile_column(0.9)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
+def fan_chart(
+    history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, title: str, n_history: int = 56, max_series: int = 6
+) -> Path:
+    """One panel per series (the first `max_series` by id): recent history, median, 80% band.
+
+    `history` is long (unique_id, ds, y); only the `n_history` points before each series' first
+    forecast date are drawn, so a full frame can be passed with a test-window forecast. A `y` column
+    in `forecast` (the actuals of a back-test) is drawn dashed.
+    """
+    every = sorted(forecast[ID].unique())
+    series = every[:max_series]
+    if len(every) > len(series):
+        title = f"{title}; {len(series)} of {len(every)} series"
+    ncols = min(len(series), 3)
+    nrows = math.ceil(len(series) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.0 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, uid in zip(axes, series):
+        fc = forecast[forecast[ID] == uid].sort_values(DS)
+        past = history[(history[ID] == uid) & (history[DS] < fc[DS].min())].sort_values(DS).tail(n_history)
+        ax.plot(past[DS], past[Y], color="0.3", lw=1, label="history")
+        if LOW in fc and HIGH in fc:
+            ax.fill_between(fc[DS], fc[LOW], fc[HIGH], color="tab:blue", alpha=0.25, lw=0, label="80% band")
+        ax.plot(fc[DS], fc[MEDIAN], color="tab:blue", lw=1.5, label="median")
+        if Y in fc:
+            ax.plot(fc[DS], fc[Y], color="black", lw=1, ls="--", label="actual")
+        ax.set_title(uid, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def bar_chart(
+    table: pd.DataFrame, value: str, path: str | Path, title: str, group: str | None = None, reference: float | None = None
+) -> Path:
+    """Bars of `value` per model (the `model` column, else the index); grouped by `group` if given.
+
+    `reference` draws a horizontal line, e.g. 1.0 for scores relative to seasonal naive.
+    """
+    frame = table if "model" in table else table.rename_axis("model").reset_index()
+    models = list(dict.fromkeys(frame["model"].astype(str)))
+    groups = list(dict.fromkeys(frame[group].astype(str))) if group else [""]
+    fig = Figure(figsize=(max(5.0, 0.6 * len(models) * len(groups) + 2), 3.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(models)
+    x = np.arange(len(groups))
+    for i, model in enumerate(models):
+        rows = frame[frame["model"].astype(str) == model]
+        heights = rows.set_index(rows[group].astype(str))[value].reindex(groups) if group else rows[value].iloc[:1]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, np.asarray(heights, dtype=float), width, label=model)
+    if group:
+        ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7, ncols=min(len(models), 4))
+    else:
+        ax.set_xticks(x + (np.arange(len(models)) - (len(models) - 1) / 2) * width, models, rotation=30, ha="right", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="0.4", lw=1, ls="--")
+    ax.set_ylabel(value)
+    ax.set_title(title)
+    return _save(fig, path)

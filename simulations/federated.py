@@ -1,0 +1,31 @@
+"""Runs the real ServerApp and ClientApp through Flower's simulation engine on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.simulation import run_simulation
+
+from client.app import app as client_app
+from server.app import app as server_app
+from shared.config import Config
+
+
+def simulate(cfg: Config, config_path: str | Path | None, overrides: dict[str, Any], num_merchants: int) -> dict[str, Any]:
+    """One federated run; returns the server's summary.json.
+
+    The engine's Python API passes no run config to the apps, so the config travels in the
+    environment, which the simulation's worker processes inherit.
+    """
+    os.environ["SHOPCAST_CONFIG"] = str(config_path or "")
+    os.environ["SHOPCAST_OVERRIDES"] = json.dumps(overrides)
+    gpus = 1.0 / num_merchants if torch.cuda.is_available() else 0.0
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=num_merchants,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}},
+    )
+    return json.loads((Path(cfg.federation.out_dir) / "summary.json").read_text())

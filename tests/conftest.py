@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny-backbone config, a small synthetic table and tiny forecasters built from it.
+
+Everything expensive is session scoped; tests that train get their own model from `make_forecaster`
+so no test depends on what another one did to a shared model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from shared.config import Config, load_config
+from shared.model import Forecaster, SeriesShape
+from shared.schema import SeriesTable, prepare
+from shared.synthetic import generate_merchants
+from shared.windows import Splits, build_splits, calendar_features
+
+TINY = {"model.backbone": "tiny", "model.llm_layers": 2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    """The tiny models are a few kB of matmuls: extra threads only add contention on a 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides: Any) -> Config:
+    return load_config(overrides={**TINY, **overrides})
+
+
+def n_known(table: SeriesTable) -> int:
+    """Calendar features of the table's frequency plus its known-ahead covariates."""
+    return calendar_features(pd.date_range("2020-01-01", periods=2, freq=table.freq), table.freq).shape[1] + len(table.known)
+
+
+def series_shape(cfg: Config, table: SeriesTable) -> SeriesShape:
+    return SeriesShape(cfg.data.context, cfg.data.horizon, n_known(table), len(table.observed))
+
+
+def build_forecaster(cfg: Config, table: SeriesTable) -> tuple[Forecaster, Splits]:
+    model = Forecaster(cfg.model, series_shape(cfg, table))
+    return model, build_splits(table, cfg.data, model.encode_prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def synthetic_table(tiny_cfg) -> SeriesTable:
+    """One synthetic merchant (6-12 products, 240 days, covariates promo/holiday/visits)."""
+    table = prepare(generate_merchants(n_merchants=2, n_days=240, seed=0), tiny_cfg.data, "synthetic")
+    return table.for_merchant(table.merchants()[0])
+
+
+@pytest.fixture(scope="session")
+def make_forecaster(synthetic_table) -> Callable[..., tuple[Forecaster, Splits]]:
+    """Factory: a fresh tiny forecaster (dotted config overrides on top of TINY) and its splits."""
+
+    def make(table: SeriesTable | None = None, **overrides: Any) -> tuple[Forecaster, Splits]:
+        return build_forecaster(tiny_config(**overrides), synthetic_table if table is None else table)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_splits(tiny_cfg, synthetic_table) -> tuple[Forecaster, Splits]:
+    """One untrained tiny forecaster per test module; tests must not leave it changed."""
+    return build_forecaster(tiny_cfg, synthetic_table)
+
+
+def seasonal_frame(n_series: int = 3, n_days: int = 300, noise: float = 0.3, seed: int = 0) -> pd.DataFrame:
+    """Clean weekly-seasonal series y = 10 + 5 sin(2 pi t / 7) + noise, in the long schema."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_days)
+    dates = pd.date_range("2023-01-02", periods=n_days, freq="D")
+    pieces = [
+        pd.DataFrame({"merchant_id": "m", "unique_id": f"s{i}", "ds": dates, "y": 10 + 5 * np.sin(2 * np.pi * (t + i) / 7) + rng.normal(0, noise, n_days)})
+        for i in range(n_series)
+    ]
+    return pd.concat(pieces, ignore_index=True)

@@ -1,0 +1,87 @@
+"""The `shopcast` CLI end to end on the tiny backbone: files written, dates right, errors readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import app, parse_sets
+from shared.schema import quantile_column
+from shared.synthetic import generate_merchants
+
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+QUANTILES = [quantile_column(q) for q in LEVELS]
+FAST = {
+    "model.backbone": '"tiny"', "model.llm_layers": "2", "train.max_steps": "6", "train.eval_every": "3",
+    "train.device": "cpu", "data.synthetic.n_merchants": "2", "data.synthetic.n_days": "240",
+}
+runner = CliRunner()
+
+
+def invoke(*args: str, **overrides: str):
+    sets = [part for key, value in {**FAST, **overrides}.items() for part in ("--set", f"{key}={value}")]
+    return runner.invoke(app, [*args, *sets])
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    result = invoke("local", "--merchant", "shop_01", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_local_writes_a_forecast_after_the_last_date(local_run: Path) -> None:
+    forecast = pd.read_csv(local_run / "forecast.csv", parse_dates=["ds"])
+    assert list(forecast.columns) == ["merchant_id", "unique_id", "ds", *QUANTILES]
+    assert (forecast["merchant_id"] == "shop_01").all()
+    assert np.all(np.diff(forecast[QUANTILES].to_numpy(), axis=1) >= 0), "quantiles cross"
+
+    data = generate_merchants(n_merchants=2, n_days=240)
+    last = data[data["merchant_id"] == "shop_01"].groupby("unique_id")["ds"].max()
+    assert set(forecast["unique_id"]) == set(last.index)
+    for uid, dates in forecast.groupby("unique_id")["ds"]:
+        expected = pd.date_range(last[uid] + pd.Timedelta(days=1), periods=14, freq="D")
+        assert list(dates) == list(expected)
+
+    for name in ("forecast.png", "test.png"):
+        assert (local_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"adapter.safetensors", "meta.json", "metrics.csv"} <= {p.name for p in local_run.iterdir()}
+
+
+def test_forecast_reloads_the_adapter_and_uses_planned_covariates(local_run: Path, tmp_path: Path) -> None:
+    first = pd.read_csv(local_run / "forecast.csv", parse_dates=["ds"])
+    planned = first[first["unique_id"] == "shop_01/p00"][["unique_id", "ds"]].assign(promo=1.0, holiday=0.0)
+    planned.to_csv(tmp_path / "planned.csv", index=False)
+    result = invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                    "--future", str(tmp_path / "planned.csv"))
+    assert result.exit_code == 0, result.output
+    again = pd.read_csv(tmp_path / "forecast.csv", parse_dates=["ds"])
+    promoted = again["unique_id"] == "shop_01/p00"
+    assert np.allclose(again.loc[~promoted, QUANTILES], first.loc[~promoted, QUANTILES], atol=1e-5)
+    assert not np.allclose(again.loc[promoted, QUANTILES], first.loc[promoted, QUANTILES], atol=1e-5)
+
+
+def test_file_missing_y_exits_2_naming_file_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "sales.csv"
+    generate_merchants(n_merchants=1, n_days=200).drop(columns="y").to_csv(bad, index=False)
+    result = invoke("local", "--merchant", "shop_00", **{"data.source": "file", "data.path": str(bad)})
+    assert result.exit_code == 2
+    assert str(bad) in result.output and "'y'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_merchant_exits_2_listing_merchants() -> None:
+    result = invoke("train", "--merchant", "shop_99")
+    assert result.exit_code == 2
+    assert "shop_99" in result.output and "shop_00" in result.output and "shop_01" in result.output
+
+
+def test_set_values_are_toml_with_string_fallback() -> None:
+    assert parse_sets(["train.lr=0.01", "model.prompt=false", "data.path=/tmp/x.csv", 'model.lora.targets=["q_proj"]']) == {
+        "train.lr": 0.01, "model.prompt": False, "data.path": "/tmp/x.csv", "model.lora.targets": ["q_proj"],
+    }
