@@ -8,12 +8,14 @@ node config points at the merchant's own file: `data-path="/srv/shop/sales.csv"`
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from shared.adapter import AdapterMismatch, adapter_state, load_adapter_state
 from shared.config import Config, config_from_run
@@ -26,9 +28,6 @@ from shared.windows import Splits, build_splits
 
 log = logging.getLogger(__name__)
 BUDGET_EXHAUSTED = 901  # error code a merchant replies with when its privacy budget is spent
-
-app = ClientApp()
-
 
 @lru_cache(maxsize=2)
 def _model(cfg: Config):
@@ -55,7 +54,6 @@ def _setup(msg: Message, context: Context):
     return cfg, merchant, splits, model
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
         cfg, merchant, splits, model = _setup(msg, context)
@@ -84,7 +82,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Holdout metrics on the merchant's last horizon (the test split), as means over its series."""
     cfg, merchant, splits, model = _setup(msg, context)
@@ -101,3 +98,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
+
+def make_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp; `mods` (Flower client mods) let tests and SecAgg+ wrap every message."""
+    client = ClientApp(mods=list(mods))
+    client.train()(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = make_app()

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import logging
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -25,15 +24,15 @@ import typer
 from tqdm import tqdm
 
 from shared.adapter import AdapterMismatch, load_adapter, save_adapter
-from shared.config import Config, ConfigError, load_config
+from shared.config import Config, ConfigError, load_config, parse_overrides
 from shared.forecast import forecast_frame
-from shared.local import load_table, select_merchants, shape_for
+from shared.local import build_model, load_table, select_merchants
 from shared.metrics import METRICS, score, season_for
 from shared.model import Forecaster
 from shared.plots import fan_chart
 from shared.privacy import PrivateTraining, open_ledger
 from shared.schema import DS, ID, MERCHANT, Y, DataValidationError, SeriesTable, read_table
-from shared.train import fit, predict, resolve_device
+from shared.train import fit, predict
 from shared.windows import Splits, build_splits
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -60,20 +59,6 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """["train.lr=0.01", "data.source=file"] -> {"train.lr": 0.01, "data.source": "file"}."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 def merchant_table(cfg: Config, merchant: str | None) -> tuple[str, SeriesTable]:
@@ -104,8 +89,8 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     return raw
 
 
-def build_model(cfg: Config, table: SeriesTable, future: pd.DataFrame | None = None) -> tuple[Forecaster, Splits]:
-    model = Forecaster(cfg.model, shape_for(table, cfg)).to(resolve_device(cfg.train.device))
+def model_and_splits(cfg: Config, table: SeriesTable, future: pd.DataFrame | None = None) -> tuple[Forecaster, Splits]:
+    model = build_model(cfg, table)
     return model, build_splits(table, cfg.data, model.encode_prompts, future_known=future)
 
 
@@ -116,15 +101,7 @@ def train_model(cfg: Config, merchant: str, model: Forecaster, splits: Splits, o
         window = cfg.data.context + cfg.data.horizon
         privacy = PrivateTraining(cfg.privacy, open_ledger(cfg.privacy, merchant), splits.train, cfg.train.batch_size, window)
     with tqdm(total=cfg.train.max_steps, desc=f"training {merchant}", unit="step") as bar:
-        def count_step(module: Forecaster, args: Any, output: Any) -> None:
-            if module.training:  # fit() takes no callback; a training-mode forward pass is one step
-                bar.update(1)
-
-        hook = model.register_forward_hook(count_step)
-        try:
-            result = fit(model, splits.train, splits.val, cfg.train, privacy=privacy)
-        finally:
-            hook.remove()
+        result = fit(model, splits.train, splits.val, cfg.train, privacy=privacy, on_step=lambda step: bar.update(1))
     typer.echo(f"{merchant}: {result.steps} steps, train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
                + (f", epsilon {result.epsilon:.2f}" if result.epsilon is not None else ""))
     if result.status != "ok":
@@ -172,9 +149,9 @@ def train(
     sets: SetOption = None,
 ) -> None:
     """Train an adapter on one merchant's data; writes the adapter and its test-split scores."""
-    cfg = load_config(config, parse_sets(sets))
+    cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
-    model, splits = build_model(cfg, table)
+    model, splits = model_and_splits(cfg, table)
     train_model(cfg, merchant, model, splits, out or Path("runs/local") / merchant)
 
 
@@ -192,7 +169,7 @@ def forecast(
 
     The model settings come from the adapter's meta.json, so they always match the trained weights.
     """
-    overrides = parse_sets(sets)
+    overrides = parse_overrides(sets or [])
     cfg = load_config(config, overrides)
     merchant, table = merchant_table(cfg, merchant)
     adapter = adapter or Path("runs/local") / merchant
@@ -202,7 +179,7 @@ def forecast(
     meta = json.loads(meta_path.read_text())
     cfg = load_config(config, {**overrides, "model": meta["model"],
                                "data.context": meta["shape"]["context"], "data.horizon": meta["shape"]["horizon"]})
-    model, splits = build_model(cfg, table, read_future(future, cfg, table))
+    model, splits = model_and_splits(cfg, table, read_future(future, cfg, table))
     if (trained := meta["shape"]) != (now := dataclasses.asdict(model.shape)):
         raise AdapterMismatch(f"adapter {adapter} was trained for inputs {trained}, but this data gives {now}; "
                               "check [data.columns] known/observed and freq")
@@ -220,9 +197,9 @@ def local(
     sets: SetOption = None,
 ) -> None:
     """Train on one merchant's data, then forecast its next horizon: the quick start."""
-    cfg = load_config(config, parse_sets(sets))
+    cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
-    model, splits = build_model(cfg, table, read_future(future, cfg, table))
+    model, splits = model_and_splits(cfg, table, read_future(future, cfg, table))
     out = out or Path("runs/local") / merchant
     train_model(cfg, merchant, model, splits, out)
     write_forecast(cfg, merchant, model, splits, out)

@@ -66,26 +66,26 @@ def fan_chart(
 def bar_chart(
     table: pd.DataFrame, value: str, path: str | Path, title: str, group: str | None = None, reference: float | None = None
 ) -> Path:
-    """Bars of `value` per model (the `model` column, else the index); grouped by `group` if given.
+    """Bars of `value` per model (the `model` column, else the index); side by side per `group` if given.
 
     `reference` draws a horizontal line, e.g. 1.0 for scores relative to seasonal naive.
     """
     frame = table if "model" in table else table.rename_axis("model").reset_index()
-    models = list(dict.fromkeys(frame["model"].astype(str)))
-    groups = list(dict.fromkeys(frame[group].astype(str))) if group else [""]
-    fig = Figure(figsize=(max(5.0, 0.6 * len(models) * len(groups) + 2), 3.5), layout="constrained")
+    frame = frame.assign(model=frame["model"].astype(str), _group=frame[group].astype(str) if group else "")
+    models = list(dict.fromkeys(frame["model"]))
+    groups = list(dict.fromkeys(frame["_group"]))
+    fig = Figure(figsize=(max(5.0, 0.5 * len(models) * len(groups) + 2), 3.5), layout="constrained")
     ax = fig.subplots()
-    width = 0.8 / len(models)
-    x = np.arange(len(groups))
-    for i, model in enumerate(models):
-        rows = frame[frame["model"].astype(str) == model]
-        heights = rows.set_index(rows[group].astype(str))[value].reindex(groups) if group else rows[value].iloc[:1]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, np.asarray(heights, dtype=float), width, label=model)
-    if group:
-        ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7, ncols=min(len(models), 4))
+    if group is None:
+        ax.bar(models, frame.groupby("model", sort=False)[value].first(), color=[f"C{i}" for i in range(len(models))])
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     else:
-        ax.set_xticks(x + (np.arange(len(models)) - (len(models) - 1) / 2) * width, models, rotation=30, ha="right", fontsize=8)
+        width = 0.8 / len(models)
+        for i, model in enumerate(models):
+            heights = frame[frame["model"] == model].set_index("_group")[value].reindex(groups)
+            ax.bar(np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width, heights, width, label=model)
+        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7, ncols=min(len(models), 4))
     if reference is not None:
         ax.axhline(reference, color="0.4", lw=1, ls="--")
     ax.set_ylabel(value)

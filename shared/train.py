@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +84,7 @@ def fit(
     steps: int | None = None,
     privacy: PrivateTraining | None = None,
     proximal_mu: float = 0.0,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Trains the adapter in place; `steps` fixes the length (federated rounds), else early stopping.
 
@@ -131,6 +133,8 @@ def fit(
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
                         p.sub_(cfg.lr * proximal_mu * (p - a))
+            if on_step is not None:
+                on_step(done)
             if early_stopping and done % cfg.eval_every == 0:
                 val_loss = evaluate_loss(model, val, device)
                 history.append({"step": done, "train_loss": float(np.mean(recent)), "val_loss": val_loss})

@@ -95,11 +95,10 @@ class Splits:
     freq: str
 
     def history_before_test(self) -> pd.DataFrame:
-        return self.frame.groupby(ID, group_keys=False).apply(lambda g: g.iloc[: len(g) - len(self.test.target[0])])
+        return self.frame[self.frame.groupby(ID).cumcount(ascending=False) >= self.test.target.shape[1]]
 
     def test_actuals(self) -> pd.DataFrame:
-        h = self.test.target.shape[1]
-        return self.frame.groupby(ID, group_keys=False).apply(lambda g: g.iloc[len(g) - h :])[[MERCHANT, ID, DS, Y]]
+        return self.frame.groupby(ID).tail(self.test.target.shape[1])[[MERCHANT, ID, DS, Y]]
 
 
 def _stack(pieces: list[dict[str, np.ndarray]]) -> Windows:

@@ -87,7 +87,7 @@ def centralised(model: Forecaster, splits: dict[str, Splits], cfg: Config, steps
 def future_known(splits: dict[str, Splits], known: tuple[str, ...]) -> pd.DataFrame:
     """The test horizon's known covariates (promotions, holidays): LightGBM gets what shopcast gets."""
     h = next(iter(splits.values())).test.target.shape[1]
-    frames = [s.frame.groupby(ID, group_keys=False).apply(lambda g: g.iloc[len(g) - h :]) for s in splits.values()]
+    frames = [s.frame.groupby(ID).tail(h) for s in splits.values()]
     return pd.concat(frames)[[MERCHANT, ID, DS, *known]]
 
 

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
+from flwr.clientapp import ClientApp
+
+from client.app import app as default_client_app
 from server.app import app as server_app
 from shared.config import Config
 
 
-def simulate(cfg: Config, config_path: str | Path | None, overrides: dict[str, Any], num_merchants: int) -> dict[str, Any]:
+def simulate(
+    cfg: Config, config_path: str | Path | None, overrides: dict[str, Any], num_merchants: int, client_app: ClientApp = default_client_app
+) -> dict[str, Any]:
     """One federated run; returns the server's summary.json.
 
     The engine's Python API passes no run config to the apps, so the config travels in the

@@ -28,7 +28,6 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
     overall["seconds"] = overall["model"].map(contest.seconds)
     merchants = per_merchant(contest.scores)
     rounds = federation_table(summary)
-    last = rounds[rounds["round"] == rounds["round"].max()] if not rounds.empty else rounds
     privacy = summary["privacy"]
     lines = [
         f"# shopcast run report: {context['title']}",
@@ -47,14 +46,15 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
         "## Privacy",
     ]
     if privacy["enabled"]:
-        eps = last[["merchant", "epsilon", "steps"]] if "epsilon" in last else last[["merchant"]]
+        trained = rounds.dropna(subset=["epsilon"]) if "epsilon" in rounds else rounds.iloc[0:0]
+        eps = trained.groupby("merchant").agg(epsilon=("epsilon", "max"), delta=("delta", "max"), steps=("steps", "sum"), rounds=("round", "nunique"))
         lines += [
             f"DP-SGD per merchant; protected unit: **{privacy['unit']}**; δ = {privacy['delta']:g}; "
             f"budget ε ≤ {privacy['target_epsilon']:g} per merchant (training stops when it is spent).",
             "",
-            "ε spent after the last round each merchant trained in:",
+            "ε spent by each merchant (partition id) over the rounds it trained in:",
             "",
-            to_markdown(eps.reset_index(drop=True)),
+            to_markdown(eps.reset_index()),
         ]
     else:
         lines.append("DP is **off** in this run: no ε guarantee (only raw data stays local).")

@@ -23,8 +23,9 @@ TINY = {"model.backbone": "tiny", "model.llm_layers": 2}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _few_threads():
-    """The tiny models are a few kB of matmuls: extra threads only add contention on a 2-core runner."""
+def _one_thread():
+    """The tiny models are a few kB of matmuls: a second thread only adds contention on a 2-core runner
+    (measured: ~30 ms a training step with one thread, up to 1 s with two when another process is busy)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -32,6 +33,7 @@ def _few_threads():
 
 
 def tiny_config(**overrides: Any) -> Config:
+    """The default config on the tiny random Llama (2 blocks), with dotted overrides on top."""
     return load_config(overrides={**TINY, **overrides})
 
 
@@ -40,13 +42,25 @@ def n_known(table: SeriesTable) -> int:
     return calendar_features(pd.date_range("2020-01-01", periods=2, freq=table.freq), table.freq).shape[1] + len(table.known)
 
 
-def series_shape(cfg: Config, table: SeriesTable) -> SeriesShape:
-    return SeriesShape(cfg.data.context, cfg.data.horizon, n_known(table), len(table.observed))
-
-
 def build_forecaster(cfg: Config, table: SeriesTable) -> tuple[Forecaster, Splits]:
-    model = Forecaster(cfg.model, series_shape(cfg, table))
+    shape = SeriesShape(cfg.data.context, cfg.data.horizon, n_known(table), len(table.observed))
+    model = Forecaster(cfg.model, shape)
     return model, build_splits(table, cfg.data, model.encode_prompts)
+
+
+def seasonal_frame(n_series: int = 3, n_days: int = 300, noise: float = 0.3, seed: int = 0) -> pd.DataFrame:
+    """Clean weekly-seasonal series y = 10 + 5 sin(2 pi t / 7) + N(0, noise), in the long schema."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_days)
+    dates = pd.date_range("2023-01-02", periods=n_days, freq="D")
+    pieces = [
+        pd.DataFrame({
+            "merchant_id": "m", "unique_id": f"s{i}", "ds": dates,
+            "y": 10 + 5 * np.sin(2 * np.pi * (t + 2 * i) / 7) + rng.normal(0, noise, n_days),
+        })
+        for i in range(n_series)
+    ]
+    return pd.concat(pieces, ignore_index=True)
 
 
 @pytest.fixture(scope="session")
@@ -56,34 +70,34 @@ def tiny_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def synthetic_table(tiny_cfg) -> SeriesTable:
-    """One synthetic merchant (6-12 products, 240 days, covariates promo/holiday/visits)."""
+    """One synthetic merchant: 6-12 products over 240 days with promo/holiday (known) and visits (observed)."""
     table = prepare(generate_merchants(n_merchants=2, n_days=240, seed=0), tiny_cfg.data, "synthetic")
     return table.for_merchant(table.merchants()[0])
 
 
 @pytest.fixture(scope="session")
-def make_forecaster(synthetic_table) -> Callable[..., tuple[Forecaster, Splits]]:
-    """Factory: a fresh tiny forecaster (dotted config overrides on top of TINY) and its splits."""
+def make_forecaster(synthetic_table) -> Callable[..., tuple[Forecaster, Splits, Config]]:
+    """Factory: make(table=None, **dotted_overrides) -> (fresh tiny forecaster, its splits, its config)."""
 
-    def make(table: SeriesTable | None = None, **overrides: Any) -> tuple[Forecaster, Splits]:
-        return build_forecaster(tiny_config(**overrides), synthetic_table if table is None else table)
+    def make(table: SeriesTable | None = None, **overrides: Any) -> tuple[Forecaster, Splits, Config]:
+        cfg = tiny_config(**overrides)
+        model, splits = build_forecaster(cfg, synthetic_table if table is None else table)
+        return model, splits, cfg
 
     return make
 
 
 @pytest.fixture(scope="module")
 def tiny_model_and_splits(tiny_cfg, synthetic_table) -> tuple[Forecaster, Splits]:
-    """One untrained tiny forecaster per test module; tests must not leave it changed."""
+    """One untrained tiny forecaster per test module; a test that changes it must put it back."""
     return build_forecaster(tiny_cfg, synthetic_table)
 
 
-def seasonal_frame(n_series: int = 3, n_days: int = 300, noise: float = 0.3, seed: int = 0) -> pd.DataFrame:
-    """Clean weekly-seasonal series y = 10 + 5 sin(2 pi t / 7) + noise, in the long schema."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_days)
-    dates = pd.date_range("2023-01-02", periods=n_days, freq="D")
-    pieces = [
-        pd.DataFrame({"merchant_id": "m", "unique_id": f"s{i}", "ds": dates, "y": 10 + 5 * np.sin(2 * np.pi * (t + i) / 7) + rng.normal(0, noise, n_days)})
-        for i in range(n_series)
-    ]
-    return pd.concat(pieces, ignore_index=True)
+@pytest.fixture(scope="session")
+def seasonal_cfg() -> Config:
+    return tiny_config(**{"data.columns.known": [], "data.columns.observed": []})
+
+
+@pytest.fixture(scope="session")
+def seasonal_table(seasonal_cfg) -> SeriesTable:
+    return prepare(seasonal_frame(), seasonal_cfg.data, "seasonal")

