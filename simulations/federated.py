@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.simulation import run_simulation
-
 from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
 
 from client.app import app as default_client_app
 from server.app import app as server_app
