@@ -29,6 +29,7 @@ from shared.windows import Splits, build_splits
 log = logging.getLogger(__name__)
 BUDGET_EXHAUSTED = 901  # error code a merchant replies with when its privacy budget is spent
 
+
 @lru_cache(maxsize=2)
 def _model(cfg: Config):
     """One forecaster (frozen backbone + adapter) per process, reused for every merchant and round."""
@@ -41,7 +42,10 @@ def _merchant(cfg: Config, partition_id: int, data_path: str | None) -> tuple[st
     if data_path is not None:
         cfg = replace(cfg, data=replace(cfg.data, source="file", path=data_path))
     table = load_table(cfg)
-    merchant = table.merchants()[0] if data_path is not None else table.merchants()[partition_id % len(table.merchants())]
+    merchants = table.merchants()
+    if data_path is None and not 0 <= partition_id < len(merchants):
+        raise ValueError(f"partition-id {partition_id} but the data has {len(merchants)} merchants")
+    merchant = merchants[0] if data_path is not None else merchants[partition_id]
     return merchant, build_splits(table.for_merchant(merchant), cfg.data, _model(cfg).encode_prompts)
 
 

@@ -74,7 +74,9 @@ class GuardedAggregation:
         if len(accepted) < self.min_replies:
             log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged", server_round, len(accepted), self.min_replies)
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        arrays, aggregated = super().aggregate_train(server_round, accepted)
+        self._current["aggregated"] = dict(aggregated or {})
+        return arrays, aggregated
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = [m for m in replies if not m.has_error()]
@@ -82,7 +84,9 @@ class GuardedAggregation:
             metrics = dict(msg.content["metrics"])
             key = str(int(metrics.get("partition-id", msg.metadata.src_node_id)))
             self.history[-1]["merchants"].setdefault(key, {}).update({f"eval-{k}": v for k, v in metrics.items()})
-        return super().aggregate_evaluate(server_round, replies) if replies else None
+        aggregated = super().aggregate_evaluate(server_round, replies) if replies else None
+        self.history[-1].setdefault("aggregated", {}).update({f"eval-{k}": v for k, v in (aggregated or {}).items()})
+        return aggregated
 
 
 _BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}

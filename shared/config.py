@@ -89,7 +89,7 @@ class ModelConfig:
 class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 8
     max_steps: int = 150
     eval_every: int = 25
     patience: int = 3
@@ -100,11 +100,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    enabled: bool = False
+    enabled: bool = True
     unit: str = "series"
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     ledger_dir: str = "runs/ledgers"
 
@@ -113,7 +113,7 @@ class PrivacyConfig:
 class FederationConfig:
     num_merchants: int = 4
     num_rounds: int = 3
-    local_steps: int = 30
+    local_steps: int = 10
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.05
@@ -122,6 +122,18 @@ class FederationConfig:
     min_replies: int = 2
     round_timeout_s: float = 600.0
     out_dir: str = "runs/demo"
+    # client-level DP (whole merchant protected, on top of the per-unit DP-SGD above); see docs/privacy.md
+    client_dp: str = "off"  # off | server_fixed | server_adaptive | client_fixed
+    client_dp_noise: float = 1.0  # noise multiplier z of the Gaussian mechanism on the averaged update
+    client_dp_clip: float = 1.0  # L2 bound on one merchant's update (initial bound for server_adaptive)
+    client_dp_delta: float = 1e-5
+    client_dp_target_quantile: float = 0.5  # server_adaptive: share of updates the bound should leave unclipped
+    client_dp_count_stddev: float = 0.0  # server_adaptive: noise on the clipped count; 0 = max(n / 20, z)
+    # SecAgg+ (Flower's legacy workflow); see docs/secure-aggregation.md
+    secagg: bool = False
+    secagg_shares: float = 1.0  # share of the cohort each merchant's key is split among
+    secagg_threshold: float = 0.67  # share of those shares needed to reconstruct a dropped merchant's mask
+    secagg_clipping_range: float = 8.0  # every adapter value is clipped to [-range, range] before quantisation
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,7 @@ _CHOICES = {
     ("train", "precision"): {"fp32", "bf16", "fp16"},
     ("privacy", "unit"): {"series", "day"},
     ("federation", "strategy"): {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"},
+    ("federation", "client_dp"): {"off", "server_fixed", "server_adaptive", "client_fixed"},
 }
 
 

@@ -46,7 +46,7 @@ def _merchant(rng: np.random.Generator, merchant: str, ds: pd.DatetimeIndex, lev
     trend = np.exp(rng.normal(0.1, 0.25) * years)
     on_holiday = np.where(closed, 0.1, np.where(holiday, rng.uniform(1.6, 3.0), 1.0))  # closed shops keep some web traffic
 
-    n_products = int(rng.integers(6, 13))
+    n_products = int(rng.integers(16, 33))  # enough series for series-level DP sampling to amplify privacy
     base = level * rng.lognormal(0.0, 0.6, n_products)
     n_sparse = int(rng.integers(1, 3))
     base[:n_sparse] = rng.uniform(0.1, 0.6, n_sparse)  # intermittent: mostly zero days

@@ -35,21 +35,27 @@ def main(
     cfg = load_config(config, overrides)
     out = Path(cfg.federation.out_dir)
     shutil.rmtree(out, ignore_errors=True)  # a demo starts fresh: no resumed checkpoint, no spent ledgers
-    overrides |= {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
+    overrides |= {"privacy.ledger_dir": str(out / "ledgers")}
     cfg = load_config(config, overrides)
     table = load_table(cfg)
     merchants = table.merchants()
 
-    started = time.time()
-    summary = simulate(cfg, config, overrides, len(merchants))
-    federated_seconds = time.time() - started
+    runs = {"shopcast_federated": {"privacy.enabled": False}}
+    if cfg.privacy.enabled:
+        runs["shopcast_federated_dp"] = {"privacy.enabled": True}
+    summaries, seconds = {}, {}
+    for name, extra in runs.items():
+        run_overrides = overrides | extra | {"federation.out_dir": str(out / name)}
+        started = time.time()
+        summaries[name] = simulate(load_config(config, run_overrides), config, run_overrides, len(merchants))
+        seconds[name] = time.time() - started
 
     model = build_model(cfg)
     splits = merchant_splits(table, cfg, model)
     contest = Contest()
-    load_adapter(model, out / "federated" / "final_adapter")
-    fed_name = "shopcast_federated" + ("_dp" if cfg.privacy.enabled else "")
-    contest.add(fed_name, model_forecast(model, splits, cfg), splits, cfg, federated_seconds)
+    for name in runs:
+        load_adapter(model, out / name / "final_adapter")
+        contest.add(name, model_forecast(model, splits, cfg), splits, cfg, seconds[name])
     steps = cfg.federation.num_rounds * cfg.federation.local_steps
     for name, train in (("shopcast_local_only", local_only), ("shopcast_centralised", centralised)):
         t = time.time()
@@ -63,12 +69,12 @@ def main(
             f"{cfg.federation.num_rounds} rounds of {cfg.federation.strategy}, {cfg.federation.local_steps} local steps per round, "
             f"horizon {cfg.data.horizon}, context {cfg.data.context}. Local-only: each merchant alone with the same "
             f"{steps} steps; centralised: all data pooled, {steps * len(merchants)} steps (non-private upper bound). "
-            f"Federated wall time {federated_seconds:.0f} s. Config: {config}, overrides {overrides}."
+            f"Federated wall time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}. Config: {config}, overrides {overrides}."
         ),
-        "highlight": fed_name,
+        "highlight": list(runs)[-1],
+        "merchants": merchants,
     }
-    frame = table.frame
-    report = write_report(out, contest, summary, context, frame)
+    report = write_report(out, contest, summaries[list(runs)[-1]], context, table.frame)
     print(report.read_text())
     print(f"report: {report}")
 

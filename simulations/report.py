@@ -28,6 +28,7 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
     overall["seconds"] = overall["model"].map(contest.seconds)
     merchants = per_merchant(contest.scores)
     rounds = federation_table(summary)
+    rounds["merchant"] = rounds["merchant"].map(lambda pid: context["merchants"][int(pid)])
     privacy = summary["privacy"]
     lines = [
         f"# shopcast run report: {context['title']}",
@@ -47,12 +48,12 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
     ]
     if privacy["enabled"]:
         trained = rounds.dropna(subset=["epsilon"]) if "epsilon" in rounds else rounds.iloc[0:0]
-        eps = trained.groupby("merchant").agg(epsilon=("epsilon", "max"), delta=("delta", "max"), steps=("steps", "sum"), rounds=("round", "nunique"))
+        eps = trained.groupby("merchant").agg(epsilon=("epsilon", "max"), steps=("steps", "sum"), rounds=("round", "nunique"))
         lines += [
             f"DP-SGD per merchant; protected unit: **{privacy['unit']}**; δ = {privacy['delta']:g}; "
             f"budget ε ≤ {privacy['target_epsilon']:g} per merchant (training stops when it is spent).",
             "",
-            "ε spent by each merchant (partition id) over the rounds it trained in:",
+            "ε spent by each merchant over the rounds it trained in (cumulative, from its own ledger):",
             "",
             to_markdown(eps.reset_index()),
         ]

@@ -70,7 +70,7 @@ def tiny_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def synthetic_table(tiny_cfg) -> SeriesTable:
-    """One synthetic merchant: 6-12 products over 240 days with promo/holiday (known) and visits (observed)."""
+    """One synthetic merchant over 240 days with promo/holiday (known) and visits (observed)."""
     table = prepare(generate_merchants(n_merchants=2, n_days=240, seed=0), tiny_cfg.data, "synthetic")
     return table.for_merchant(table.merchants()[0])
 

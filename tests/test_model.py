@@ -233,8 +233,9 @@ def test_load_adapter_state_checks_everything_before_copying(tiny_model_and_spli
 # --- learning -------------------------------------------------------------------------------------
 
 
-def test_loss_falls_on_a_weekly_seasonal_series(seasonal_cfg, seasonal_table, make_forecaster):
-    model, splits, cfg = make_forecaster(seasonal_table, **{"data.columns.known": [], "data.columns.observed": []})
+def test_loss_falls_on_a_weekly_seasonal_series(seasonal_table, make_forecaster):
+    pinned = {"train.batch_size": 16, "train.lr": 2e-3, "train.weight_decay": 0.0, "train.seed": 0, "model.seed": 0}
+    model, splits, cfg = make_forecaster(seasonal_table, **{"data.columns.known": [], "data.columns.observed": [], **pinned})
     initial = evaluate_loss(model, splits.val, CPU)
     fit(model, splits.train, None, cfg.train, steps=80)
     final = evaluate_loss(model, splits.val, CPU)
@@ -251,8 +252,18 @@ def test_loss_falls_on_a_weekly_seasonal_series(seasonal_cfg, seasonal_table, ma
 # --- ablations and LoRA variants ------------------------------------------------------------------
 
 
+@pytest.fixture
+def fresh_shared_embedding():
+    """The process-wide pretrained embedding as a fresh process has it (trainable, like any new module),
+    before an earlier test's forecaster froze it, so freezing is checked whatever ran first."""
+    embedding = load_pretrained("tiny")[0].embed_tokens
+    embedding.requires_grad_(True)
+    yield embedding
+    embedding.requires_grad_(False)
+
+
 @pytest.mark.parametrize("variant", ["no_llm", "attention", "random_llm"])
-def test_ablation_variants_build_run_and_train(make_forecaster, variant):
+def test_ablation_variants_build_run_and_train(make_forecaster, fresh_shared_embedding, variant):
     model, splits, cfg = make_forecaster(**{"model.variant": variant})
     if variant == "no_llm":
         assert model.llm is None and not model.uses_prompt and splits.train.prompt_ids.shape[1] == 0

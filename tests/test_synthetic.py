@@ -26,7 +26,7 @@ def test_columns_dtypes_and_grid(frame):
     assert set(frame["promo"].unique()) == {0.0, 1.0} and set(frame["holiday"].unique()) == {0.0, 1.0}
     assert frame.groupby("unique_id")["merchant_id"].nunique().eq(1).all()
     assert frame.groupby("unique_id")["ds"].apply(lambda ds: ds.diff().dropna().eq(pd.Timedelta(days=1)).all()).all()
-    assert frame.groupby("merchant_id")["unique_id"].nunique().between(6, 12).all()
+    assert frame.groupby("merchant_id")["unique_id"].nunique().between(16, 32).all()
     per_day = frame.groupby(["merchant_id", "ds"])[["holiday", "visits"]].nunique()
     assert (per_day == 1).all().all()  # merchant-level covariates, the same for all its products
 

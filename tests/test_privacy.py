@@ -1,0 +1,295 @@
+"""DP-SGD as a merchant runs it: what is clipped, what is noised, what is sampled, what is charged.
+
+Every test runs the real path (`PrivateTraining` + Opacus on the tiny random Llama) and checks a
+property the privacy guarantee rests on, rather than trusting that the flags were passed:
+  - every per-sample gradient Opacus sums is clipped to max_grad_norm, and no trainable tensor escapes;
+  - Gaussian noise of standard deviation noise_multiplier * max_grad_norm is really added;
+  - the frozen backbone is bit-identical after DP training and Opacus leaves no hooks behind;
+  - a privacy unit is a series (one unit per series) or a day (non-overlapping windows);
+  - the sample rate charged to the ledger is the rate Opacus' Poisson loader samples with;
+  - a spent budget stops training before a step, and the ledger never passes the target;
+  - the ledger's ε is Opacus' RDP accountant's for the same (noise, rate, steps) history.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader
+
+from shared.adapter import adapter_state
+from shared.ledger import PrivacyLedger
+from shared.model import pinball_loss
+from shared.privacy import PrivateTraining, open_ledger, privacy_units
+from shared.train import fit
+from shared.windows import WindowDataset
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+]
+
+
+def _dp(make_forecaster, tmp_path: Path, **overrides: Any):
+    """A fresh tiny forecaster, its splits and config with DP on and the ledger under tmp_path."""
+    settings = {"privacy.enabled": True, "privacy.ledger_dir": str(tmp_path / "ledgers"), "train.batch_size": 4}
+    return make_forecaster(**{**settings, **overrides})
+
+
+def _window_length(cfg) -> int:
+    return cfg.data.context + cfg.data.horizon
+
+
+def _session(cfg, splits, tmp_path: Path, merchant: str = "m0") -> PrivateTraining:
+    return PrivateTraining(cfg.privacy, open_ledger(cfg.privacy, merchant), splits.train, cfg.train.batch_size, _window_length(cfg))
+
+
+def _first_nonempty(batches) -> dict[str, torch.Tensor]:
+    for batch in batches:  # Poisson sampling can draw an empty batch
+        if len(batch["target"]) > 1:
+            return batch
+    raise AssertionError("unreachable")
+
+
+def _backward_one_batch(model, cfg, splits, tmp_path: Path):
+    """Wraps the model with Opacus, runs one forward/backward on a sampled batch; returns the pieces."""
+    privacy = _session(cfg, splits, tmp_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    torch.manual_seed(0)
+    wrapped, dp_optimizer, batches = privacy.attach(model, optimizer, splits.train, cfg.train)
+    batch = _first_nonempty(batches)
+    target = batch.pop("target")
+    quantiles, scale = wrapped(**batch)
+    pinball_loss(quantiles, target / scale, model.levels).mean().backward()
+    return privacy, params, dp_optimizer, len(target)
+
+
+def _per_sample_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Each sample's gradient norm over all trainable tensors together, as Opacus' flat clipping computes it."""
+    per_param = [p.grad_sample.reshape(len(p.grad_sample), -1).norm(2, dim=-1) for p in params]
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
+
+
+# --- clipping and noise ------------------------------------------------------------------------------
+
+
+def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(make_forecaster, tmp_path: Path) -> None:
+    clip = 0.05  # well below the tiny model's raw per-sample norms, so clipping really acts
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.max_grad_norm": clip})
+    privacy, params, dp_optimizer, batch_size = _backward_one_batch(model, cfg, splits, tmp_path)
+    try:
+        # no trainable tensor escapes clipping: Opacus holds all of them and has a per-sample grad for each
+        assert {id(p) for p in dp_optimizer.params} == {id(p) for p in params}
+        assert all(p.grad_sample is not None and p.grad_sample.shape[0] == batch_size for p in params)
+
+        norms = _per_sample_norms(params)
+        assert norms.max() > clip, "test is vacuous: no sample needed clipping"
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clip factor (opacus.optimizers.optimizer)
+        clipped = norms * factor
+        assert clipped.max() <= clip + 1e-6
+
+        # ...and that factor is exactly what Opacus applied: its summed gradient is Σ_i factor_i g_i
+        dp_optimizer.clip_and_accumulate()
+        for p in params:
+            expected = torch.einsum("i,i...->...", factor, p.grad_sample)
+            torch.testing.assert_close(p.summed_grad, expected, rtol=1e-5, atol=1e-8)
+        # the whole batch's clipped sum can exceed C only by summing up to one C per sample
+        total = torch.sqrt(sum((p.summed_grad**2).sum() for p in params))
+        assert total <= batch_size * clip + 1e-6
+    finally:
+        privacy.detach()
+
+
+def test_gaussian_noise_of_the_calibrated_scale_is_added(make_forecaster, tmp_path: Path) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.max_grad_norm": 0.05, "privacy.noise_multiplier": 1.3})
+    privacy, params, dp_optimizer, _ = _backward_one_batch(model, cfg, splits, tmp_path)
+    try:
+        dp_optimizer.clip_and_accumulate()
+        summed = [p.summed_grad.clone() for p in params]
+
+        def noise_draw() -> torch.Tensor:
+            for p in params:  # Opacus marks a used summed_grad so it cannot be noised twice; reset for a 2nd draw
+                p.summed_grad.__dict__.pop("_processed", None)
+            dp_optimizer.add_noise()  # p.grad = summed + N(0, (σC)^2), before the mean-reduction scaling
+            return torch.cat([(p.grad - s).flatten() for p, s in zip(params, summed)])
+
+        first, second = noise_draw(), noise_draw()
+        sigma = cfg.privacy.noise_multiplier * cfg.privacy.max_grad_norm
+        assert first.numel() > 10_000
+        assert abs(first.std().item() / sigma - 1) < 0.05
+        assert abs(first.mean().item()) < 5 * sigma / first.numel() ** 0.5
+        assert not torch.equal(first, second)  # fresh noise on every step
+        # after scaling, the step uses (clipped sum + noise) / expected batch size
+        dp_optimizer.scale_grad()
+        p, s = params[0], summed[0]
+        torch.testing.assert_close(p.grad * dp_optimizer.expected_batch_size - s, second[: s.numel()].view_as(s))
+    finally:
+        privacy.detach()
+
+
+def _train(make_forecaster, tmp_path: Path, dp: bool, seed: int, steps: int = 3) -> dict[str, torch.Tensor]:
+    model, splits, cfg = _dp(make_forecaster, tmp_path / f"dp{dp}-seed{seed}", **{"train.seed": seed})
+    privacy = _session(cfg, splits, tmp_path) if dp else None
+    result = fit(model, splits.train, None, cfg.train, steps=steps, privacy=privacy)
+    assert result.steps == steps and result.status == "ok"
+    return adapter_state(model)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_training_differs_from_plain_training_and_between_noise_draws(make_forecaster, tmp_path: Path) -> None:
+    initial = adapter_state(make_forecaster()[0])
+    dp_a = _train(make_forecaster, tmp_path / "a", dp=True, seed=0)
+    dp_a_again = _train(make_forecaster, tmp_path / "b", dp=True, seed=0)
+    dp_other_noise = _train(make_forecaster, tmp_path / "c", dp=True, seed=1)
+    plain = _train(make_forecaster, tmp_path / "d", dp=False, seed=0)
+    assert not _same(dp_a, initial)
+    assert _same(dp_a, dp_a_again)  # the seed fixes sampling and noise: reproducible
+    assert not _same(dp_a, plain)
+    assert not _same(dp_a, dp_other_noise)
+
+
+def test_frozen_backbone_is_bit_identical_after_dp_training(make_forecaster, tmp_path: Path) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    trainable = adapter_state(model)
+    assert frozen, "the tiny model has no frozen backbone?"
+    result = fit(model, splits.train, None, cfg.train, steps=3, privacy=_session(cfg, splits, tmp_path))
+    assert result.status == "ok"
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, frozen[name]), name
+            assert param.grad is None, name
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    assert not _same(adapter_state(model), trainable)
+    # Opacus is fully detached, so the same forecaster can serve the next round or merchant
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+# --- privacy units and sampling ------------------------------------------------------------------------
+
+
+def test_series_unit_is_one_unit_per_series(tiny_model_and_splits, tiny_cfg) -> None:
+    _, splits = tiny_model_and_splits
+    train = splits.train
+    units = privacy_units(train, "series", _window_length(tiny_cfg))
+    assert len(units) == len(np.unique(train.series))
+    for unit in units:
+        assert len(np.unique(train.series[unit])) == 1
+    assert sorted(np.concatenate(units).tolist()) == list(range(len(train)))  # every window, exactly once
+
+
+def test_day_unit_windows_never_share_a_day(tiny_model_and_splits, tiny_cfg) -> None:
+    _, splits = tiny_model_and_splits
+    train, length = splits.train, _window_length(tiny_cfg)
+    units = privacy_units(train, "day", length)
+    assert all(len(unit) == 1 for unit in units)
+    chosen = np.concatenate(units)
+    assert len(set(chosen.tolist())) == len(chosen)
+    for s in np.unique(train.series):
+        offsets = np.sort(train.offset[chosen][train.series[chosen] == s])
+        assert len(offsets) >= 1
+        assert (np.diff(offsets) >= length).all(), "two day-units of one series overlap"
+        days = np.concatenate([np.arange(o, o + length) for o in offsets])
+        assert len(days) == len(np.unique(days))  # no day in two units
+        # greedy from the first window: as many disjoint windows as fit in the training span
+        span = train.offset[train.series == s].max() + length
+        assert len(offsets) == span // length
+
+
+@pytest.mark.parametrize("unit", ["series", "day"])
+def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_path: Path, monkeypatch, unit: str) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.unit": unit, "train.batch_size": 3})
+    privacy = _session(cfg, splits, tmp_path)
+    created: list[DPDataLoader] = []
+    original = DPDataLoader.from_data_loader.__func__
+
+    def spy(cls, *args, **kwargs):
+        loader = original(cls, *args, **kwargs)
+        created.append(loader)
+        return loader
+
+    monkeypatch.setattr(DPDataLoader, "from_data_loader", classmethod(spy))
+    result = fit(model, splits.train, None, cfg.train, steps=2, privacy=privacy)
+    assert result.status == "ok" and len(created) == 1
+    loader = created[0]
+    n_units = len(privacy_units(splits.train, unit, _window_length(cfg)))
+    assert len(loader.dataset) == n_units  # Opacus samples units, not windows
+    assert loader.sample_rate == privacy.sample_rate
+    assert privacy.ledger.history == [(cfg.privacy.noise_multiplier, loader.sample_rate, 2)]
+
+    # Poisson sampling of units: each batch holds distinct units, on average rate * units of them
+    sizes, rng = [], torch.Generator().manual_seed(0)
+    sampler = DPDataLoader.from_data_loader(DataLoader(WindowDataset(splits.train, privacy.units), batch_size=3), generator=rng).batch_sampler
+    for _, indices in zip(range(400), sampler):
+        assert len(set(indices)) == len(indices)
+        sizes.append(len(indices))
+    expected = privacy.sample_rate * n_units
+    assert abs(np.mean(sizes) - expected) < 4 * np.sqrt(expected / 400) + 0.05
+
+
+# --- budget and accounting -------------------------------------------------------------------------------
+
+
+def test_spent_budget_stops_training_before_any_step(make_forecaster, tmp_path: Path) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.target_epsilon": 3.0})
+    privacy = _session(cfg, splits, tmp_path)
+    ledger = privacy.ledger
+    affordable = ledger.affordable_steps(cfg.privacy.noise_multiplier, privacy.sample_rate, 10_000)
+    assert 0 < affordable < 10_000
+    ledger.record(cfg.privacy.noise_multiplier, privacy.sample_rate, affordable)
+    spent, history, before = ledger.epsilon(), ledger.history, adapter_state(model)
+
+    result = fit(model, splits.train, None, cfg.train, steps=3, privacy=_session(cfg, splits, tmp_path))
+    assert result.status == "budget_exhausted"
+    assert result.steps == 0
+    assert result.epsilon == spent <= cfg.privacy.target_epsilon
+    assert _same(adapter_state(model), before)  # not one noisy step was taken
+    reopened = open_ledger(cfg.privacy, "m0")  # what is on disk, as a restarted client sees it
+    assert reopened.history == history and reopened.epsilon() <= cfg.privacy.target_epsilon
+
+
+def test_partly_affordable_round_runs_only_what_the_budget_allows(make_forecaster, tmp_path: Path) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.target_epsilon": 3.0})
+    privacy = _session(cfg, splits, tmp_path)
+    affordable = privacy.ledger.affordable_steps(cfg.privacy.noise_multiplier, privacy.sample_rate, 10_000)
+    planned = affordable + 5
+    result = fit(model, splits.train, None, cfg.train, steps=planned, privacy=privacy)
+    assert result.status == "ok" and result.steps == affordable
+    assert privacy.ledger.epsilon() <= cfg.privacy.target_epsilon
+    assert open_ledger(cfg.privacy, "m0").history == [(cfg.privacy.noise_multiplier, privacy.sample_rate, affordable)]
+
+
+def test_ledger_epsilon_after_dp_rounds_equals_opacus_rdp_accountant(make_forecaster, tmp_path: Path) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.target_epsilon": 1e4})
+    accountant = RDPAccountant()
+    for steps in (2, 3):  # two rounds on the same merchant ledger, as federation runs them
+        privacy = _session(cfg, splits, tmp_path)
+        result = fit(model, splits.train, None, cfg.train, steps=steps, privacy=privacy)
+        assert result.steps == steps
+        for _ in range(steps):
+            accountant.step(noise_multiplier=cfg.privacy.noise_multiplier, sample_rate=privacy.sample_rate)
+        assert result.epsilon == accountant.get_epsilon(cfg.privacy.delta)  # bit for bit
+    ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir) / "m0.json", cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.privacy.unit)
+    assert ledger.history == accountant.history
+    assert ledger.epsilon() == accountant.get_epsilon(cfg.privacy.delta)
+
+
+def test_dp_training_does_not_use_validation_early_stopping(make_forecaster, tmp_path: Path) -> None:
+    """Early stopping would choose the stopping point from the data without charging the ledger for it."""
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"train.max_steps": 4, "train.eval_every": 1, "train.patience": 1})
+    result = fit(model, splits.train, splits.val, cfg.train, privacy=_session(cfg, splits, tmp_path))
+    assert result.steps == 4 and result.history == []
