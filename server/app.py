@@ -2,6 +2,10 @@
 
 A restarted server finds `<out_dir>/checkpoint` and resumes at the round after the last one
 saved; at the end it writes `<out_dir>/final_adapter` and `<out_dir>/summary.json`.
+
+With federation.secagg the rounds run through Flower's legacy SecAgg+ workflow instead of
+`strategy.start` (see docs/secure-aggregation.md); client-level DP wraps the strategy inside
+`make_strategy` (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import torch
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import make_strategy
+from server.strategy import SecAggAggregation, make_strategy, secagg_workflow
 from shared.adapter import adapter_shapes, adapter_state, backbone_bytes, load_adapter, load_adapter_state, save_adapter
 from shared.config import Config, config_from_run
 from shared.local import build_model
@@ -43,7 +51,9 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
             save_adapter(model, checkpoint, {"round": len(strategy.history), "history": strategy.history})
         return None
 
-    if remaining > 0:
+    if remaining > 0 and cfg.federation.secagg:
+        run_secagg(grid, cfg, model, strategy.history, remaining, checkpoint)
+    elif remaining > 0:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord({"local-steps": cfg.federation.local_steps}),
@@ -59,8 +69,37 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         "privacy": {"enabled": cfg.privacy.enabled, "unit": cfg.privacy.unit, "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
     }
+    fed = cfg.federation
+    released = [r["client_dp"] for r in strategy.history if "client_dp" in r]
+    summary["client_level"] = {
+        "client_dp": fed.client_dp, "secagg": fed.secagg, "noise_multiplier": fed.client_dp_noise if fed.client_dp != "off" else None,
+        "clip": fed.client_dp_clip if fed.client_dp != "off" else None, "delta": fed.client_dp_delta if fed.client_dp != "off" else None,
+        "epsilon": released[-1]["epsilon"] if released else None, "noised_rounds": len(released),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], num_rounds: int, checkpoint: Path) -> None:
+    """`num_rounds` rounds through SecAggPlusWorkflow: the server only ever sees the merchants' mean adapter.
+
+    Flower 1.41 has SecAgg+ for the legacy workflow API only (a `LegacyContext` around a legacy
+    strategy, driven by `DefaultWorkflow`); the merchants need `server.strategy.client_privacy_mod`.
+    """
+
+    def after_round(server_round: int, arrays: dict[str, Any]) -> None:
+        load_adapter_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
+        save_adapter(model, checkpoint, {"round": len(history), "history": history})
+
+    initial = {k: v.numpy() for k, v in adapter_state(model).items()}
+    strategy = SecAggAggregation(cfg, initial, history, after_round)
+    # the workflow keeps its state in a Context; the Grid API gives run_federation none, and it needs no more
+    context = LegacyContext(
+        context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=num_rounds, round_timeout=cfg.federation.round_timeout_s),
+        strategy=strategy,
+    )
+    DefaultWorkflow(fit_workflow=secagg_workflow(cfg))(grid, context)
 
 
 @app.main()

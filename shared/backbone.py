@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +42,30 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def _dequantised_cache(gguf: Path) -> Path:
+    """A Hugging Face copy of the GGUF, written once on first use beside other local caches.
+
+    Dequantising the GGUF and converting its tokenizer takes ~20 s on 2 cores; the copy loads in
+    ~2 s, which matters because every simulation worker and every deployed ClientApp process loads
+    the backbone. Nothing is downloaded: the copy is made from the installed file.
+    """
+    root = Path(os.environ.get("SHOPCAST_CACHE", Path.home() / ".cache" / "shopcast"))
+    target = root / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (target / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        staging = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
+        model.hf_quantizer = None  # already dequantised to fp32; the GGUF quantizer only blocks saving
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: concurrent workers either see the whole copy or none
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return target
+
+
 def _tiny_config() -> LlamaConfig:
     return LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -53,9 +80,7 @@ def load_pretrained(name: str) -> tuple[LlamaModel, object]:
         torch.manual_seed(1234)
         return LlamaModel(_tiny_config()).eval(), ByteTokenizer()
     if name == "smollm2":
-        path = smollm2_gguf()
-        kwargs = {"gguf_file": path.name}
-        source = str(path.parent)
+        source, kwargs = str(_dequantised_cache(smollm2_gguf())), {}
     else:
         kwargs = {"local_files_only": True}
         source = name

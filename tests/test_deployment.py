@@ -44,7 +44,7 @@ needs_flower = pytest.mark.skipif(
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH (make_certs.sh needs it)")
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not on PATH (SuperNode keys)")
 
-STARTUP_S = 60  # SuperLink listening / both SuperNodes online
+STARTUP_S = 60  # until the SuperLink listens
 RUN_S = 170  # one round, from `flwr run` to finished (measured ~100 s on 2 busy cores)
 
 
@@ -68,7 +68,8 @@ class Federation:
         self.root, self.tls = root, tls
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
-        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []  # servers: must stay up
+        self.jobs: list[tuple[str, subprocess.Popen, Path]] = []  # may exit (flwr run, a rejected SuperNode)
         self.certs = root / "certs"
         base = {k: v for k, v in os.environ.items() if not k.startswith("SHOPCAST_")}
         self.env = base | {
@@ -86,9 +87,10 @@ class Federation:
         (cli_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     # -- processes ---------------------------------------------------------------------------
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        """Starts VENV_BIN/args[0] in its own session, cwd and FLWR_HOME `root/name`, logging to `root/name.log`."""
-        home = self.root / name
+    def spawn(self, name: str, args: list[str], job: bool = False, home: Path | None = None) -> subprocess.Popen:
+        """Starts VENV_BIN/args[0] in its own session, with cwd and FLWR_HOME `home` (default
+        `root/name`: one "machine" each) and its output in `root/name.log`."""
+        home = home or self.root / name
         home.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
         with log.open("wb") as out:
@@ -96,7 +98,7 @@ class Federation:
                 [str(VENV_BIN / args[0]), *args[1:]], cwd=home, env=self.env | {"FLWR_HOME": str(home)},
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        self.procs.append((name, proc, log))
+        (self.jobs if job else self.procs).append((name, proc, log))
         return proc
 
     def tls_args(self, superlink: bool) -> list[str]:
@@ -108,37 +110,24 @@ class Federation:
         return ["--root-certificates", str(self.certs / "ca.crt")]
 
     def start_superlink(self, *extra: str) -> None:
+        """Starts it and waits until it listens (uvicorn binds after its startup hooks have run)."""
         self.spawn("superlink", ["flower-superlink", *self.tls_args(True), "--database", "state.db",
-                                        "--host", HOST, "--port", str(self.port), *extra])
+                                 "--host", HOST, "--port", str(self.port), *extra])
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             self.check_alive()
             try:
                 with socket.create_connection((HOST, self.port), timeout=1):
-                    pass
-                # listening is not enough: the Control API must answer through this connection
-                if self.flwr("ls", "test", "--format", "json", check=False, timeout=30).get("success"):
                     return
             except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"SuperLink not ready within {STARTUP_S} s\n{self.logs()}")
+                time.sleep(0.5)
+        raise AssertionError(f"SuperLink not listening within {STARTUP_S} s\n{self.logs()}")
 
-    def start_supernode(self, i: int, data: Path, *extra: str) -> subprocess.Popen:
+    def start_supernode(self, i: int, data: Path, *extra: str, job: bool = False) -> subprocess.Popen:
         node_config = f'partition-id={i} data-path="{data}"'
         return self.spawn(f"supernode{i}", ["flower-supernode", *self.tls_args(False), "--superlink", self.address,
-                                            "--host", HOST, "--port", str(free_port()), "--node-config", node_config, *extra])
-
-    def wait_online(self, n: int) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        nodes: list = []
-        while time.monotonic() < deadline:
-            self.check_alive()
-            nodes = self.flwr("supernode", "ls", "test", "--format", "json", check=False).get("nodes", [])
-            if sum(node.get("status") == "online" for node in nodes) >= n:
-                return
-            time.sleep(1)
-        raise AssertionError(f"{n} SuperNodes not online within {STARTUP_S} s: {nodes}\n{self.logs()}")
+                                            "--host", HOST, "--port", str(free_port()), "--node-config", node_config, *extra],
+                          job=job)
 
     def check_alive(self) -> None:
         dead = [f"{name} (exit {p.returncode})" for name, p, _ in self.procs if p.poll() is not None]
@@ -146,23 +135,25 @@ class Federation:
             raise AssertionError(f"exited early: {', '.join(dead)}\n{self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"----- {name} ({log})\n{_tail(log)}" for name, _, log in self.procs)
+        return "\n".join(f"----- {name} ({log})\n{_tail(log)}" for name, _, log in self.procs + self.jobs)
 
     def stop(self) -> None:
-        """SIGTERM each session (SuperExec, flwr-serverapp and flwr-clientapp included), SIGKILL what is left."""
+        """SIGTERM each session, then SIGKILL what is left; children that started their own session
+        (the SuperLink's SuperExec) are found with psutil and signalled too."""
         try:
-            import psutil  # installed with flwr[simulation] (ray); finds children that left the session
+            import psutil  # installed with flwr[simulation] (ray)
         except ImportError:  # pragma: no cover
             psutil = None
+        everything = self.procs + self.jobs
         children = []
-        for _, proc, _ in self.procs:
+        for _, proc, _ in everything:
             if psutil is not None and proc.poll() is None:
                 try:
                     children += psutil.Process(proc.pid).children(recursive=True)
                 except psutil.Error:
                     pass
         for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            for _, proc, _ in self.procs:
+            for _, proc, _ in everything:
                 if proc.poll() is None:
                     try:
                         os.killpg(proc.pid, sig)
@@ -174,20 +165,19 @@ class Federation:
                 except Exception:  # already gone
                     pass
             deadline = time.monotonic() + wait_s
-            for _, proc, _ in self.procs:
+            for _, proc, _ in everything:
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
             if psutil is not None:
-                _, alive = psutil.wait_procs(children, timeout=max(0.1, deadline - time.monotonic()))
-                children = alive
-            if all(p.poll() is not None for _, p, _ in self.procs) and not children:
+                children = psutil.wait_procs(children, timeout=max(0.1, deadline - time.monotonic()))[1]
+            if all(p.poll() is not None for _, p, _ in everything) and not children:
                 return
 
     # -- the flwr CLI ----------------------------------------------------------------------------
     def flwr(self, *args: str, check: bool = True, timeout: float = 60) -> dict:
-        """`flwr ARGS` with this federation's config.toml; its JSON output (commands given --format json)."""
+        """`flwr ARGS` with this federation's config.toml; its JSON output (for commands given --format json)."""
         res = subprocess.run([str(VENV_BIN / "flwr"), *args], cwd=self.root, env=self.env | {"FLWR_HOME": str(self.root / "cli")},
                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if check and res.returncode != 0:
@@ -199,26 +189,27 @@ class Federation:
             return {"stdout": res.stdout, "stderr": res.stderr}
 
     def run_app(self, config: Path) -> dict:
-        """`flwr run REPO test` for one run and waits for its end; returns its `flwr ls` entry."""
-        started = self.flwr("run", str(REPO), "test", "--run-config", f'config="{config}"', "--format", "json", timeout=120)
-        run_id = started.get("run-id") or re.search(r"started run (\d+)", started.get("stdout", "")).group(1)
+        """`flwr run REPO test --stream` (blocks until the run ends); returns the run's `flwr ls` entry.
+
+        One streaming `flwr` process instead of polling `flwr ls`: each CLI call imports flwr (seconds
+        of CPU that the ServerApp and ClientApps need on a small runner)."""
+        run = self.spawn("flwr-run", ["flwr", "run", str(REPO), "test", "--run-config", f'config="{config}"', "--stream"],
+                         job=True, home=self.root / "cli")
+        log = self.root / "flwr-run.log"
         deadline = time.monotonic() + RUN_S
-        run: dict = {}
-        while time.monotonic() < deadline:
+        while run.poll() is None and time.monotonic() < deadline:
             self.check_alive()
-            runs = self.flwr("ls", "test", "--run-id", str(run_id), "--format", "json", check=False).get("runs", [])
-            run = runs[0] if runs else {}
-            if str(run.get("status", "")).startswith("finished"):
-                break
-            time.sleep(3)
-        else:
-            self.flwr("stop", str(run_id), "test", check=False)
-        if run.get("status") != "finished:completed":
-            log = subprocess.run([str(VENV_BIN / "flwr"), "log", str(run_id), "test", "--show"], cwd=self.root, capture_output=True,
-                                 text=True, timeout=60, env=self.env | {"FLWR_HOME": str(self.root / "cli")})
-            tail = "\n".join(log.stdout.splitlines()[-60:])
-            raise AssertionError(f"run {run_id} did not complete within {RUN_S} s: {run}\n--- flwr log\n{tail}\n{self.logs()}")
-        return run
+            time.sleep(1)
+        found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
+        assert found, f"flwr run started no run (exit {run.poll()})\n{self.logs()}"
+        run_id = found.group(1)
+        if run.poll() is None:
+            self.flwr("stop", run_id, "test", check=False)
+        runs = self.flwr("ls", "test", "--run-id", run_id, "--format", "json", check=False).get("runs", [])
+        status = runs[0] if runs else {}
+        if status.get("status") != "finished:completed":
+            raise AssertionError(f"run {run_id} did not complete within {RUN_S} s: {status}\n{self.logs()}")
+        return status
 
 
 @contextmanager
@@ -310,8 +301,7 @@ def test_deployment_one_round_insecure(tmp_path):
         fed.start_superlink()
         for i, path in enumerate(data):
             fed.start_supernode(i, path)
-        fed.wait_online(2)
-        run = fed.run_app(config)
+        run = fed.run_app(config)  # the strategy waits for both SuperNodes (min_replies = 2)
     check_outputs(tmp_path / "out", run)
 
 
@@ -330,15 +320,14 @@ def test_deployment_one_round_tls_supernode_auth(tmp_path):
             fed.flwr("supernode", "register", str(fed.certs / f"sn{i}.pub"), "test", "--format", "json")
         for i, path in enumerate(data):
             fed.start_supernode(i, path, "--auth-supernode-private-key", str(fed.certs / f"sn{i}"))
-        fed.wait_online(2)
-        # a third machine with a key nobody registered is turned away
-        intruder = fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), "--max-retries", "0")
+        # a third machine whose key nobody registered must be turned away
+        intruder = fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), job=True)
+        run = fed.run_app(config)
         try:
-            intruder.wait(timeout=STARTUP_S)
+            intruder.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"unregistered SuperNode still running after {STARTUP_S} s\n{fed.logs()}")
-        fed.procs = [entry for entry in fed.procs if entry[1] is not intruder]
+            pytest.fail(f"unregistered SuperNode still running\n{fed.logs()}")
         assert intruder.returncode != 0
         assert "Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text()
-        run = fed.run_app(config)
-    check_outputs(tmp_path / "out", run)
+    summary = check_outputs(tmp_path / "out", run)
+    assert len({m["node"] for m in summary["history"][0]["merchants"].values()}) == 2

@@ -133,27 +133,31 @@ def _sent_values(records, partition: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _matches_and_allowance(sent: np.ndarray, raw: np.ndarray) -> tuple[int, float, int]:
-    """(exact float32 matches of sent against raw, expected chance matches lambda, allowed count)."""
-    matches = int(np.isin(sent, raw).sum())
+def _matches(sent: np.ndarray, raw: np.ndarray) -> int:
+    """How many sent numbers equal (float32-exactly) a raw value."""
+    return int(np.isin(sent, raw).sum())
+
+
+def _chance_allowance(sent: np.ndarray, raw: np.ndarray) -> tuple[float, int]:
+    """(lambda, the expected chance matches; the smallest k with P(Poisson(lambda) > k) < 1e-6)."""
     ordered = np.sort(sent.astype(np.float64))
     r = raw.astype(np.float64)
     lo, hi = np.minimum(r * (1 - 2**-10), r * (1 + 2**-10)), np.maximum(r * (1 - 2**-10), r * (1 + 2**-10))
     near = np.searchsorted(ordered, hi, side="right") - np.searchsorted(ordered, lo, side="left")
     lam = float(near.sum()) * 2.0**-14
     allowed, tail, term = 0, 1.0 - math.exp(-lam), math.exp(-lam)
-    while tail >= 1e-6:  # smallest k with P(Poisson(lam) > k) < 1e-6
+    while tail >= 1e-6:
         allowed += 1
         term *= lam / allowed
         tail -= term
-    return matches, lam, allowed
+    return lam, allowed
 
 
 def test_no_sent_number_equals_a_raw_value_of_the_merchant(recorded, merchants):
     for p, (table, _) in merchants.items():
         raw, sent = _raw_values(table), _sent_values(recorded["records"], p)
         assert raw.size > 100 and sent.size > 100_000  # the comparison is not vacuous
-        matches, lam, allowed = _matches_and_allowance(sent, raw)
+        matches, (lam, allowed) = _matches(sent, raw), _chance_allowance(sent, raw)
         assert matches <= allowed, f"partition {p}: {matches} sent numbers equal raw values (chance allows {allowed}, lambda={lam:.2g})"
 
 
@@ -161,11 +165,10 @@ def test_the_leak_check_catches_a_planted_raw_value(recorded, merchants):
     """The comparison above can fail: one raw sales figure, or one raw context window, slipped into a reply."""
     table, splits = merchants[0]
     raw, sent = _raw_values(table), _sent_values(recorded["records"], 0)
+    _, allowed = _chance_allowance(sent, raw)  # what chance allows for the honest replies
+    assert _matches(sent, raw) <= allowed
     planted = sent.copy()
     planted[12345] = np.float32(table.frame[Y].max())
-    matches, _, allowed = _matches_and_allowance(planted, raw)
-    assert matches > allowed
+    assert _matches(planted, raw) == _matches(sent, raw) + 1 > allowed
     window = splits.train.context[np.argmax(splits.train.context.sum(axis=1))].astype(np.float32)  # a raw context window
-    leaked = np.concatenate([sent, window])
-    matches, _, allowed = _matches_and_allowance(leaked, raw)
-    assert matches >= len(_nontrivial(window)) > allowed
+    assert _matches(np.concatenate([sent, window]), raw) >= len(_nontrivial(window)) > allowed
