@@ -25,7 +25,7 @@ import pandas as pd
 from benchmarks._common import Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
 from shared.presets import SHARED_DATA, preset_available
 
-COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
+COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "seconds"]
 
 
 def head_to_head(scores: dict[str, pd.DataFrame], model: str, others: list[str], metric: str = "wql") -> pd.DataFrame:

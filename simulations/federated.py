@@ -24,11 +24,19 @@ def simulate(
     The engine's Python API passes no run config to the apps, so the config travels in the
     environment, which the simulation's worker processes inherit.
     """
+    saved = {k: os.environ.get(k) for k in ("SHOPCAST_CONFIG", "SHOPCAST_OVERRIDES")}
     os.environ["SHOPCAST_CONFIG"] = str(config_path or "")
     os.environ["SHOPCAST_OVERRIDES"] = json.dumps(overrides)
     gpus = 1.0 / num_merchants if torch.cuda.is_available() else 0.0
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=num_merchants,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}},
-    )
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=num_merchants,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}},
+        )
+    finally:  # later code in this process must not inherit this run's config
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return json.loads((Path(cfg.federation.out_dir) / "summary.json").read_text())

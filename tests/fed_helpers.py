@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ from simulations.federated import simulate
 
 TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
 N_MERCHANTS = 3
-
 
 def _round_of(msg: Message) -> int:
     config = msg.content["config"] if "config" in msg.content else {}
@@ -149,12 +147,8 @@ def baseline_run(tmp_path_factory) -> dict[str, Any]:
         records.mkdir()
         overrides = run_overrides(base, **{"privacy.enabled": True})
         cfg, summary = run(base, overrides, [Recorder(records)])
-        # keep a pristine copy of the outputs: later tests may resume from a copy of out_dir
         return {"base": base, "cfg": cfg, "overrides": overrides, "summary": json.loads(json.dumps(summary)), "records": read_records(records)}
 
     return memo("baseline", make)
 
 
-def copy_out_dir(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

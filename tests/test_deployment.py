@@ -45,7 +45,7 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not on PATH (SuperNode keys)")
 
 STARTUP_S = 60  # until the SuperLink listens
-RUN_S = 170  # one round, from `flwr run` to finished (measured ~100 s on 2 busy cores)
+RUN_S = 300  # one round, from `flwr run` to its end: ~100 s on 2 idle cores, twice that when other suites run beside it
 
 
 def free_port() -> int:
@@ -188,25 +188,34 @@ class Federation:
         except json.JSONDecodeError:
             return {"stdout": res.stdout, "stderr": res.stderr}
 
-    def run_app(self, config: Path) -> dict:
-        """`flwr run REPO test --stream` (blocks until the run ends); returns the run's `flwr ls` entry.
+    def start_run(self, config: Path) -> subprocess.Popen:
+        """`flwr run REPO test --stream`: builds the FAB, submits the run and streams its log until it ends.
 
         One streaming `flwr` process instead of polling `flwr ls`: each CLI call imports flwr (seconds
-        of CPU that the ServerApp and ClientApps need on a small runner)."""
-        run = self.spawn("flwr-run", ["flwr", "run", str(REPO), "test", "--run-config", f'config="{config}"', "--stream"],
-                         job=True, home=self.root / "cli")
-        log = self.root / "flwr-run.log"
+        of CPU that the ServerApp and ClientApps need on a small runner). Started before the SuperNodes
+        connect so that building the FAB overlaps their start; the strategy waits for min_replies nodes."""
+        return self.spawn("flwr-run", ["flwr", "run", str(REPO), "test", "--run-config", f'config="{config}"', "--stream"],
+                          job=True, home=self.root / "cli")
+
+    def finish_run(self, run: subprocess.Popen, config: Path, retries: int = 1) -> dict:
+        """Waits for the run to end (stops it after RUN_S); returns its `flwr ls` entry, asserting it completed."""
         deadline = time.monotonic() + RUN_S
         while run.poll() is None and time.monotonic() < deadline:
             self.check_alive()
             time.sleep(1)
-        found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
+        output = (self.root / "flwr-run.log").read_text(errors="replace")
+        found = re.search(r"started run (\d+)", output)
+        if not found and retries and "No such file or directory" in output:
+            # the FAB build walks the whole working tree: a file another process deletes between the
+            # walk and the read (e.g. benchmarks/results/*.json while other suites run) fails it
+            return self.finish_run(self.start_run(config), config, retries - 1)
         assert found, f"flwr run started no run (exit {run.poll()})\n{self.logs()}"
         run_id = found.group(1)
         if run.poll() is None:
             self.flwr("stop", run_id, "test", check=False)
         runs = self.flwr("ls", "test", "--run-id", run_id, "--format", "json", check=False).get("runs", [])
         status = runs[0] if runs else {}
+        # `flwr run` exits 0 for a failed run too: the status is what tells
         if status.get("status") != "finished:completed":
             raise AssertionError(f"run {run_id} did not complete within {RUN_S} s: {status}\n{self.logs()}")
         return status
@@ -278,14 +287,23 @@ def test_fab_leaves_out_venv_runs_and_tests():
     """`flwr run` bundles the repo with .gitignore applied (.venv/, runs/, .flwr/ ...) and Flower's built-ins."""
     from flwr.cli.build import build_fab_from_files
 
-    files = {}  # what flwr.cli.utils.collect_files gives, without walking .venv/.git (~10 s)
-    for dirpath, dirnames, filenames in os.walk(REPO):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) == REPO and d in {".venv", ".git"})]
-        for name in filenames:
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                files[path.relative_to(REPO).as_posix()] = path
-    fab, _ = build_fab_from_files(files)
+    def collect() -> dict[str, Path]:  # flwr.cli.utils.collect_files without walking .venv/.git (~10 s)
+        files = {}
+        for dirpath, dirnames, filenames in os.walk(REPO):
+            dirnames[:] = [d for d in dirnames if not (Path(dirpath) == REPO and d in {".venv", ".git"})]
+            for name in filenames:
+                path = Path(dirpath) / name
+                if not path.is_symlink():
+                    files[path.relative_to(REPO).as_posix()] = path
+        return files
+
+    for attempt in range(3):
+        try:
+            fab, _ = build_fab_from_files(collect())
+            break
+        except FileNotFoundError:  # another suite deleted an output (benchmarks/results) mid-build
+            if attempt == 2:
+                raise
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert {"server/app.py", "client/app.py", "shared/config.py", "configs/default.toml", "configs/deploy_test.toml"} <= set(names)
     assert not [n for n in names if n.startswith(("runs/", ".venv/", ".flwr/", "outputs/")) or "/test_" in n], names
@@ -299,10 +317,11 @@ def test_deployment_one_round_insecure(tmp_path):
     config = run_config(tmp_path)
     with federation(tmp_path) as fed:
         fed.start_superlink()
+        run = fed.start_run(config)
         for i, path in enumerate(data):
             fed.start_supernode(i, path)
-        run = fed.run_app(config)  # the strategy waits for both SuperNodes (min_replies = 2)
-    check_outputs(tmp_path / "out", run)
+        status = fed.finish_run(run, config)
+    check_outputs(tmp_path / "out", status)
 
 
 @pytest.mark.slow
@@ -316,18 +335,14 @@ def test_deployment_one_round_tls_supernode_auth(tmp_path):
     with federation(tmp_path, tls=True) as fed:
         make_certs(fed.certs, n_supernodes=3)
         fed.start_superlink("--enable-supernode-auth")
-        for i in range(2):
+        run = fed.start_run(config)
+        for i in range(2):  # what the operator does with each merchant's snI.pub
             fed.flwr("supernode", "register", str(fed.certs / f"sn{i}.pub"), "test", "--format", "json")
         for i, path in enumerate(data):
             fed.start_supernode(i, path, "--auth-supernode-private-key", str(fed.certs / f"sn{i}"))
-        # a third machine whose key nobody registered must be turned away
-        intruder = fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), job=True)
-        run = fed.run_app(config)
-        try:
-            intruder.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"unregistered SuperNode still running\n{fed.logs()}")
-        assert intruder.returncode != 0
-        assert "Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text()
-    summary = check_outputs(tmp_path / "out", run)
+        # a third machine whose key nobody registered is turned away (its process lingers: no exit code to check)
+        fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), job=True)
+        status = fed.finish_run(run, config)
+        assert "[code: 2004] Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text(errors="replace"), fed.logs()
+    summary = check_outputs(tmp_path / "out", status)
     assert len({m["node"] for m in summary["history"][0]["merchants"].values()}) == 2
