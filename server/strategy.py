@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_inplace
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 

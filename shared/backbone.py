@@ -78,7 +78,7 @@ def load_pretrained(name: str) -> tuple[LlamaModel, object]:
     """The full decoder stack (no LM head) and its tokenizer, cached: one copy per process."""
     if name == "tiny":
         torch.manual_seed(1234)
-        return LlamaModel(_tiny_config()).eval(), ByteTokenizer()
+        return LlamaModel(_tiny_config()).eval().requires_grad_(False), ByteTokenizer()
     if name == "smollm2":
         source, kwargs = str(_dequantised_cache(smollm2_gguf())), {}
     else:
@@ -86,7 +86,7 @@ def load_pretrained(name: str) -> tuple[LlamaModel, object]:
         source = name
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return model.get_decoder().eval(), tokenizer
+    return model.get_decoder().eval().requires_grad_(False), tokenizer
 
 
 def truncated_backbone(name: str, n_layers: int, pretrained: bool = True, seed: int = 0) -> tuple[LlamaModel, object]:

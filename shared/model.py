@@ -3,7 +3,7 @@
 Read top to bottom, one window's path is:
   scale by the context's mean |y|  ->  patches of (y, observed, known covariates)  ->  patch embedding
   ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
-  tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head
+  tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head (+ a linear path from context and covariates)
   ->  non-crossing quantiles  ->  rescale.
 Only LoRA and the small layers defined here train; they are the adapter that federation moves.
 Every trainable layer is an nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute
@@ -65,7 +65,7 @@ class Reprogramming(nn.Module):
         super().__init__()
         self.heads, self.d_head = heads, d_head
         self.query = nn.Linear(d_patch, heads * d_head)
-        self.key = nn.Linear(d_llm, heads * d_head)
+        self.key = nn.Linear(d_llm, heads * d_head, bias=False)  # a key bias shifts every score equally: no gradient
         self.value = nn.Linear(d_llm, heads * d_head)
         self.out = nn.Linear(heads * d_head, d_llm)
 
@@ -131,6 +131,10 @@ class Forecaster(nn.Module):
         self.to_ff = nn.Linear(d_llm, cfg.d_ff)
         n_quantiles = len(cfg.quantiles)
         self.head = nn.Linear((self.n_patches + self.n_future) * cfg.d_ff, shape.horizon * n_quantiles)
+        # a linear path from the scaled context and the horizon's known covariates straight to the
+        # output: the forecaster starts where a linear autoregression with promotions starts, and the
+        # LLM path has to earn its place on top (the ablations measure by how much)
+        self.linear = nn.Linear(shape.context + shape.horizon * shape.n_known, shape.horizon * n_quantiles)
         self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
         self.mid = list(cfg.quantiles).index(0.5)
         self.to(device)
@@ -170,7 +174,8 @@ class Forecaster(nn.Module):
             tokens = torch.cat([self.embed_tokens(prompt_ids).to(tokens.dtype), tokens], dim=1)
             mask = torch.cat([prompt_mask, mask], dim=1)
         hidden = self._mix(tokens, mask)[:, -(self.n_patches + self.n_future) :]
-        raw = self.head(self.to_ff(hidden).flatten(1)).view(batch, self.shape.horizon, -1)
+        linear = self.linear(torch.cat([series.squeeze(-1), known[:, L:].flatten(1)], dim=1))
+        raw = (self.head(self.to_ff(hidden).flatten(1)) + linear).view(batch, self.shape.horizon, -1)
         return monotone_quantiles(raw.float(), self.mid), scale
 
     def _positions(self, batch: int, count: int) -> torch.Tensor:

@@ -43,8 +43,9 @@ def prompt_texts(context: np.ndarray, domain: str, horizon: int, top_k: int = 3)
     stats = window_statistics(context, top_k)
     texts = []
     for i in range(len(context)):
-        direction = "upward" if stats.trend[i] > 0 else "downward" if stats.trend[i] < 0 else "flat"
-        lags = ", ".join(str(int(lag)) for lag in stats.top_lags[i])
+        tolerance = 1e-3 * (abs(stats.median[i]) + stats.maximum[i] - stats.minimum[i]) or 1e-12
+        direction = "upward" if stats.trend[i] > tolerance else "downward" if stats.trend[i] < -tolerance else "flat"
+        lags = ", ".join(str(int(lag)) for lag in stats.top_lags[i]) if stats.maximum[i] > stats.minimum[i] else "none"
         texts.append(
             f"{domain} Forecast {horizon} steps from {context.shape[1]}. "
             f"Min {_number(stats.minimum[i])}, max {_number(stats.maximum[i])}, "

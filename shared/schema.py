@@ -137,13 +137,21 @@ def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path,
     return frame
 
 
+def infer_step(dates: pd.Series) -> str:
+    """The most common spacing, e.g. "1D" or "7D": unlike pd.infer_freq it survives the gaps that the
+    fill policy exists for."""
+    return pd.tseries.frequencies.to_offset(dates.sort_values().diff().mode().iloc[0]).freqstr
+
+
 def regularise(frame: pd.DataFrame, freq: str, fill: str, source: str | Path = "<frame>") -> pd.DataFrame:
     """Puts every series on a regular grid at `freq`; gaps are filled by an explicit policy."""
     pieces = []
     for uid, series in frame.sort_values([ID, DS]).groupby(ID, sort=True):
-        series_freq = pd.infer_freq(series[DS]) if freq == "auto" and len(series) >= 3 else freq
-        if series_freq is None:
-            raise DataValidationError(f"cannot infer the frequency of series {uid!r}; set [data] freq", file=source)
+        series_freq = freq
+        if freq == "auto":
+            if len(series) < 2:
+                raise DataValidationError(f"cannot infer the frequency of series {uid!r} from one timestamp; set [data] freq", file=source)
+            series_freq = infer_step(series[DS])
         grid = pd.date_range(series[DS].iloc[0], series[DS].iloc[-1], freq=series_freq)
         off_grid = ~series[DS].isin(grid)
         if off_grid.any():
@@ -194,7 +202,7 @@ def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") 
         raise DataValidationError("no series left after validation", file=source)
     observed = tuple(cfg.columns.observed) + ((NEGATIVE_FLAG,) if NEGATIVE_FLAG in frame else ())
     ordered = [MERCHANT, ID, DS, Y, *cfg.columns.known, *observed]
-    freq = cfg.freq if cfg.freq != "auto" else pd.infer_freq(frame[DS].drop_duplicates().sort_values()) or "D"
+    freq = cfg.freq if cfg.freq != "auto" else infer_step(frame[DS].drop_duplicates())
     return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq)
 
 

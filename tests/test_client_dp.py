@@ -117,6 +117,7 @@ def test_guard_sees_raw_replies_before_the_dp_wrapper_clips(global_) -> None:
     np.random.seed(0)
     strategy = make_strategy(_cfg(client_dp="server_fixed", client_dp_noise=1e-9, client_dp_clip=1.0, max_update_norm=50.0), SHAPES)
     assert [c.__name__ for c in type(strategy).__mro__[1:4]] == ["GuardedAggregation", "ClientLevelDP", "DifferentialPrivacyServerSideFixedClipping"]
+    assert strategy.strategy.weighted_by_key == DP_WEIGHT  # the wrapped FedAvg averages with weight 1 each
     rng = np.random.default_rng(0)
     good = [_random(rng, 3.0), _random(rng, 0.5)]
     outsized = _random(rng, 80.0)  # clipping would shrink it to 1.0 and hide it; the guard must see 80
@@ -360,7 +361,7 @@ def _check_server_noise(cfg, summary, rounds, clip_on_server: bool) -> None:
 
 @pytest.mark.slow
 def test_server_side_dp_federation_completes_with_calibrated_noise(tmp_path: Path) -> None:
-    cfg, summary, taps = _simulate(tmp_path, 2, {"client_dp": "server_fixed", "client_dp_clip": 0.5}, client_mods)
+    cfg, summary, taps = _simulate(tmp_path, 2, {"client_dp": "server_fixed", "client_dp_clip": 0.5}, lambda _cfg: [client_privacy_mod])
     assert summary["rounds"] == 2 and all(h["accepted"] == 2 and not h["rejected"] for h in summary["history"])
     initial = {k: v.numpy() for k, v in adapter_state(build_model(cfg)).items()}
     assert any(not np.array_equal(initial[k], v) for k, v in _final(cfg).items())
@@ -371,7 +372,8 @@ def test_server_side_dp_federation_completes_with_calibrated_noise(tmp_path: Pat
 
 @pytest.mark.slow
 def test_client_side_clipping_federation_sends_only_clipped_updates(tmp_path: Path) -> None:
-    cfg, summary, taps = _simulate(tmp_path, 2, {"client_dp": "client_fixed", "client_dp_clip": 0.5}, client_mods)
+    # through the config-driven mod a deployed ClientApp would use: make_app([client_privacy_mod])
+    cfg, summary, taps = _simulate(tmp_path, 2, {"client_dp": "client_fixed", "client_dp_clip": 0.5}, lambda _cfg: [client_privacy_mod])
     assert summary["rounds"] == 2 and all(h["accepted"] == 2 and not h["rejected"] for h in summary["history"])
     raw, sent = _by_round(_taps(taps["inner"])), _by_round(_taps(taps["outer"]))
     assert max(_norm(_update(e)) for e in raw[1].values()) > 0.5  # the mod had something to clip

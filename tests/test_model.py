@@ -20,7 +20,7 @@ from shared.train import autocast, evaluate_loss, fit, predict, resolve_device
 CPU = torch.device("cpu")
 # Softmax is invariant to a bias on the keys (it adds the same q.b to every score), so this tensor's
 # gradient is zero up to rounding; it is trainable but cannot be required to move.
-ZERO_GRADIENT = {"reprogram.key.bias"}
+ZERO_GRADIENT: set[str] = set()
 
 
 def _batch(windows, n: int = 5) -> dict[str, torch.Tensor]:

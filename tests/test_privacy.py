@@ -150,13 +150,51 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_dp_training_differs_from_plain_training_and_between_noise_draws(make_forecaster, tmp_path: Path) -> None:
     initial = adapter_state(make_forecaster()[0])
     dp_a = _train(make_forecaster, tmp_path / "a", dp=True, seed=0)
-    dp_a_again = _train(make_forecaster, tmp_path / "b", dp=True, seed=0)
     dp_other_noise = _train(make_forecaster, tmp_path / "c", dp=True, seed=1)
     plain = _train(make_forecaster, tmp_path / "d", dp=False, seed=0)
     assert not _same(dp_a, initial)
-    assert _same(dp_a, dp_a_again)  # the seed fixes sampling and noise: reproducible
     assert not _same(dp_a, plain)
     assert not _same(dp_a, dp_other_noise)
+
+
+def _noise_of_each_step(monkeypatch) -> list[torch.Tensor]:
+    """Records the Gaussian noise Opacus draws (first parameter of each step)."""
+    import opacus.optimizers.optimizer as dp_optimizer_module
+
+    drawn: list[torch.Tensor] = []
+    original = dp_optimizer_module._generate_noise
+
+    def spy(*args, **kwargs):
+        noise = original(*args, **kwargs)
+        drawn.append(noise.flatten()[:64].clone())
+        return noise
+
+    monkeypatch.setattr(dp_optimizer_module, "_generate_noise", spy)
+    return drawn
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN PRIVACY BUG (shared/train.py + shared/privacy.py): fit() calls torch.manual_seed(train.seed) and "
+    "Opacus (secure_mode=False, no noise_generator) draws both the Poisson sample and the noise from torch's global "
+    "RNG, so every round repeats the same noise and anyone who knows the config can regenerate it. Fix: draw both "
+    "from a generator seeded from os.urandom/secrets inside PrivateTraining.attach (noise_generator=..., and the "
+    "DPDataLoader's generator), never from the config seed.",
+)
+def test_dp_noise_is_fresh_every_round_and_not_derivable_from_the_config(make_forecaster, tmp_path: Path, monkeypatch) -> None:
+    drawn = _noise_of_each_step(monkeypatch)
+    model, splits, cfg = _dp(make_forecaster, tmp_path)
+    rounds = []
+    for _ in range(2):  # two federated rounds of one merchant: same model object, same ledger
+        drawn.clear()
+        fit(model, splits.train, None, cfg.train, steps=2, privacy=_session(cfg, splits, tmp_path))
+        rounds.append(list(drawn))
+    drawn.clear()
+    other_model, other_splits, other_cfg = _dp(make_forecaster, tmp_path / "replay")  # an adversary replaying the config
+    fit(other_model, other_splits.train, None, other_cfg.train, steps=2, privacy=_session(other_cfg, other_splits, tmp_path / "replay"))
+    replayed = list(drawn)
+    assert not any(torch.equal(a, b) for a, b in zip(rounds[0], rounds[1])), "round 2 reuses round 1's noise"
+    assert not any(torch.equal(a, b) for a, b in zip(rounds[0], replayed)), "the noise is reproducible from the config"
 
 
 def test_frozen_backbone_is_bit_identical_after_dp_training(make_forecaster, tmp_path: Path) -> None:

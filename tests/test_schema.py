@@ -210,15 +210,11 @@ def test_unsorted_input_is_sorted_and_auto_frequency_inferred():
     assert out[Y].tolist() == list(range(1, 9)) and out[DS].is_monotonic_increasing
 
 
-@pytest.mark.xfail(strict=True, reason="shared/schema.py regularise: freq='auto' on a series of < 3 rows passes "
-                   "'auto' to pd.date_range, a bare ValueError that names no file")
-def test_auto_frequency_on_a_very_short_series_is_a_validation_error():
-    frame = to_long(_frame(2), COLUMNS, SOURCE)
+def test_auto_frequency_on_a_single_timestamp_is_a_validation_error():
+    frame = to_long(_frame(1), COLUMNS, SOURCE)
     _where(_error(regularise, frame, "auto", "zero", SOURCE), SOURCE)
 
 
-@pytest.mark.xfail(strict=True, reason="shared/schema.py regularise: pd.infer_freq returns None for any series with a "
-                   "gap, so freq='auto' rejects exactly the series the fill policy is for")
 def test_auto_frequency_fills_gaps():
     a = regularise(_gappy(), "auto", "zero", SOURCE).query("unique_id == 'a'")
     assert a[Y].tolist() == [1, 2, 0, 0, 5, 6]
