@@ -127,23 +127,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r: dict[str, Any] = {"batch_size": B}
         # 1. the real training loop (shared.train.fit): per-step timestamps from on_step
         stamps: list[float] = []
+        cpu_stamps: list[float] = []
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fit(model, train, None, replace(cfg.train, batch_size=B), steps=warm + n,
-            on_step=lambda _: (_sync(device), stamps.append(time.perf_counter())))
+            on_step=lambda _: (_sync(device), stamps.append(time.perf_counter()), cpu_stamps.append(time.process_time())))
         timed = np.diff(stamps[warm - 1 :] if warm > 0 else [t0, *stamps])
+        cpu = np.diff(cpu_stamps[warm - 1 :] if warm > 0 else [c0, *cpu_stamps])
         r["fit_step_s"] = float(np.median(timed))  # the median resists other processes' bursts on a shared box
         r["fit_step_s_mean"] = float(np.mean(timed))
+        r["fit_step_cpu_s"] = float(np.median(cpu))
         r["fit_windows_per_s"] = B / r["fit_step_s"]
 
         # 2. identical batches without and with DP-SGD
         batches = [rng.choice(len(train), size=B, replace=False) for _ in range(warm + n)]
 
-        def run_steps(step_model, optimizer) -> tuple[float, float]:
-            times = []
+        def run_steps(step_model, optimizer) -> tuple[float, float, float]:
+            times, cpu_times = [], []
             for i, index in enumerate(batches):
                 _sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 inputs = {k: v.to(device) for k, v in train.tensors(index).items()}
                 target = torch.as_tensor(train.target[index], dtype=torch.float32, device=device)
                 step_model.train()
@@ -154,19 +157,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 _sync(device)
                 if i >= warm:
                     times.append(time.perf_counter() - t)
-            return float(np.median(times)), float(np.mean(times))
+                    cpu_times.append(time.process_time() - c)
+            return float(np.median(times)), float(np.mean(times)), float(np.median(cpu_times))
 
-        r["step_s_nondp"], r["step_s_nondp_mean"] = run_steps(model, torch.optim.AdamW(params, lr=cfg.train.lr))
+        r["step_s_nondp"], r["step_s_nondp_mean"], r["step_cpu_s_nondp"] = run_steps(model, torch.optim.AdamW(params, lr=cfg.train.lr))
         with tempfile.TemporaryDirectory() as ledgers:
             pcfg = PrivacyConfig(enabled=True, unit=cfg.privacy.unit, noise_multiplier=cfg.privacy.noise_multiplier,
                                  max_grad_norm=cfg.privacy.max_grad_norm, ledger_dir=ledgers)
             private = PrivateTraining(pcfg, open_ledger(pcfg, "speed"), train, B, cfg.data.context + cfg.data.horizon)
             wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=cfg.train.lr), train, cfg.train)
             try:
-                r["step_s_dp"], r["step_s_dp_mean"] = run_steps(wrapped, dp_optimizer)
+                r["step_s_dp"], r["step_s_dp_mean"], r["step_cpu_s_dp"] = run_steps(wrapped, dp_optimizer)
             finally:
                 private.detach()
         r["dp_over_nondp"] = r["step_s_dp"] / r["step_s_nondp"]
+        r["dp_over_nondp_cpu"] = r["step_cpu_s_dp"] / r["step_cpu_s_nondp"]
+        r["cpu_windows_per_cpu_s_nondp"] = B / r["step_cpu_s_nondp"]
+        r["cpu_windows_per_cpu_s_dp"] = B / r["step_cpu_s_dp"]
         r["windows_per_s_nondp"] = B / r["step_s_nondp"]
         r["windows_per_s_dp"] = B / r["step_s_dp"]
         r["maxrss_after_train_mib"] = maxrss_mib()
@@ -178,11 +185,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     infer = train.subset(rng.choice(len(train), size=min(args.infer_windows, len(train)), replace=False))
     predict(model, infer.subset(np.arange(min(64, len(infer)))), device)  # warm-up
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     predict(model, infer, device)
     _sync(device)
     out["predict_windows"] = len(infer)
     out["predict_windows_per_s"] = len(infer) / (time.perf_counter() - t)
+    out["predict_windows_per_cpu_s"] = len(infer) / (time.process_time() - c)
     out["maxrss_peak_mib"] = maxrss_mib()
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -213,6 +221,10 @@ ROWS = [
     ("train windows/s, fixed batch, non-DP", "windows_per_s_nondp", "{:.1f}"),
     ("train windows/s, fixed batch, DP-SGD", "windows_per_s_dp", "{:.1f}"),
     ("inference windows/s (predict, batch 64)", "predict_windows_per_s", "{:.1f}"),
+    ("CPU-s per train step (median), fit / fixed non-DP / fixed DP", "cpu_triple", "{}"),
+    ("DP / non-DP step CPU time", "dp_over_nondp_cpu", "{:.2f}x"),
+    ("train windows per CPU-second, non-DP / DP", "cpu_tput", "{}"),
+    ("inference windows per CPU-second", "predict_windows_per_cpu_s", "{:.1f}"),
     ("peak RSS after training at this batch (MiB, ru_maxrss)", "maxrss_after_train_mib", "{:.0f}"),
     ("peak RSS of the whole run (MiB, ru_maxrss)", "maxrss_peak_mib", "{:.0f}"),
     ("RSS after model build (MiB)", "maxrss_after_build_mib", "{:.0f}"),
@@ -231,7 +243,11 @@ def columns(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         r["backbone_file_mib"] = r["backbone_file_bytes"] / 2**20 if r.get("backbone_file_bytes") else None
         r["adapter_file_ratio"] = r["adapter_bytes"] / r["backbone_file_bytes"] if r.get("backbone_file_bytes") else None
         for batch, timings in r["by_batch"].items():
-            out[f"{variant}, batch {batch}"] = {**{k: v for k, v in r.items() if k != "by_batch"}, **timings}
+            col = {**{k: v for k, v in r.items() if k != "by_batch"}, **timings}
+            if "fit_step_cpu_s" in col:
+                col["cpu_triple"] = f"{col['fit_step_cpu_s']:.2f} / {col['step_cpu_s_nondp']:.2f} / {col['step_cpu_s_dp']:.2f}"
+                col["cpu_tput"] = f"{col['cpu_windows_per_cpu_s_nondp']:.1f} / {col['cpu_windows_per_cpu_s_dp']:.1f}"
+            out[f"{variant}, batch {batch}"] = col
     return out
 
 
@@ -306,6 +322,8 @@ def main() -> None:
         "DP-SGD: Opacus hooks (per-sample gradients, clipping to max_grad_norm, Gaussian noise) through "
         "shared.privacy.PrivateTraining.attach, on the same fixed batches as the non-DP row; the Poisson sampling of "
         "privacy units that fit() uses under DP is bypassed so batch sizes match",
+        "CPU-s: process CPU time (all threads) per step; on a machine shared with other work it is a steadier measure "
+        "than wall time, but with 2 threads it also counts OpenMP spin-waiting while the other thread is descheduled",
         "each variant ran in its own subprocess (peak RSS is that variant's alone; it includes the full dequantised "
         "backbone that load_pretrained keeps cached, which the no_llm variant also loads for its prototypes)",
     ]

@@ -58,6 +58,12 @@ def _setup(msg: Message, context: Context):
     return cfg, merchant, splits, model
 
 
+def _identity(context: Context) -> dict[str, int]:
+    """The simulation partition (or operator-given) id, for per-merchant reporting; without it the
+    server keys the merchant by its node id."""
+    return {"partition-id": int(context.node_config["partition-id"])} if "partition-id" in context.node_config else {}
+
+
 def train(msg: Message, context: Context) -> Message:
     try:
         cfg, merchant, splits, model = _setup(msg, context)
@@ -79,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(splits.train),
         "steps": result.steps,
         "bytes-sent": sum(t.numel() * t.element_size() for t in state.values()),
-        "partition-id": int(context.node_config.get("partition-id", -1)),
+        **_identity(context),
     }
     if result.epsilon is not None:
         metrics.update({"epsilon": result.epsilon, "delta": cfg.privacy.delta})
@@ -98,7 +104,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "wql": float(np.nanmean(scores["wql"])),
         "coverage-80": float(np.nanmean(scores["coverage_80"])),
         "num-examples": len(splits.series_ids),
-        "partition-id": int(context.node_config.get("partition-id", -1)),
+        **_identity(context),
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from shared.config import Config, load_config
-from shared.model import Forecaster, SeriesShape
+from shared.local import build_model
+from shared.model import Forecaster
 from shared.schema import SeriesTable, prepare
 from shared.synthetic import generate_merchants
-from shared.windows import Splits, build_splits, calendar_features
+from shared.windows import Splits, build_splits
 
 TINY = {"model.backbone": "tiny", "model.llm_layers": 2}
 
@@ -37,14 +38,8 @@ def tiny_config(**overrides: Any) -> Config:
     return load_config(overrides={**TINY, **overrides})
 
 
-def n_known(table: SeriesTable) -> int:
-    """Calendar features of the table's frequency plus its known-ahead covariates."""
-    return calendar_features(pd.date_range("2020-01-01", periods=2, freq=table.freq), table.freq).shape[1] + len(table.known)
-
-
 def build_forecaster(cfg: Config, table: SeriesTable) -> tuple[Forecaster, Splits]:
-    shape = SeriesShape(cfg.data.context, cfg.data.horizon, n_known(table), len(table.observed))
-    model = Forecaster(cfg.model, shape)
+    model = build_model(cfg, table)
     return model, build_splits(table, cfg.data, model.encode_prompts)
 
 

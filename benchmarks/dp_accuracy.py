@@ -1,0 +1,326 @@
+"""What DP-SGD costs a federation: accuracy against ε on Walmart, and DP vs non-DP step time.
+
+    .venv/bin/python -m benchmarks.dp_accuracy [--stores 1,2,3] [--depts 15] [--rounds 5] [--local-steps 20]
+                                                [--layers 2] [--epsilons 1,4,8] [--baselines all|naive]
+
+Each store is a merchant (its `--depts` largest full-length departments are its series). The real
+ServerApp and ClientApp run through Flower's simulation engine (simulations.federated.simulate),
+once without DP and once per ε with DP-SGD at the series level (privacy.target_epsilon = ε). Every
+merchant trains `rounds x local-steps` steps in all; the noise multiplier is chosen with opacus'
+get_noise_multiplier(ε, δ, q, rounds x local-steps, accountant="rdp"), q being the sample rate the
+merchant's ledger is charged (shared.privacy.PrivateTraining: one unit per series), so the planned
+steps spend the whole budget and each merchant's ledger ends at ε. The final global adapter of each
+run is scored on the same last `horizon` weeks of every department (simulations.compare:
+merchant_splits, model_forecast, Contest), next to the untrained initial adapter, seasonal naive
+and (with --baselines all) AutoETS, AutoTheta and per-store LightGBM: mean MASE / WQL and their
+geometric means relative to seasonal naive.
+
+Step time: fwd + bwd + AdamW on identical batches of Walmart windows, without and with DP-SGD
+(Opacus through PrivateTraining.attach), for the block counts in --timing-layers; the numbers of
+benchmarks/results/speed_cpu.json are quoted too when that file exists (benchmarks.speed measures
+the same thing on synthetic data).
+
+Needs ../shared/data/walmart_weekly (or SHOPCAST_SHARED_DATA); exits 0 with a message without it.
+Writes benchmarks/results/dp_accuracy.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
+from shared.presets import SHARED_DATA, preset_available
+
+WORK = Path(tempfile.gettempdir()) / "shopcast_bench_dp_accuracy"
+COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "seconds"]
+
+
+def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                      accountant="rdp"))
+
+
+def sample_rates(splits: dict, cfg) -> dict[str, float]:
+    """The per-step sample rate each merchant's ledger is charged (PrivateTraining, the client's own path)."""
+    from shared.ledger import PrivacyLedger
+    from shared.privacy import PrivateTraining
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {m: PrivateTraining(cfg.privacy, PrivacyLedger(Path(tmp) / f"{m}.json", 1.0, cfg.privacy.delta, cfg.privacy.unit),
+                                   s.train, cfg.train.batch_size, cfg.data.context + cfg.data.horizon).sample_rate
+                for m, s in splits.items()}
+
+
+def step_times(cfg, table, layers: int, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Median fwd+bwd+AdamW step on identical batches of one merchant's windows, non-DP vs DP-SGD."""
+    import dataclasses
+
+    import torch
+
+    from shared.config import PrivacyConfig
+    from shared.ledger import PrivacyLedger
+    from shared.local import build_model
+    from shared.model import pinball_loss
+    from shared.privacy import PrivateTraining
+    from shared.windows import build_splits
+
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llm_layers=layers))
+    model = build_model(cfg, table)
+    merchant = table.merchants()[0]
+    train = build_splits(table.for_merchant(merchant), cfg.data, model.encode_prompts).train
+    B = cfg.train.batch_size
+    rng = np.random.default_rng(seed)
+    batches = [rng.choice(len(train), size=B, replace=False) for _ in range(warmup + steps)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(step_model, optimizer) -> list[float]:
+        times = []
+        for i, index in enumerate(batches):
+            t = time.perf_counter()
+            inputs = train.tensors(index)
+            target = torch.as_tensor(train.target[index], dtype=torch.float32)
+            step_model.train()
+            optimizer.zero_grad(set_to_none=True)
+            quantiles, scale = step_model(**inputs)
+            pinball_loss(quantiles, target / scale, model.levels).mean().backward()
+            optimizer.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return times
+
+    nondp = run(model, torch.optim.AdamW(params, lr=cfg.train.lr))
+    with tempfile.TemporaryDirectory() as ledgers:
+        pcfg = PrivacyConfig(enabled=True, unit=cfg.privacy.unit, noise_multiplier=1.0, max_grad_norm=cfg.privacy.max_grad_norm, ledger_dir=ledgers)
+        private = PrivateTraining(pcfg, PrivacyLedger(Path(ledgers) / "t.json", 8.0, pcfg.delta, pcfg.unit), train, B,
+                                  cfg.data.context + cfg.data.horizon)
+        wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=cfg.train.lr), train, cfg.train)
+        try:
+            dp = run(wrapped, dp_optimizer)
+        finally:
+            private.detach()
+    return {"llm_layers": layers, "batch_size": B, "steps": steps, "warmup": warmup, "step_s_nondp": float(np.median(nondp)),
+            "step_s_dp": float(np.median(dp)), "dp_over_nondp": float(np.median(dp) / np.median(nondp)),
+            "step_s_nondp_all": nondp, "step_s_dp_all": dp, "trainable_params": sum(p.numel() for p in params)}
+
+
+def speed_results() -> dict[str, Any] | None:
+    """benchmarks.speed's DP / non-DP step times, when that benchmark has been run here."""
+    path = RESULTS / "speed_cpu.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        llm = data["results"]["llm"]
+        rows = {b: {k: r.get(k) for k in ("step_s_nondp", "step_s_dp", "dp_over_nondp")} for b, r in llm["by_batch"].items()}
+        return {"file": str(path.relative_to(RESULTS.parent.parent)), "by_batch": rows, "date": data.get("machine", {}).get("loadavg_at_start"),
+                "config": data.get("overrides")}
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def digest(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per-merchant steps, ε and failures from the server's summary.json."""
+    history = summary.get("history", [])
+    steps: dict[str, int] = {}
+    eps: dict[str, float] = {}
+    for r in history:
+        for pid, m in r.get("merchants", {}).items():
+            if "steps" in m:
+                steps[pid] = steps.get(pid, 0) + int(m["steps"])
+            if "epsilon" in m:
+                eps[pid] = float(m["epsilon"])
+    return {"rounds": summary.get("rounds"), "steps_per_merchant": steps, "epsilon_per_merchant": eps,
+            "failures": sum(len(r.get("failures", [])) for r in history), "rejected": sum(len(r.get("rejected", [])) for r in history),
+            "round_train_s": [float(r["wall_s"]) for r in history if "wall_s" in r],
+            "eval_wql_by_round": [r.get("aggregated", {}).get("eval-wql") for r in history]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/walmart.toml")
+    parser.add_argument("--stores", default="1,2,3")
+    parser.add_argument("--depts", type=int, default=15, help="largest full-length departments kept per store")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=2, help="SmolLM2 blocks kept (the config's 6 does not fit 30 min on 2 busy cores)")
+    parser.add_argument("--epsilons", default="1,4,8")
+    parser.add_argument("--baselines", default="all", choices=["all", "naive"])
+    parser.add_argument("--timing-layers", default="2,6", help="block counts to time DP vs non-DP steps for ('' skips)")
+    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], help="dotted config override")
+    parser.add_argument("--name", default="dp_accuracy")
+    args = parser.parse_args()
+
+    if not preset_available("walmart"):
+        print(f"dp_accuracy: skipped, {SHARED_DATA / 'walmart_weekly'} (train.csv, features.csv) not found; "
+              "set SHOPCAST_SHARED_DATA to the folder holding walmart_weekly/")
+        sys.exit(0)
+
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Optimal order")
+    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook")
+    logging.getLogger("shared.train").setLevel(logging.ERROR)
+
+    from shared.adapter import adapter_state, load_adapter, load_adapter_state
+    from shared.config import load_config, parse_overrides
+    from shared.local import build_model, load_table
+    from shared.metrics import per_merchant, summarise, to_markdown
+    from simulations.compare import Contest, baselines, merchant_splits, model_forecast
+    from simulations.federated import simulate
+
+    set_threads(args.threads)
+    info = machine()
+    stores = [f"store_{int(s)}" for s in args.stores.split(",")]
+    epsilons = [float(e) for e in args.epsilons.split(",") if e]
+    planned = args.rounds * args.local_steps
+    base: dict[str, Any] = {
+        "data.merchants": stores, "data.max_series_per_merchant": args.depts, "model.llm_layers": args.layers,
+        "model.seed": args.seed, "train.seed": args.seed, "train.device": "cpu", "federation.num_merchants": len(stores),
+        "federation.num_rounds": args.rounds, "federation.local_steps": args.local_steps, "federation.min_replies": len(stores),
+    } | parse_overrides(args.set)
+    cfg = load_config(args.config, base)
+    started = time.time()
+    contest = Contest()
+    runs: dict[str, dict[str, Any]] = {}
+    with Monitor() as monitor:
+        table = load_table(cfg)
+        model = build_model(cfg, table)
+        initial = adapter_state(model)
+        splits = merchant_splits(table, cfg, model)
+        rates = sample_rates(splits, cfg)
+        q = max(rates.values())  # one noise multiplier for all: the one the most-sampled merchant needs
+        print(f"[dp_accuracy] {len(splits)} stores, series {table.frame.groupby('merchant_id')['unique_id'].nunique().to_dict()}, "
+              f"sample rates {rates}, {planned} planned steps per merchant", flush=True)
+
+        settings: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("shopcast_federated", {"privacy.enabled": False}, {})]
+        for eps in epsilons:
+            t = time.time()
+            sigma = noise_for(eps, cfg.privacy.delta, q, planned)
+            settings.append((f"shopcast_federated_dp_eps{eps:g}", {"privacy.enabled": True, "privacy.target_epsilon": eps,
+                                                                   "privacy.noise_multiplier": sigma},
+                             {"epsilon_target": eps, "noise_multiplier": sigma, "sample_rate": q, "noise_search_s": time.time() - t}))
+        for name, extra, meta in settings:
+            out = WORK / name
+            shutil.rmtree(out, ignore_errors=True)  # fresh: no resumed checkpoint, no spent ledgers
+            overrides = base | extra | {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
+            t = time.time()
+            summary = simulate(load_config(args.config, overrides), args.config, overrides, len(stores))
+            seconds = time.time() - t
+            load_adapter(model, out / "federated" / "final_adapter")
+            contest.add(name, model_forecast(model, splits, cfg), splits, cfg, seconds)
+            runs[name] = {**meta, "simulate_s": seconds, **digest(summary)}
+            print(f"[dp_accuracy] {name}: {seconds:.0f} s, {runs[name]}", flush=True)
+        load_adapter_state(model, initial)
+        contest.add("shopcast_untrained", model_forecast(model, splits, cfg), splits, cfg, 0.0)
+        t = time.time()
+        if args.baselines == "all":
+            baselines(contest, splits, cfg, table.known)
+        else:
+            from shared.baselines import seasonal_naive
+            from shared.metrics import season_for
+
+            history = pd.concat([s.history_before_test() for s in splits.values()])
+            forecast = seasonal_naive(history, cfg.data.horizon, season_for(table.freq), cfg.model.quantiles, freq=table.freq)
+            contest.add("seasonal_naive", forecast, splits, cfg, time.time() - t)
+        baselines_s = time.time() - t
+        del model
+        timings = []
+        for layers in [int(x) for x in args.timing_layers.split(",") if x]:
+            timings.append(step_times(cfg, table, layers, args.timing_steps, 2, args.seed))
+            print(f"[dp_accuracy] step time {layers} blocks: {timings[-1]['step_s_nondp']:.3f} s non-DP, {timings[-1]['step_s_dp']:.3f} s DP",
+                  flush=True)
+    wall = time.time() - started
+    info = finish_info(info)
+
+    summary = summarise(contest.scores)
+    summary["seconds"] = summary["model"].map(contest.seconds)
+    summary = summary[COLUMNS].sort_values("wql").reset_index(drop=True)
+    by_store = per_merchant(contest.scores).pivot(index="model", columns="merchant_id", values="wql").reset_index()
+    by_store.columns = ["model", *[f"WQL {c}" for c in by_store.columns[1:]]]
+    by_store = by_store.set_index("model").loc[summary["model"]].reset_index()
+
+    s = summary.set_index("model")
+    privacy_rows = []
+    for name, r in runs.items():
+        eps_values = list(r["epsilon_per_merchant"].values())
+        privacy_rows.append({
+            "model": name, "target ε": r.get("epsilon_target", float("inf")), "noise σ": r.get("noise_multiplier", 0.0),
+            "sample rate q": r.get("sample_rate", float("nan")), "ε spent (max over stores)": max(eps_values) if eps_values else float("inf"),
+            "steps per store": ", ".join(str(v) for v in r["steps_per_merchant"].values()), "failures": r["failures"],
+            "WQL": s.loc[name, "wql"], "MASE": s.loc[name, "mase"], "WQL gmean rel": s.loc[name, "wql_gmean_rel"],
+            "MASE gmean rel": s.loc[name, "mase_gmean_rel"], "simulate s": r["simulate_s"],
+        })
+    privacy_table = pd.DataFrame(privacy_rows)
+    timing_table = pd.DataFrame([{k: v for k, v in t.items() if not k.endswith("_all")} for t in timings])
+    speed = speed_results()
+
+    nondp = s.loc["shopcast_federated"]
+    lines = [f"Non-DP federated: WQL {nondp['wql']:.3f}, MASE {nondp['mase']:.3f} (gmean rel. to seasonal naive: WQL "
+             f"{nondp['wql_gmean_rel']:.3f}, MASE {nondp['mase_gmean_rel']:.3f}); seasonal naive WQL {s.loc['seasonal_naive', 'wql']:.3f}, "
+             f"MASE {s.loc['seasonal_naive', 'mase']:.3f}; untrained adapter WQL {s.loc['shopcast_untrained', 'wql']:.3f}."]
+    for eps in epsilons:
+        name = f"shopcast_federated_dp_eps{eps:g}"
+        lines.append(f"DP ε = {eps:g}: WQL {s.loc[name, 'wql']:.3f} ({s.loc[name, 'wql'] / nondp['wql'] - 1:+.1%} vs non-DP), MASE "
+                     f"{s.loc[name, 'mase']:.3f} ({s.loc[name, 'mase'] / nondp['mase'] - 1:+.1%}); gmean rel. WQL {s.loc[name, 'wql_gmean_rel']:.3f}.")
+    extra = [
+        f"config: `{args.config}` + {base}: context {cfg.data.context} weeks, horizon {cfg.data.horizon} weeks, batch "
+        f"{cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` truncated to {cfg.model.llm_layers} blocks "
+        f"(the config's 6 blocks would not fit the 30-minute budget on 2 busy cores: see the step times below), LoRA r={cfg.model.lora.r}",
+        f"data: stores {', '.join(stores)}, per store the {args.depts} full-length departments with the largest total sales; "
+        f"training windows per store {({m: len(sp.train) for m, sp in splits.items()})}; test = the last {cfg.data.horizon} weeks",
+        f"federation: simulations.federated.simulate (Flower simulation engine, real ServerApp/ClientApp), {cfg.federation.strategy}, "
+        f"{args.rounds} rounds x {args.local_steps} local steps = {planned} steps per store, all stores every round",
+        f"DP: DP-SGD per store, unit = {cfg.privacy.unit} (one clipped window per Poisson-sampled series per step), max_grad_norm "
+        f"{cfg.privacy.max_grad_norm}, δ = {cfg.privacy.delta:g}; sample rate q = 1/ceil(series / batch) = {q:.3f}; noise from "
+        f"get_noise_multiplier(ε, δ, q, {planned}, 'rdp') so the planned steps spend the whole budget; each store's own ledger",
+        f"seed {args.seed} (one seed; a single run per setting, so differences of a few percent are noise); baselines and "
+        f"scoring in {baselines_s:.0f} s; peak RSS of this process {maxrss_mib():.0f} MiB (the Ray workers are separate processes)",
+    ]
+    speed_lines = []
+    if speed:
+        speed_lines = [f"benchmarks.speed (`{speed['file']}`, synthetic data, config {speed['config']}): "
+                       + "; ".join(f"batch {b}: non-DP {r['step_s_nondp']:.3f} s, DP {r['step_s_dp']:.3f} s, ratio {r['dp_over_nondp']:.2f}x"
+                                   for b, r in speed["by_batch"].items()), ""]
+    markdown = "\n".join([
+        header("DP-SGD in the federation: accuracy vs ε on Walmart, and step time", info, monitor.summary(), wall, extra),
+        "## Accuracy vs ε (federated, same split; lower is better)", "",
+        *(f"- {line}" for line in lines), "",
+        to_markdown(privacy_table),
+        "## All contenders (mean over departments; *_gmean_rel: geometric mean of the ratio to seasonal naive)", "",
+        to_markdown(summary),
+        "## Per store (mean WQL over its departments)", "",
+        to_markdown(by_store),
+        "## DP-SGD vs non-DP step time (fwd + bwd + AdamW, identical batches of Walmart windows, median)", "",
+        to_markdown(timing_table) if len(timing_table) else "(not measured)",
+        *speed_lines,
+        "Timings on a 2-core machine shared with other work (see the load line above); the ratio is steadier than the seconds.", "",
+    ])
+    print(markdown)
+    payload = {
+        "benchmark": "dp_accuracy", "args": vars(args), "config_overrides": base, "machine": info, "load": monitor.summary(),
+        "wall_s": wall, "sample_rates": rates, "runs": runs, "summary": summary.to_dict(orient="records"),
+        "privacy_table": privacy_table.to_dict(orient="records"), "per_store": per_merchant(contest.scores).to_dict(orient="records"),
+        "step_times": timings, "speed_benchmark": speed,
+        "per_series": {name: frame.to_dict(orient="records") for name, frame in contest.scores.items()},
+    }
+    print(f"wrote {write(args.name, markdown, payload)}")
+
+
+if __name__ == "__main__":
+    main()
