@@ -180,6 +180,7 @@ class Monitor:
             "samples": len(self.samples),
             "machine_busy_cores_mean": round(sum(busy) / len(busy), 2),
             "own_tree_cores_mean": round(sum(own) / len(own), 2),
+            "own_tree_cpu_s": round(sum(own) * self.interval, 1),
             "other_processes_cores_mean": round(sum(other) / len(other), 2),
             "other_processes_cores_max": round(max(other), 2),
             "peak_tree_rss_mib": round(self.peak_tree_rss, 1),
@@ -209,11 +210,11 @@ def load_line(load: dict[str, float], info: dict[str, Any]) -> str:
     )
 
 
-def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: float, extra: list[str]) -> str:
+def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: float, extra: list[str], command: str | None = None) -> str:
     lines = [
         f"# {title}",
         "",
-        f"- command: `{command_line()}`",
+        f"- command: `{command or command_line()}`",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}, wall time {wall_s:.0f} s, commit {info['git_commit'][:10]}"
         f" ({info['git_dirty_files']} files modified/untracked in the working tree)",
         f"- machine: {info['nproc']} cores ({info['cpu_model']}), {info['memory_gib']} GiB RAM, torch {info['torch']} "

@@ -117,19 +117,33 @@ def step_times(cfg, table, layers: int, steps: int, warmup: int, seed: int) -> d
             "step_s_nondp_all": nondp, "step_s_dp_all": dp, "trainable_params": sum(p.numel() for p in params)}
 
 
-def speed_results() -> dict[str, Any] | None:
-    """benchmarks.speed's DP / non-DP step times, when that benchmark has been run here."""
-    path = RESULTS / "speed_cpu.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        llm = data["results"]["llm"]
-        rows = {b: {k: r.get(k) for k in ("step_s_nondp", "step_s_dp", "dp_over_nondp")} for b, r in llm["by_batch"].items()}
-        return {"file": str(path.relative_to(RESULTS.parent.parent)), "by_batch": rows, "date": data.get("machine", {}).get("loadavg_at_start"),
-                "config": data.get("overrides")}
-    except (KeyError, ValueError, TypeError):
-        return None
+def speed_results() -> list[dict[str, Any]]:
+    """benchmarks.speed's DP / non-DP step times for the LLM forecaster, from every speed_*.json it has written here."""
+    found = []
+    for path in sorted(RESULTS.glob("speed_*.json")):
+        try:
+            data = json.loads(path.read_text())
+            llm = data["results"]["llm"]
+            keys = ("step_s_nondp", "step_s_dp", "dp_over_nondp", "step_cpu_s_nondp", "step_cpu_s_dp", "dp_over_nondp_cpu")
+            found.append({
+                "file": f"benchmarks/results/{path.name}", "threads": data.get("args", {}).get("threads"),
+                "device": llm.get("device"), "overrides": data.get("overrides"), "sequence_tokens": llm.get("sequence_tokens"),
+                "load": data.get("load", {}).get("other_processes_cores_mean"),
+                "by_batch": {b: {k: r.get(k) for k in keys} for b, r in llm["by_batch"].items()},
+            })
+        except (KeyError, ValueError, TypeError, AttributeError):
+            continue
+    return found
+
+
+def speed_table(found: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for f in found:
+        for batch, r in f["by_batch"].items():
+            rows.append({"source": f"`{f['file']}`", "device": f["device"], "torch threads": f["threads"], "batch": batch,
+                         "non-DP s/step": r["step_s_nondp"], "DP s/step": r["step_s_dp"], "DP / non-DP (wall)": r["dp_over_nondp"],
+                         "DP / non-DP (CPU time)": r.get("dp_over_nondp_cpu"), "other processes' cores": f["load"]})
+    return pd.DataFrame(rows)
 
 
 def digest(summary: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +173,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="SmolLM2 blocks kept (the config's 6 does not fit 30 min on 2 busy cores)")
     parser.add_argument("--epsilons", default="1,4,8")
     parser.add_argument("--baselines", default="all", choices=["all", "naive"])
-    parser.add_argument("--timing-layers", default="2,6", help="block counts to time DP vs non-DP steps for ('' skips)")
+    parser.add_argument("--timing-layers", default="auto",
+                        help="block counts to time DP vs non-DP steps for here, e.g. 2,6; auto: none when benchmarks.speed "
+                             "results exist (they are quoted), else this run's count and 6; '' skips")
     parser.add_argument("--timing-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -240,8 +256,12 @@ def main() -> None:
             contest.add("seasonal_naive", forecast, splits, cfg, time.time() - t)
         baselines_s = time.time() - t
         del model
+        speed = speed_results()
+        timing_layers = args.timing_layers
+        if timing_layers == "auto":
+            timing_layers = "" if speed else f"{args.layers},6"
         timings = []
-        for layers in [int(x) for x in args.timing_layers.split(",") if x]:
+        for layers in [int(x) for x in timing_layers.split(",") if x]:
             timings.append(step_times(cfg, table, layers, args.timing_steps, 2, args.seed))
             print(f"[dp_accuracy] step time {layers} blocks: {timings[-1]['step_s_nondp']:.3f} s non-DP, {timings[-1]['step_s_dp']:.3f} s DP",
                   flush=True)
@@ -268,7 +288,6 @@ def main() -> None:
         })
     privacy_table = pd.DataFrame(privacy_rows)
     timing_table = pd.DataFrame([{k: v for k, v in t.items() if not k.endswith("_all")} for t in timings])
-    speed = speed_results()
 
     nondp = s.loc["shopcast_federated"]
     lines = [f"Non-DP federated: WQL {nondp['wql']:.3f}, MASE {nondp['mase']:.3f} (gmean rel. to seasonal naive: WQL "
@@ -294,9 +313,9 @@ def main() -> None:
     ]
     speed_lines = []
     if speed:
-        speed_lines = [f"benchmarks.speed (`{speed['file']}`, synthetic data, config {speed['config']}): "
-                       + "; ".join(f"batch {b}: non-DP {r['step_s_nondp']:.3f} s, DP {r['step_s_dp']:.3f} s, ratio {r['dp_over_nondp']:.2f}x"
-                                   for b, r in speed["by_batch"].items()), ""]
+        speed_lines = ["From benchmarks.speed (synthetic data, the default config's 6-block SmolLM2, context 84 days; fixed batches, "
+                       "Opacus through PrivateTraining.attach; reused here rather than measured again):", "",
+                       to_markdown(speed_table(speed))]
     markdown = "\n".join([
         header("DP-SGD in the federation: accuracy vs ε on Walmart, and step time", info, monitor.summary(), wall, extra),
         "## Accuracy vs ε (federated, same split; lower is better)", "",
@@ -306,9 +325,9 @@ def main() -> None:
         to_markdown(summary),
         "## Per store (mean WQL over its departments)", "",
         to_markdown(by_store),
-        "## DP-SGD vs non-DP step time (fwd + bwd + AdamW, identical batches of Walmart windows, median)", "",
-        to_markdown(timing_table) if len(timing_table) else "(not measured)",
+        "## DP-SGD vs non-DP step time (fwd + bwd + AdamW on identical batches, median)", "",
         *speed_lines,
+        *(["Measured here on Walmart windows:", "", to_markdown(timing_table)] if len(timing_table) else []),
         "Timings on a 2-core machine shared with other work (see the load line above); the ratio is steadier than the seconds.", "",
     ])
     print(markdown)

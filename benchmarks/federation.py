@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import Monitor, finish_info, header, machine, write
+from benchmarks._common import Monitor, command_line, finish_info, header, machine, write
 from shared.config import PROJECT_ROOT, parse_overrides
 
 WORK = Path(tempfile.gettempdir()) / "shopcast_bench_federation"
@@ -113,6 +113,7 @@ ROWS = [
     ("peak tree RSS, summed (MiB; upper bound)", lambda r: f"{r['load_peak_tree_rss_mib']:.0f}"),
     ("peak tree PSS, summed (MiB)", lambda r: f"{r['load_peak_tree_pss_mib']:.0f}"),
     ("largest single process RSS (MiB)", lambda r: f"{r['load_peak_single_process_rss_mib']:.0f}"),
+    ("CPU-seconds used by the simulation's processes", lambda r: f"{r['load_own_tree_cores_mean'] * r['process_wall_s']:.0f}"),
     ("other processes' CPU meanwhile (cores, mean)", lambda r: f"{r['load_other_processes_cores_mean']:.2f}"),
     ("mean holdout WQL after the last round", lambda r: "n/a" if r["final_eval_wql_mean"] is None else f"{r['final_eval_wql_mean']:.3f}"),
     ("largest ε spent by a merchant", lambda r: "n/a (no DP)" if r["final_epsilon_max"] is None else f"{r['final_epsilon_max']:.2f}"),
@@ -136,11 +137,25 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. privacy.enabled=false")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is abandoned")
     parser.add_argument("--name", default="federation")
+    parser.add_argument("--render", help="rewrite the Markdown from a saved result JSON, running nothing")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        saved_args = argparse.Namespace(**saved["args"])
+        command = saved.get("command") or (
+            f".venv/bin/python -m benchmarks.federation --merchants {saved_args.merchants} --rounds {saved_args.rounds} "
+            f"--local-steps {saved_args.local_steps} --batch {saved_args.batch}"
+            + (f" --backbone {saved_args.backbone}" if saved_args.backbone else "")
+            + "".join(f" --set {x}" for x in saved_args.set) + f" --timeout {saved_args.timeout:g}")
+        saved["command"] = command
+        markdown = render(saved_args, saved["machine"], saved["results"], saved["notes"], saved["wall_s"], command)
+        print(markdown)
+        print(f"wrote {write(saved_args.name, markdown, saved)}")
         return
 
     from shared.config import load_config
@@ -173,6 +188,17 @@ def main() -> None:
         print(f"[federation] {n} merchants: {results[-1]}", flush=True)
     wall = time.time() - started
     info = finish_info(info)
+    markdown = render(args, info, results, notes, wall)
+    print(markdown)
+    payload = {"benchmark": "federation", "args": vars(args), "command": command_line(), "machine": info, "wall_s": wall,
+               "results": results, "notes": notes}
+    print(f"wrote {write(args.name, markdown, payload)}")
+
+
+def render(args: argparse.Namespace, info: dict[str, Any], results: list[dict[str, Any]], notes: list[str], wall: float,
+           command: str | None = None) -> str:
+    from shared.config import load_config
+
     cfg = load_config(args.config, run_overrides(args, 0))
     priv = cfg.privacy
     extra = [
@@ -182,16 +208,16 @@ def main() -> None:
         f"Flower simulation engine on Ray, 1 CPU per ClientApp (so about {info['nproc']} actors run at a time and "
         "merchants beyond that queue), seed 0, synthetic merchants (data.synthetic.n_merchants = N)",
         "bytes are tensor payload only (Flower/gRPC framing not counted); per-process RSS at the peak is in the JSON",
+        "Ray starts the ClientApp actors at nice 15, so on a machine busy with other work they get the CPU last: round "
+        "wall times are then dominated by waiting; the CPU-seconds row is the contention-independent cost",
         *notes,
     ]
     load_lines = "; ".join(
         f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average (max {r['load_other_processes_cores_max']})"
         for r in results)
-    markdown = header("Federation cost (Flower simulation, synthetic merchants)", info, {}, wall, [f"concurrent load per run: {load_lines}", *extra])
-    markdown += "\n" + table(results) if results else "\nno run completed\n"
-    print(markdown)
-    payload = {"benchmark": "federation", "args": vars(args), "machine": info, "wall_s": wall, "results": results, "notes": notes}
-    print(f"wrote {write(args.name, markdown, payload)}")
+    markdown = header("Federation cost (Flower simulation, synthetic merchants)", info, {}, wall,
+                      [f"concurrent load per run: {load_lines}", *extra], command)
+    return markdown + ("\n" + table(results) if results else "\nno run completed\n")
 
 
 if __name__ == "__main__":
