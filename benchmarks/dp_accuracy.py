@@ -15,10 +15,9 @@ merchant_splits, model_forecast, Contest), next to the untrained initial adapter
 and (with --baselines all) AutoETS, AutoTheta and per-store LightGBM: mean MASE / WQL and their
 geometric means relative to seasonal naive.
 
-Step time: fwd + bwd + AdamW on identical batches of Walmart windows, without and with DP-SGD
-(Opacus through PrivateTraining.attach), for the block counts in --timing-layers; the numbers of
-benchmarks/results/speed_cpu.json are quoted too when that file exists (benchmarks.speed measures
-the same thing on synthetic data).
+Step time, DP-SGD vs non-DP: quoted from benchmarks.speed's results (benchmarks/results/speed_*.json)
+when they exist; otherwise fwd + bwd + AdamW is timed here on identical batches of Walmart windows,
+without and with DP-SGD (Opacus through PrivateTraining.attach), for this run's block count and 6.
 
 Needs ../shared/data/walmart_weekly (or SHOPCAST_SHARED_DATA); exits 0 with a message without it.
 Writes benchmarks/results/dp_accuracy.md and .json.
@@ -142,7 +141,8 @@ def speed_table(found: list[dict[str, Any]]) -> pd.DataFrame:
         for batch, r in f["by_batch"].items():
             rows.append({"source": f"`{f['file']}`", "device": f["device"], "torch threads": f["threads"], "batch": batch,
                          "non-DP s/step": r["step_s_nondp"], "DP s/step": r["step_s_dp"], "DP / non-DP (wall)": r["dp_over_nondp"],
-                         "DP / non-DP (CPU time)": r.get("dp_over_nondp_cpu"), "other processes' cores": f["load"]})
+                         "DP / non-DP (CPU time)": r.get("dp_over_nondp_cpu"), "other processes' cores": f["load"],
+                         "overrides": str(f["overrides"])})
     return pd.DataFrame(rows)
 
 
@@ -313,8 +313,9 @@ def main() -> None:
     ]
     speed_lines = []
     if speed:
-        speed_lines = ["From benchmarks.speed (synthetic data, the default config's 6-block SmolLM2, context 84 days; fixed batches, "
-                       "Opacus through PrivateTraining.attach; reused here rather than measured again):", "",
+        speed_lines = ["From benchmarks.speed, reused here rather than measured again (synthetic data, configs/default.toml plus "
+                       "the overrides shown: 6-block SmolLM2 unless overridden, context 84 days; fixed batches, Opacus through "
+                       "PrivateTraining.attach; see each file for its load):", "",
                        to_markdown(speed_table(speed))]
     markdown = "\n".join([
         header("DP-SGD in the federation: accuracy vs ε on Walmart, and step time", info, monitor.summary(), wall, extra),

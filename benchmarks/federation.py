@@ -158,7 +158,6 @@ def main() -> None:
         print(f"wrote {write(saved_args.name, markdown, saved)}")
         return
 
-    from shared.config import load_config
 
     info = machine()
     results, notes = [], []

@@ -51,9 +51,9 @@ import pandas as pd
 
 # (n_merchants pooled, days, training-window stride, steps, canaries, inserted, backbone, blocks, seeds)
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"merchants": 4, "days": 154, "stride": 7, "steps": 300, "canaries": 48, "insert": 4,
+    "full": {"merchants": 4, "days": 140, "stride": 7, "steps": 300, "canaries": 48, "insert": 4,
              "backbone": "smollm2", "layers": 2, "seeds": "0,1,2", "batch": 8, "lr": 2e-3},
-    "quick": {"merchants": 2, "days": 154, "stride": 7, "steps": 150, "canaries": 16, "insert": 2,
+    "quick": {"merchants": 2, "days": 140, "stride": 7, "steps": 150, "canaries": 16, "insert": 2,
               "backbone": "tiny", "layers": 2, "seeds": "0", "batch": 8, "lr": 2e-3},
 }
 CANARY_PREFIX = "canary/"

@@ -1,6 +1,6 @@
 """First accuracy table on real data: Walmart stores trained locally, against the usual baselines.
 
-    .venv/bin/python -m benchmarks.walmart_local [--stores 1,2,3] [--depts 12] [--steps 200] [--seed 0]
+    .venv/bin/python -m benchmarks.walmart_local [--stores 1,2,3] [--depts 10] [--steps 100] [--threads 2] [--seed 0]
 
 Each store is one merchant and trains its own adapter from the same initial one (simulations.compare
 .local_only: fixed step budget, no early stopping, no DP), once per variant: the LLM forecaster
@@ -70,8 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/walmart.toml")
     parser.add_argument("--stores", default="1,2,3")
-    parser.add_argument("--depts", type=int, default=12, help="largest full-length departments kept per store")
-    parser.add_argument("--steps", type=int, default=200, help="local training steps per store, the same for every variant")
+    parser.add_argument("--depts", type=int, default=10, help="largest full-length departments kept per store")
+    parser.add_argument("--steps", type=int, default=100, help="local training steps per store, the same for every variant")
     parser.add_argument("--variants", default="llm,no_llm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

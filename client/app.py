@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.mods import client_privacy_mod
 from shared.adapter import AdapterMismatch, adapter_state, load_adapter_state
 from shared.config import Config, config_from_run
 from shared.forecast import forecast_frame
@@ -109,8 +110,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp; `mods` (Flower client mods) let tests and SecAgg+ wrap every message."""
+def make_app(mods: Sequence[Mod] = (client_privacy_mod,)) -> ClientApp:
+    """The ClientApp wrapped in `mods`, outermost first. The default applies the run config's
+    client-side clipping and SecAgg+ masking; a test that records what leaves puts its recorder
+    outside that mod."""
     client = ClientApp(mods=list(mods))
     client.train()(train)
     client.evaluate()(evaluate)

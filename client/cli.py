@@ -31,7 +31,7 @@ from shared.metrics import METRICS, score, season_for
 from shared.model import Forecaster
 from shared.plots import fan_chart
 from shared.privacy import PrivateTraining, open_ledger
-from shared.schema import DS, ID, MERCHANT, Y, DataValidationError, SeriesTable, read_table
+from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, read_table
 from shared.train import fit, predict
 from shared.windows import Splits, build_splits
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import SecAggAggregation, make_strategy, secagg_workflow
+from server.secagg import SecAggAggregation, secagg_workflow
+from server.strategy import make_strategy
 from shared.adapter import adapter_shapes, adapter_state, backbone_bytes, load_adapter, load_adapter_state, save_adapter
 from shared.config import Config, config_from_run
 from shared.local import build_model

@@ -22,6 +22,7 @@ from shared.backbone import load_pretrained
 from shared.model import Forecaster
 
 OPACUS_PREFIX = "_module."
+ADAPTER_KEYS = "adapter-keys"  # SecAgg+'s legacy messages carry an unnamed list; the names travel in their config
 
 
 class AdapterMismatch(ValueError):

@@ -12,13 +12,14 @@ merchant's ledger before the first step runs, so a crash can never leave steps u
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from opacus import GradSampleModule, PrivacyEngine
-from torch.utils.data import DataLoader
+from opacus.data_loader import DPDataLoader
 
 from shared.config import PrivacyConfig, TrainConfig
 from shared.ledger import PrivacyLedger
@@ -52,7 +53,7 @@ class PrivateTraining:
         self.cfg, self.ledger = cfg, ledger
         self.units = privacy_units(train, cfg.unit, window_length)
         self.batch_size = min(batch_size, len(self.units))
-        # Opacus samples each unit with probability 1 / len(loader); the ledger is charged the same
+        # each unit is Poisson-sampled with this probability; the ledger is charged the same
         self.sample_rate = 1.0 / int(np.ceil(len(self.units) / self.batch_size))
         self._wrapped: GradSampleModule | None = None
 
@@ -66,13 +67,16 @@ class PrivateTraining:
     def attach(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows, cfg: TrainConfig
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Iterator[dict[str, torch.Tensor]]]:
+        # Sampling and noise draw from a fresh secret seed: seeded from the (public) config they could
+        # be regenerated and subtracted, and would repeat every round.
+        secret = torch.Generator().manual_seed(secrets.randbits(63))
         dataset = WindowDataset(train, self.units, seed=cfg.seed)
-        loader = DataLoader(dataset, batch_size=self.batch_size)
+        dp_loader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=secret)
         engine = PrivacyEngine(accountant="rdp")
         model.train()
         wrapped, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.cfg.noise_multiplier,
-            max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            module=model, optimizer=optimizer, data_loader=dp_loader, noise_multiplier=self.cfg.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=False, noise_generator=secret, grad_sample_mode="hooks",
         )
         self._wrapped = wrapped
 

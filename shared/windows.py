@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.config import DataConfig
-from shared.schema import DS, ID, MERCHANT, Y, SeriesTable
+from shared.schema import DS, ID, MERCHANT, SeriesTable, Y
 
 PromptEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 

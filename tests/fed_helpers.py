@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp.typing import Mod
 
 from client.app import make_app
+from client.mods import client_privacy_mod
 from shared.config import PROJECT_ROOT, Config, load_config
 from simulations.federated import simulate
 
@@ -124,7 +125,7 @@ def run_overrides(base: Path, **extra: Any) -> dict[str, Any]:
 def run(base: Path, overrides: dict[str, Any], mods: Sequence[Mod] = ()) -> tuple[Config, dict[str, Any]]:
     """One real Flower simulation of N_MERCHANTS merchants on configs/tiny.toml; returns (config, summary)."""
     cfg = load_config(TINY_CONFIG, overrides)
-    summary = simulate(cfg, TINY_CONFIG, overrides, N_MERCHANTS, client_app=make_app(mods))
+    summary = simulate(cfg, TINY_CONFIG, overrides, N_MERCHANTS, client_app=make_app([*mods, client_privacy_mod]))
     return cfg, summary
 
 

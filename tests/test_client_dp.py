@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fed_helpers import TINY_CONFIG
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import Code, EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -31,18 +32,10 @@ from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
 from client.app import make_app
-from fed_helpers import TINY_CONFIG
-from server.strategy import (
-    ADAPTER_KEYS,
-    DP_WEIGHT,
-    ClientLevelDP,
-    client_epsilon,
-    client_mods,
-    client_privacy_mod,
-    legacy_bridge_mod,
-    make_strategy,
-)
-from shared.adapter import adapter_state
+from client.mods import client_mods, client_privacy_mod, legacy_bridge_mod
+from server.client_dp import DP_WEIGHT, ClientLevelDP, client_epsilon
+from server.strategy import make_strategy
+from shared.adapter import ADAPTER_KEYS, adapter_state
 from shared.config import ConfigError, load_config
 from shared.local import build_model
 from simulations.federated import simulate
@@ -407,7 +400,7 @@ def test_secagg_federation_server_sees_only_masked_vectors_and_the_mean(tmp_path
     cfg, summary, taps = _simulate(tmp_path, 3, federation, lambda c: [*client_mods(c), DropOut(partition=2, server_round=2)])
     history = summary["history"]
     assert summary["rounds"] == 2 and [h["accepted"] for h in history] == [3, 2]
-    assert all(h.get("secagg") for h in history) and "injected dropout" in history[1]["failures"][0]["reason"]
+    assert all(h.get("secagg") and not h["halted"] for h in history) and "injected dropout" in history[1]["failures"][0]["reason"]
 
     # what left each merchant in a train reply: never an adapter value, only SecAgg+ stage records
     sent = [e for e in _taps(taps["outer"]) if e["reply"] is not None]

@@ -14,9 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+from fed_helpers import N_MERCHANTS, TINY_CONFIG, Fault, Recorder, baseline_run, read_records, run, run_overrides
 from safetensors.numpy import load_file
 
-from fed_helpers import N_MERCHANTS, TINY_CONFIG, Fault, Recorder, baseline_run, read_records, run, run_overrides
 from shared.adapter import adapter_shapes, adapter_state
 from shared.config import load_config
 from shared.local import build_model

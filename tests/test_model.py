@@ -10,9 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from shared.adapter import (
-    AdapterMismatch, adapter_shapes, adapter_state, check_update, load_adapter, load_adapter_state, save_adapter,
-)
+from shared.adapter import AdapterMismatch, adapter_shapes, adapter_state, check_update, load_adapter, load_adapter_state, save_adapter
 from shared.backbone import load_pretrained, truncated_backbone
 from shared.model import AttentionBlock, Forecaster, mean_abs_scale, monotone_quantiles, pinball_loss
 from shared.train import autocast, evaluate_loss, fit, predict, resolve_device

@@ -8,7 +8,8 @@ property the privacy guarantee rests on, rather than trusting that the flags wer
   - a privacy unit is a series (one unit per series) or a day (non-overlapping windows);
   - the sample rate charged to the ledger is the rate Opacus' Poisson loader samples with;
   - a spent budget stops training before a step, and the ledger never passes the target;
-  - the ledger's ε is Opacus' RDP accountant's for the same (noise, rate, steps) history.
+  - the ledger's ε is Opacus' RDP accountant's for the same (noise, rate, steps) history;
+  - the noise and sampling are fresh every round and cannot be regenerated from the config.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
+import shared.privacy as shared_privacy
 from shared.adapter import adapter_state
 from shared.ledger import PrivacyLedger
 from shared.model import pinball_loss
@@ -173,15 +175,6 @@ def _noise_of_each_step(monkeypatch) -> list[torch.Tensor]:
     return drawn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="KNOWN PRIVACY BUG (shared/train.py + shared/privacy.py): fit() calls torch.manual_seed(train.seed) and "
-    "Opacus (secure_mode=False, no noise_generator) draws both the Poisson sample and the noise from torch's global "
-    "RNG, so every round repeats the same noise and anyone who knows the config can regenerate it. Fix: draw both "
-    "from a generator seeded from os.urandom/secrets inside PrivateTraining.attach (noise_generator=..., and the "
-    "DPDataLoader's generator), never from the config seed.",
-)
 def test_dp_noise_is_fresh_every_round_and_not_derivable_from_the_config(make_forecaster, tmp_path: Path, monkeypatch) -> None:
     drawn = _noise_of_each_step(monkeypatch)
     model, splits, cfg = _dp(make_forecaster, tmp_path)
@@ -254,14 +247,13 @@ def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_pat
     model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.unit": unit, "train.batch_size": 3})
     privacy = _session(cfg, splits, tmp_path)
     created: list[DPDataLoader] = []
-    original = DPDataLoader.from_data_loader.__func__
 
-    def spy(cls, *args, **kwargs):
-        loader = original(cls, *args, **kwargs)
-        created.append(loader)
-        return loader
+    class Spy(DPDataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
 
-    monkeypatch.setattr(DPDataLoader, "from_data_loader", classmethod(spy))
+    monkeypatch.setattr(shared_privacy, "DPDataLoader", Spy)
     result = fit(model, splits.train, None, cfg.train, steps=2, privacy=privacy)
     assert result.status == "ok" and len(created) == 1
     loader = created[0]

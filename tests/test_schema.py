@@ -11,8 +11,18 @@ import pytest
 
 from shared.config import Columns, load_config
 from shared.schema import (
-    DS, ID, MERCHANT, NEGATIVE_FLAG, Y, DataValidationError, drop_or_reject_short, load_file, prepare, read_table,
-    regularise, to_long,
+    DS,
+    ID,
+    MERCHANT,
+    NEGATIVE_FLAG,
+    DataValidationError,
+    Y,
+    drop_or_reject_short,
+    load_file,
+    prepare,
+    read_table,
+    regularise,
+    to_long,
 )
 
 COLUMNS = Columns()  # merchant_id, unique_id, ds, y; no covariates

@@ -11,8 +11,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from fed_helpers import N_MERCHANTS, baseline_run
+
 from shared.adapter import adapter_shapes
 from shared.local import build_model, load_table
 from shared.schema import Y
