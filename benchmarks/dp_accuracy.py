@@ -1,7 +1,7 @@
 """What DP-SGD costs a federation: accuracy against ε on Walmart, and DP vs non-DP step time.
 
-    .venv/bin/python -m benchmarks.dp_accuracy [--stores 1,2,3] [--depts 15] [--rounds 5] [--local-steps 20]
-                                                [--layers 2] [--epsilons 1,4,8] [--baselines all|naive]
+    .venv/bin/python -m benchmarks.dp_accuracy [--stores 1,2,3] [--depts 15] [--rounds 3] [--local-steps 20]
+                                                [--layers 6] [--epsilons 1,4,8] [--baselines all|naive]
 
 Each store is a merchant (its `--depts` largest full-length departments are its series). The real
 ServerApp and ClientApp run through Flower's simulation engine (simulations.federated.simulate),
@@ -168,9 +168,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/walmart.toml")
     parser.add_argument("--stores", default="1,2,3")
     parser.add_argument("--depts", type=int, default=15, help="largest full-length departments kept per store")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--layers", type=int, default=2, help="SmolLM2 blocks kept (the config's 6 does not fit 30 min on 2 busy cores)")
+    parser.add_argument("--layers", type=int, default=6, help="backbone blocks kept (the config's 6; 2 if 6 do not fit your time budget)")
     parser.add_argument("--epsilons", default="1,4,8")
     parser.add_argument("--baselines", default="all", choices=["all", "naive"])
     parser.add_argument("--timing-layers", default="auto",
@@ -211,6 +211,7 @@ def main() -> None:
         "federation.num_rounds": args.rounds, "federation.local_steps": args.local_steps, "federation.min_replies": len(stores),
     } | parse_overrides(args.set)
     cfg = load_config(args.config, base)
+    default_layers = load_config(args.config).model.llm_layers
     started = time.time()
     contest = Contest()
     runs: dict[str, dict[str, Any]] = {}
@@ -290,32 +291,33 @@ def main() -> None:
     timing_table = pd.DataFrame([{k: v for k, v in t.items() if not k.endswith("_all")} for t in timings])
 
     nondp = s.loc["shopcast_federated"]
-    lines = [f"Non-DP federated: WQL {nondp['wql']:.3f}, MASE {nondp['mase']:.3f} (gmean rel. to seasonal naive: WQL "
+    lines = [(f"Non-DP federated: WQL {nondp['wql']:.3f}, MASE {nondp['mase']:.3f} (gmean rel. to seasonal naive: WQL "
              f"{nondp['wql_gmean_rel']:.3f}, MASE {nondp['mase_gmean_rel']:.3f}); seasonal naive WQL {s.loc['seasonal_naive', 'wql']:.3f}, "
-             f"MASE {s.loc['seasonal_naive', 'mase']:.3f}; untrained adapter WQL {s.loc['shopcast_untrained', 'wql']:.3f}."]
+             f"MASE {s.loc['seasonal_naive', 'mase']:.3f}; untrained adapter WQL {s.loc['shopcast_untrained', 'wql']:.3f}.")]
     for eps in epsilons:
         name = f"shopcast_federated_dp_eps{eps:g}"
         lines.append(f"DP ε = {eps:g}: WQL {s.loc[name, 'wql']:.3f} ({s.loc[name, 'wql'] / nondp['wql'] - 1:+.1%} vs non-DP), MASE "
                      f"{s.loc[name, 'mase']:.3f} ({s.loc[name, 'mase'] / nondp['mase'] - 1:+.1%}); gmean rel. WQL {s.loc[name, 'wql_gmean_rel']:.3f}.")
     extra = [
         f"config: `{args.config}` + {base}: context {cfg.data.context} weeks, horizon {cfg.data.horizon} weeks, batch "
-        f"{cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` truncated to {cfg.model.llm_layers} blocks "
-        f"(the config's 6 blocks would not fit the 30-minute budget on 2 busy cores: see the step times below), LoRA r={cfg.model.lora.r}",
-        f"data: stores {', '.join(stores)}, per store the {args.depts} full-length departments with the largest total sales; "
-        f"training windows per store {({m: len(sp.train) for m, sp in splits.items()})}; test = the last {cfg.data.horizon} weeks",
-        f"federation: simulations.federated.simulate (Flower simulation engine, real ServerApp/ClientApp), {cfg.federation.strategy}, "
-        f"{args.rounds} rounds x {args.local_steps} local steps = {planned} steps per store, all stores every round",
-        f"DP: DP-SGD per store, unit = {cfg.privacy.unit} (one clipped window per Poisson-sampled series per step), max_grad_norm "
+        f"{cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` truncated to {cfg.model.llm_layers} blocks"
+        + (f" (fewer than the config's {default_layers}, to keep the whole run within 30 minutes on 2 busy cores)"
+           if cfg.model.llm_layers < default_layers else " (the config's own)") + f", LoRA r={cfg.model.lora.r}",
+        (f"data: stores {', '.join(stores)}, per store the {args.depts} full-length departments with the largest total sales; "
+        f"training windows per store {({m: len(sp.train) for m, sp in splits.items()})}; test = the last {cfg.data.horizon} weeks"),
+        (f"federation: simulations.federated.simulate (Flower simulation engine, real ServerApp/ClientApp), {cfg.federation.strategy}, "
+        f"{args.rounds} rounds x {args.local_steps} local steps = {planned} steps per store, all stores every round"),
+        (f"DP: DP-SGD per store, unit = {cfg.privacy.unit} (one clipped window per Poisson-sampled series per step), max_grad_norm "
         f"{cfg.privacy.max_grad_norm}, δ = {cfg.privacy.delta:g}; sample rate q = 1/ceil(series / batch) = {q:.3f}; noise from "
-        f"get_noise_multiplier(ε, δ, q, {planned}, 'rdp') so the planned steps spend the whole budget; each store's own ledger",
-        f"seed {args.seed} (one seed; a single run per setting, so differences of a few percent are noise); baselines and "
-        f"scoring in {baselines_s:.0f} s; peak RSS of this process {maxrss_mib():.0f} MiB (the Ray workers are separate processes)",
+        f"get_noise_multiplier(ε, δ, q, {planned}, 'rdp') so the planned steps spend the whole budget; each store's own ledger"),
+        (f"seed {args.seed} (one seed; a single run per setting, so differences of a few percent are noise); baselines and "
+        f"scoring in {baselines_s:.0f} s; peak RSS of this process {maxrss_mib():.0f} MiB (the Ray workers are separate processes)"),
     ]
     speed_lines = []
     if speed:
-        speed_lines = ["From benchmarks.speed, reused here rather than measured again (synthetic data, configs/default.toml plus "
+        speed_lines = [("From benchmarks.speed, reused here rather than measured again (synthetic data, configs/default.toml plus "
                        "the overrides shown: 6-block SmolLM2 unless overridden, context 84 days; fixed batches, Opacus through "
-                       "PrivateTraining.attach; see each file for its load):", "",
+                       "PrivateTraining.attach; see each file for its load):"), "",
                        to_markdown(speed_table(speed))]
     markdown = "\n".join([
         header("DP-SGD in the federation: accuracy vs ε on Walmart, and step time", info, monitor.summary(), wall, extra),

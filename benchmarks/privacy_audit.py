@@ -231,7 +231,7 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
     ref_splits = build_splits(ref_table, cfg.data, model.encode_prompts)
     ref_rng = np.random.default_rng(10_000 + data_seed)
     ref_n = len(ref_splits.series_ids)
-    ref_members = ref_rng.choice(ref_n, size=int(round(ref_n / 2)), replace=False)
+    ref_members = ref_rng.choice(ref_n, size=round(ref_n / 2), replace=False)
     ledgers = Path(tempfile.mkdtemp(prefix="shopcast_audit_ledgers_"))
 
     started = time.time()
@@ -280,10 +280,10 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
                 + f"; canary exposure {np.mean(exposures):.2f} bits (max {run['canary_exposure_max_possible']:.2f})")
     return {
         "config": dataclasses.asdict(cfg), "settings": p, "seeds": seeds, "epsilons": epsilons, "delta": cfg.privacy.delta,
-        "series": {"ordinary": int(len(ordinary)), "canaries": int(len(canaries)),
+        "series": {"ordinary": len(ordinary), "canaries": len(canaries),
                    "windows_per_series_min": int(windows_per_series[ordinary].min()),
                    "windows_per_series_max": int(windows_per_series[ordinary].max()), "training_period_windows": len(splits.train)},
-        "reference": {**ref_info, "series": int(len(ref_members)), "data_seed": data_seed + 10_000},
+        "reference": {**ref_info, "series": len(ref_members), "data_seed": data_seed + 10_000},
         "runs": runs, "torch_threads": torch.get_num_threads(),
     }
 
@@ -295,8 +295,9 @@ def summarise_runs(result: dict[str, Any]) -> pd.DataFrame:
     for setting, group in pd.DataFrame(result["runs"]).groupby("setting", sort=False):
         row: dict[str, Any] = {"setting": setting, "seeds": len(group)}
         eps = group["epsilon"].iloc[0]
-        row["noise σ"] = float(group["noise_multiplier"].mean()) if "noise_multiplier" in group and eps == eps and eps is not None else 0.0
-        row["ε spent"] = float(group["epsilon_spent"].max()) if eps is not None and eps == eps else float("inf")
+        private = not pd.isna(eps)  # the non-DP rows carry ε = None, which pandas turns into NaN
+        row["noise σ"] = float(group["noise_multiplier"].mean()) if private else 0.0
+        row["ε spent"] = float(group["epsilon_spent"].max()) if private else float("inf")
         for attack in ("loss", "loss_minus_ref"):
             for metric in ("auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr"):
                 values = np.array([a[attack][metric] for a in group["attacks"]])
@@ -308,21 +309,21 @@ def summarise_runs(result: dict[str, Any]) -> pd.DataFrame:
         row["exposure_mean"], row["exposure_max"] = float(exp.mean()), float(exp.max())
         row["exposure_possible"] = float(group["canary_exposure_max_possible"].iloc[0])
         row["member_loss"], row["nonmember_loss"] = float(group["member_loss"].mean()), float(group["nonmember_loss"].mean())
-        row["dp_bound_tpr_at_10pct_fpr"] = dp_tpr_bound(eps, delta, 0.10) if eps is not None and eps == eps else 1.0
+        row["dp_bound_tpr_at_10pct_fpr"] = dp_tpr_bound(eps, delta, 0.10) if private else 1.0
         row["train_s_mean"] = float(group["train_s"].mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _pm(mean: float, sd: float, fmt: str = "{:.3f}") -> str:
-    return fmt.format(mean) + ("" if sd != sd else " ± " + fmt.format(sd))
+    return fmt.format(mean) + ("" if np.isnan(sd) else " ± " + fmt.format(sd))
 
 
 def markdown_tables(summary: pd.DataFrame, result: dict[str, Any]) -> list[str]:
     n_non = result["runs"][0]["nonmembers"]
     lines = [
-        "| setting | noise σ | ε spent (RDP) | AUC, loss | AUC, loss − init | AUC, loss − ref (LiRA-lite) | TPR@1%FPR, loss / − ref | "
-        "TPR@10%FPR, loss / − ref | DP bound on TPR@10%FPR | member / non-member loss |",
+        ("| setting | noise σ | ε spent (RDP) | AUC, loss | AUC, loss − init | AUC, loss − ref (LiRA-lite) | TPR@1%FPR, loss / − ref | "
+        "TPR@10%FPR, loss / − ref | DP bound on TPR@10%FPR | member / non-member loss |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for _, r in summary.iterrows():
@@ -336,10 +337,10 @@ def markdown_tables(summary: pd.DataFrame, result: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        f"AUC as mean ± standard deviation over seeds. With {n_non} non-members per seed the smallest non-zero FPR is "
+        (f"AUC as mean ± standard deviation over seeds. With {n_non} non-members per seed the smallest non-zero FPR is "
         f"1/{n_non} = {1 / n_non:.3f}, so TPR@1%FPR is the TPR at FPR = 0 (every non-member scored below the threshold), "
         "a coarse, resolution-limited number; TPR@10%FPR is the steadier one. The DP bound is the most TPR any test can "
-        "have at 10% FPR against an (ε, δ)-DP mechanism, min(e^ε·FPR + δ, 1 − e^−ε·(1 − δ − FPR)); above ε ≈ 3 it is nearly vacuous.",
+        "have at 10% FPR against an (ε, δ)-DP mechanism, min(e^ε·FPR + δ, 1 − e^−ε·(1 − δ − FPR)); above ε ≈ 3 it is nearly vacuous."),
         "",
         "## Canary exposure",
         "",
@@ -350,8 +351,8 @@ def markdown_tables(summary: pd.DataFrame, result: dict[str, Any]) -> list[str]:
     for _, r in summary.iterrows():
         lines.append(f"| {r['setting']} | {r['exposure_mean']:.2f} | {r['exposure_max']:.2f} | {r['exposure_possible']:.2f} | "
                      f"{ranks[r['setting']]:.1f} of {result['runs'][0]['canaries_heldout'] + 1} |")
-    lines += ["", "A random rank gives about log2(e) = 1.44 bits on average; log2(N) means the inserted canary had the lowest "
-              "loss of all N candidates of its type.", ""]
+    lines += ["", ("A random rank gives about log2(e) = 1.44 bits on average; log2(N) means the inserted canary had the lowest "
+              "loss of all N candidates of its type."), ""]
     return lines
 
 
@@ -411,17 +412,17 @@ def main() -> None:
         + (" (SmolLM2-135M-Instruct, pretrained; 2 of its 30 blocks so that several seeds x 5 trainings fit on two busy CPU cores)"
            if p["backbone"] == "smollm2" else " (tiny random Llama: a smoke run, not an audit of the real model)")
         + f"; LoRA r={cfg['model']['lora']['r']}, context {cfg['data']['context']} days, horizon {cfg['data']['horizon']}, prompt on",
-        f"audited merchant: {p['merchants']} synthetic shops (shared.synthetic, data seed {p.get('data_seed', 0)}) pooled into one "
+        (f"audited merchant: {p['merchants']} synthetic shops (shared.synthetic, data seed {p.get('data_seed', 0)}) pooled into one "
         f"merchant: {s['ordinary']} series of {p['days']} days, training-period windows every {p['stride']} days "
         f"({s['windows_per_series_min']}-{s['windows_per_series_max']} per series); per seed a random half are members, "
         f"the rest non-members; plus {s['canaries']} canaries (constant 20 with 6x spikes on random days, p = 0.08/day), "
-        f"{p['insert']} inserted as members per seed",
-        f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
+        f"{p['insert']} inserted as members per seed"),
+        (f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
         f"{p['batch']}), AdamW lr {p['lr']}, no early stopping; DP-SGD unit = series, max_grad_norm "
         f"{cfg['privacy']['max_grad_norm']}, δ = {result['delta']:g}, noise from get_noise_multiplier(ε, δ, q, steps, 'rdp'); "
-        f"seeds {seeds} (the seed draws the member split, the inserted canaries, batch sampling and DP noise)",
-        f"reference model (loss − ref): non-DP, {p['steps']} steps on {result['reference']['series']} series of a separate "
-        f"synthetic draw (seed {result['reference']['data_seed']}), never on a target series; shared by all seeds",
+        f"seeds {seeds} (the seed draws the member split, the inserted canaries, batch sampling and DP noise)"),
+        (f"reference model (loss − ref): non-DP, {p['steps']} steps on {result['reference']['series']} series of a separate "
+        f"synthetic draw (seed {result['reference']['data_seed']}), never on a target series; shared by all seeds"),
         f"peak RSS {maxrss_mib():.0f} MiB",
     ]
     verdict = (
@@ -439,13 +440,13 @@ def main() -> None:
         "## Per seed", "",
         *per_seed_table(result),
         "## How to read it", "",
-        "- An AUC of 0.5 is guessing. The attack only sees losses, the strongest black-box signal a forecaster leaks; a "
+        ("- An AUC of 0.5 is guessing. The attack only sees losses, the strongest black-box signal a forecaster leaks; a "
         "real adversary who gets the adapter could do no better than a loss attack with a good reference, which is "
-        "what `loss − ref` approximates with one reference model (full LiRA would train many shadow models per series).",
-        "- This is an empirical lower bound on leakage for this attack and these data, not a proof: DP's guarantee is the "
-        "upper bound. Few series (tens per side) make AUC differences below ~0.1 noise; see the spread over seeds.",
-        "- The setting is deliberately favourable to the attacker: few windows per series, many passes over them, a "
-        "small merchant, so that the non-DP model overfits measurably.", "",
+        "what `loss − ref` approximates with one reference model (full LiRA would train many shadow models per series)."),
+        ("- This is an empirical lower bound on leakage for this attack and these data, not a proof: DP's guarantee is the "
+        "upper bound. Few series (tens per side) make AUC differences below ~0.1 noise; see the spread over seeds."),
+        ("- The setting is deliberately favourable to the attacker: few windows per series, many passes over them, a "
+        "small merchant, so that the non-DP model overfits measurably."), "",
     ])
     print(markdown)
     payload = {"benchmark": "privacy_audit", "preset": preset, "args": vars(args), "machine": info, "load": monitor.summary(),
