@@ -420,7 +420,8 @@ def main() -> None:
         (f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
         f"{p['batch']}), AdamW lr {p['lr']}, no early stopping; DP-SGD unit = series, max_grad_norm "
         f"{cfg['privacy']['max_grad_norm']}, δ = {result['delta']:g}, noise from get_noise_multiplier(ε, δ, q, steps, 'rdp'); "
-        f"seeds {seeds} (the seed draws the member split, the inserted canaries, batch sampling and DP noise)"),
+        f"seeds {seeds} (the seed draws the member split, the inserted canaries and the non-DP batches; DP sampling and "
+        "noise come from a fresh secret seed in shared.privacy, so DP rows do not repeat exactly)"),
         (f"reference model (loss − ref): non-DP, {p['steps']} steps on {result['reference']['series']} series of a separate "
         f"synthetic draw (seed {result['reference']['data_seed']}), never on a target series; shared by all seeds"),
         f"peak RSS {maxrss_mib():.0f} MiB",
@@ -440,9 +441,10 @@ def main() -> None:
         "## Per seed", "",
         *per_seed_table(result),
         "## How to read it", "",
-        ("- An AUC of 0.5 is guessing. The attack only sees losses, the strongest black-box signal a forecaster leaks; a "
-        "real adversary who gets the adapter could do no better than a loss attack with a good reference, which is "
-        "what `loss − ref` approximates with one reference model (full LiRA would train many shadow models per series)."),
+        ("- An AUC of 0.5 is guessing. The attack only sees losses; loss attacks calibrated by reference models are among "
+        "the strongest known membership attacks, and `loss − ref` is a one-reference version of them (full LiRA would train "
+        "many shadow models per series). An adversary holding the adapter could try white-box attacks too; DP bounds those "
+        "as well, this audit does not try them."),
         ("- This is an empirical lower bound on leakage for this attack and these data, not a proof: DP's guarantee is the "
         "upper bound. Few series (tens per side) make AUC differences below ~0.1 noise; see the spread over seeds."),
         ("- The setting is deliberately favourable to the attacker: few windows per series, many passes over them, a "

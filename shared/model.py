@@ -144,9 +144,10 @@ class Forecaster(nn.Module):
     def _start_at_the_window_mean(self) -> None:
         """Untrained, the forecast is the context's mean with a modest band, not random noise: a few
         local steps (or noisy DP steps) then refine a sensible forecast instead of escaping a bad one.
-        The LLM path's head starts at zero and learns what it adds on top."""
+        The LLM path's head starts near zero (not at zero, so gradients reach LoRA from the first step)
+        and learns what it adds on top."""
         horizon, n_levels = self.shape.horizon, len(self.cfg.quantiles)
-        self.head.weight.zero_()
+        nn.init.normal_(self.head.weight, std=1e-3)
         self.head.bias.zero_()
         weight = self.linear.weight.view(horizon, n_levels, -1)
         weight.zero_()

@@ -72,6 +72,7 @@ class PrivateTraining:
         secret = torch.Generator().manual_seed(secrets.randbits(63))
         dataset = WindowDataset(train, self.units, seed=cfg.seed)
         dp_loader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=secret)
+        dp_loader.collate_fn([dataset[0]])  # teaches Opacus the batch's dict layout, in case the first draw is empty
         engine = PrivacyEngine(accountant="rdp")
         model.train()
         wrapped, dp_optimizer, dp_loader = engine.make_private(

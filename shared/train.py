@@ -121,14 +121,16 @@ def fit(
             step_model.train()
             optimizer.zero_grad(set_to_none=True)
             target = batch.pop("target")
+            # An empty Poisson batch (DP only) touches no data: its step is skipped, not noised. Whether
+            # a batch is empty depends on the sampling alone, so nothing about the data is revealed.
             if len(target):
                 with autocast(device, precision):
                     quantiles, scale = step_model(**batch)  # through Opacus' wrapper under DP
                     losses = pinball_loss(quantiles, target / scale, model.levels)
                 scaler.scale(losses.mean()).backward()
                 recent.append(losses.detach().mean().item())
-            scaler.step(optimizer)
-            scaler.update()
+                scaler.step(optimizer)
+                scaler.update()
             if anchor:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
