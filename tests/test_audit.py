@@ -99,7 +99,9 @@ def test_tiny_audit_runs_end_to_end():
         assert run["steps_run"] == 6 and run["canaries_inserted"] == 1 and run["canaries_heldout"] == 4
         for attack in run["attacks"].values():
             assert 0.0 <= attack["auc"] <= 1.0 and 0.0 <= attack["tpr_at_1pct_fpr"] <= attack["tpr_at_10pct_fpr"] <= 1.0
-        assert 0.0 <= run["canary_exposure"][0] <= run["canary_exposure_max_possible"] == pytest.approx(np.log2(5))
+        assert set(run["canary_exposure"]) == set(run["attacks"]) == {"loss", "loss_minus_init", "loss_minus_ref"}
+        for bits in run["canary_exposure"].values():
+            assert len(bits) == 1 and 0.0 <= bits[0] <= run["canary_exposure_max_possible"] == pytest.approx(np.log2(5))
     dp = runs["DP eps=4"]
     # noise from get_noise_multiplier for the charged sample rate: the planned steps spend (nearly) the whole budget
     assert dp["noise_multiplier"] > 0 and 3.9 < dp["epsilon_spent"] <= 4.0
