@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -201,8 +202,9 @@ def train_once(model, initial: dict, train, cfg, steps: int, epsilon: float | No
 # ---------------------------------------------------------------- the audit
 
 
-def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=print) -> dict[str, Any]:
-    """The whole audit for preset-like settings `p`; returns every number (no files written)."""
+def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=print, partial: Path | None = None) -> dict[str, Any]:
+    """The whole audit for preset-like settings `p`; returns every number. Only when `partial` is given,
+    the runs finished so far are written there after each one, so a killed run leaves its numbers behind."""
     import torch
 
     from shared.adapter import adapter_state
@@ -278,6 +280,8 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
                 "inserted_canary_loss": float(np.mean(loss[inserted])), "heldout_canary_loss": float(np.mean(loss[heldout])),
             }
             runs.append(run)
+            if partial is not None:
+                partial.write_text(json.dumps({"settings": p, "seeds": seeds, "epsilons": epsilons, "runs": runs}, default=float))
             log(f"[audit] seed {seed} {label}: " + (f"sigma {info['noise_multiplier']:.3f} q {info['sample_rate']:.3f} "
                 f"eps spent {info['epsilon_spent']:.3f}, " if epsilon is not None else "")
                 + f"{info['steps_run']} steps in {info['train_s']:.0f} s; loss members {run['member_loss']:.4f} vs non-members "
@@ -413,7 +417,9 @@ def main() -> None:
     info = machine()
     started = time.time()
     with Monitor() as monitor:
-        result = run_audit(p, seeds, epsilons, log=lambda m: print(m, flush=True))
+        partial = Path(tempfile.gettempdir()) / f"shopcast_{Path(args.name or 'privacy_audit').name}_partial.json"
+        print(f"[audit] runs so far are kept in {partial} until the results are written", flush=True)
+        result = run_audit(p, seeds, epsilons, log=lambda m: print(m, flush=True), partial=partial)
     wall = time.time() - started
     info = finish_info(info)
     summary = summarise_runs(result)
