@@ -226,11 +226,11 @@ def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: flo
     return "\n".join(lines)
 
 
-def write(name: str, markdown: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md = RESULTS / f"{name}.md"
+def write(name: str, markdown: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    md = folder / f"{name}.md"
     md.write_text(markdown)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return md
 
 

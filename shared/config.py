@@ -137,16 +137,28 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """What a benchmark run compares (benchmarks/accuracy.py, benchmarks/etth1.py); training ignores it."""
+
+    name: str = "synthetic"  # results go to benchmarks/results/<name>.md
+    federated: bool = True  # the Flower simulation rows (non-DP, and DP when privacy.enabled)
+    ablations: tuple[str, ...] = ("no_llm", "attention", "random_llm")  # trained like shopcast_centralised
+    threads: int = 2
+    test_stride: int = 1  # etth1: hours between test origins (the literature uses 1)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 _CHOICES = {
-    ("data", "source"): {"synthetic", "file", "walmart", "online_retail"},
+    ("data", "source"): {"synthetic", "file", "walmart", "online_retail", "etth1"},
     ("data", "negative"): {"keep", "flag", "clip", "error"},
     ("data", "fill"): {"zero", "ffill", "error"},
     ("data", "short_series"): {"error", "drop"},
@@ -217,6 +229,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("[data] context - patch_len must be a multiple of patch_stride so patches tile the context")
     if d.horizon % m.patch_len:
         raise ConfigError(f"[data] horizon ({d.horizon}) must be a multiple of patch_len ({m.patch_len})")
+    unknown_ablations = set(cfg.benchmark.ablations) - _CHOICES[("model", "variant")] - {"llm"}
+    if unknown_ablations or "llm" in cfg.benchmark.ablations:
+        raise ConfigError(f"[benchmark] ablations {sorted(cfg.benchmark.ablations)}: choose among no_llm, attention, random_llm")
     if not 0.0 < cfg.privacy.delta < 1.0 or cfg.privacy.target_epsilon <= 0:
         raise ConfigError("[privacy] needs 0 < delta < 1 and target_epsilon > 0")
     return cfg
@@ -245,13 +260,28 @@ def config_from_run(run_config: Mapping[str, Any]) -> Config:
     return load_config(PROJECT_ROOT / path if path and not Path(path).is_absolute() else path, overrides)
 
 
+def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A file's own keys over those of the file its top-level `base` names (relative to it), recursively:
+    a benchmark config says "walmart.toml, but only these stores" without repeating walmart.toml."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config files name each other as base: {' -> '.join(map(str, (*seen, path)))}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    base = raw.pop("base", None)
+    if base is None or (path.parent / base).resolve() == DEFAULT_CONFIG:
+        return raw
+    return _merge(_read_layers(path.parent / base, (*seen, path)), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Reads the defaults, then `path` (if given) over them, then dotted `overrides` over both."""
+    """Reads the defaults, then `path` (if given, over the files it names as `base`), then dotted `overrides`."""
     raw = tomllib.loads(DEFAULT_CONFIG.read_text())
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
-        try:
-            raw = _merge(raw, tomllib.loads(Path(path).read_text()))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
+        raw = _merge(raw, _read_layers(Path(path)))
     raw = _merge(raw, _dotted(overrides or {}))
     return validate(_build(Config, raw, "config"))

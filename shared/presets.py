@@ -19,6 +19,7 @@ SHARED_DATA = Path(os.environ.get("SHOPCAST_SHARED_DATA", PROJECT_ROOT.parent / 
 FILES = {
     "walmart": ("walmart_weekly", ("train.csv", "features.csv")),
     "online_retail": ("online_retail_uci", ("transactions.parquet",)),
+    "etth1": ("ETT", ("ETTh1.csv",)),
 }
 WALMART_STORES = (1, 2, 3)
 RETAIL_COUNTRIES = ("United Kingdom", "Germany", "France", "EIRE")
@@ -92,6 +93,14 @@ def load_online_retail(countries: tuple[str, ...] = RETAIL_COUNTRIES, products_p
     return pd.concat(frames, ignore_index=True)
 
 
+def load_etth1() -> pd.DataFrame:
+    """ETTh1 (hourly electricity-transformer load and oil temperature): one site, each of its 7 channels a
+    series. Not retail: it is here so the forecaster can be set beside the long-horizon literature."""
+    raw = pd.read_csv(_path("etth1", "ETTh1.csv"), parse_dates=["date"])
+    long = raw.melt(id_vars="date", var_name="channel", value_name=Y)
+    return pd.DataFrame({MERCHANT: "ETTh1", ID: "ETTh1/" + long["channel"], DS: long["date"], Y: long[Y].astype(float)})
+
+
 def load_preset(name: str, cfg: DataConfig) -> pd.DataFrame:
     """The preset `name`, narrowed to cfg.merchants and cfg.max_series_per_merchant (0 or empty: loader defaults)."""
     limit = cfg.max_series_per_merchant or None
@@ -101,4 +110,6 @@ def load_preset(name: str, cfg: DataConfig) -> pd.DataFrame:
     if name == "online_retail":
         countries = tuple(m.replace("_", " ") for m in cfg.merchants) or RETAIL_COUNTRIES
         return load_online_retail(countries, limit or PRODUCTS_PER_COUNTRY)
+    if name == "etth1":
+        return load_etth1()
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(FILES)}")

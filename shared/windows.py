@@ -101,13 +101,14 @@ class Splits:
         return self.frame.groupby(ID).tail(self.test.target.shape[1])[[MERCHANT, ID, DS, Y]]
 
 
-def _stack(pieces: list[dict[str, np.ndarray]]) -> Windows:
+def stack_windows(pieces: list[dict[str, np.ndarray]]) -> Windows:
     return Windows(**{k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]})
 
 
-def _series_windows(
+def series_windows(
     y: np.ndarray, observed: np.ndarray, known: np.ndarray, dates: pd.DatetimeIndex, starts: list[int], L: int, H: int, sid: int
 ) -> dict[str, np.ndarray]:
+    """The windows of one series starting at `starts` (fields of `Windows`, prompts not yet attached)."""
     idx = np.asarray(starts)
     ctx = idx[:, None] + np.arange(L)
     full = idx[:, None] + np.arange(L + H)
@@ -152,8 +153,8 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         last_train_start = T - 2 * H - (L + H)
         train_starts = sorted(set(range(0, last_train_start + 1, cfg.stride)) | {last_train_start})
         for name, starts in (("train", train_starts), ("val", [T - 2 * H - L]), ("test", [T - H - L]), ("future", [T - L])):
-            parts[name].append(_series_windows(y, observed, known, all_dates, starts, L, H, sid))
-    windows = {name: _stack(pieces) for name, pieces in parts.items()}
+            parts[name].append(series_windows(y, observed, known, all_dates, starts, L, H, sid))
+    windows = {name: stack_windows(pieces) for name, pieces in parts.items()}
     for w in windows.values():
         w.prompt_ids, w.prompt_mask = encode_prompts(w.context)
     return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)

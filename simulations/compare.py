@@ -1,28 +1,34 @@
 """Every contender scored on the same merchants, the same splits, the same test horizon.
 
-Shopcast in its three training regimes (federated, local-only, centralised) and the baselines a
-merchant's analyst would use today (seasonal naive, ETS/Theta, LightGBM on lags + covariates).
-This is the research harness: unlike the ClientApp it sees every merchant's data at once.
+Shopcast in its three training regimes (federated, local-only, centralised), its ablations (the LLM
+removed, replaced by one attention layer, or randomly initialised) and the baselines a merchant's
+analyst would use today (seasonal naive, ETS/Theta, LightGBM on lags + covariates). This is the
+research harness: unlike the ClientApp it sees every merchant's data at once.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shared.adapter import adapter_state, load_adapter_state
+from shared.adapter import adapter_state, load_adapter, load_adapter_state
 from shared.baselines import lightgbm, seasonal_naive, statistical
-from shared.config import Config
+from shared.config import Config, load_config
 from shared.forecast import forecast_frame
+from shared.local import build_model, load_table
 from shared.metrics import score, season_for
 from shared.model import Forecaster
 from shared.schema import DS, ID, MERCHANT, SeriesTable
 from shared.train import fit, predict
 from shared.windows import Splits, Windows, build_splits
+from simulations.federated import simulate
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +97,9 @@ def future_known(splits: dict[str, Splits], known: tuple[str, ...]) -> pd.DataFr
     return pd.concat(frames)[[MERCHANT, ID, DS, *known]]
 
 
-def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: tuple[str, ...]) -> None:
-    """Seasonal naive, ETS, Theta and per-merchant LightGBM on the histories before the test part."""
+def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: tuple[str, ...], pooled_lightgbm: bool = False) -> None:
+    """Seasonal naive, ETS, Theta and per-merchant LightGBM (also one pooled over all merchants, with
+    per-series scaling, when asked) on the histories before the test part."""
     history = pd.concat([s.history_before_test() for s in splits.values()])
     freq = next(iter(splits.values())).freq
     h, m, levels = cfg.data.horizon, season_for(freq), cfg.model.quantiles
@@ -104,3 +111,67 @@ def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: t
     started = time.time()
     gbm = lightgbm(history, h, m, levels, known=known, future_known=future_known(splits, known), pooled=False, freq=freq)
     contest.add("lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
+    if pooled_lightgbm:
+        started = time.time()
+        gbm = lightgbm(history, h, m, levels, known=known, future_known=future_known(splits, known), pooled=True, freq=freq)
+        contest.add("lightgbm_pooled", gbm, splits, cfg, time.time() - started)
+
+
+@dataclass
+class ContestRun:
+    """A finished contest and what it ran on: the federated runs' server summaries and wall times too."""
+
+    contest: Contest
+    cfg: Config
+    table: SeriesTable
+    summaries: dict[str, dict[str, Any]]
+    steps: int  # per merchant; centralised training and the ablations get steps x merchants
+
+
+def run_contest(
+    config: Path | str, overrides: dict[str, Any], out: Path, ablations: tuple[str, ...] = (), federated: bool = True,
+    pooled_lightgbm: bool = False,
+) -> ContestRun:
+    """Every contender on one config's data: federated through Flower's simulation (without DP, then
+    with it when privacy.enabled), local-only, centralised, each ablation trained like centralised,
+    and the baselines. `out` is emptied first: a run never resumes another's checkpoint or ledger.
+    Every shopcast row gets the same data budget: rounds x local steps per merchant."""
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = overrides | {"privacy.ledger_dir": str(out / "ledgers")}
+    cfg = load_config(config, overrides)
+    table = load_table(cfg)
+    merchants = table.merchants()
+    runs = {"shopcast_federated": {"privacy.enabled": False}} if federated else {}
+    if federated and cfg.privacy.enabled:
+        runs["shopcast_federated_dp"] = {"privacy.enabled": True}
+    summaries, seconds = {}, {}
+    for name, extra in runs.items():
+        run_overrides = overrides | extra | {"federation.out_dir": str(out / name)}
+        started = time.time()
+        summaries[name] = simulate(load_config(config, run_overrides), config, run_overrides, len(merchants))
+        seconds[name] = time.time() - started
+        log.info("%s: %.0f s", name, seconds[name])
+
+    contest = Contest()
+    model = build_model(cfg, table)
+    splits = merchant_splits(table, cfg, model)
+    for name in runs:
+        load_adapter(model, out / name / "final_adapter")
+        contest.add(name, model_forecast(model, splits, cfg), splits, cfg, seconds[name])
+    steps = cfg.federation.num_rounds * cfg.federation.local_steps
+    for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
+        started = time.time()
+        contest.add(name, train(model, splits, cfg, budget), splits, cfg, time.time() - started)
+        log.info("%s: %.0f s", name, contest.seconds[name])
+    del model
+    for variant in ablations:
+        vcfg = load_config(config, overrides | {"model.variant": variant})
+        started = time.time()
+        variant_model = build_model(vcfg, table)
+        variant_splits = merchant_splits(table, vcfg, variant_model)  # no prompt tokens without an LLM
+        contest.add(f"ablation_{variant}", centralised(variant_model, variant_splits, vcfg, steps * len(merchants)), splits, cfg,
+                    time.time() - started)
+        log.info("ablation_%s: %.0f s", variant, contest.seconds[f"ablation_{variant}"])
+        del variant_model
+    baselines(contest, splits, cfg, table.known, pooled_lightgbm)
+    return ContestRun(contest, cfg, table, summaries, steps)

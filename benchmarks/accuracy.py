@@ -1,0 +1,183 @@
+"""The accuracy benchmark of one dataset, driven by its config: every contender on the same splits.
+
+    .venv/bin/python -m benchmarks.accuracy configs/benchmarks/walmart.toml [--set key=value ...]
+
+Contenders (simulations.compare.run_contest): shopcast federated through Flower's simulation engine
+without and with DP-SGD, local-only (each merchant alone, the same steps), centralised (all data
+pooled, steps x merchants: the non-private upper bound), the ablations trained exactly like
+centralised (`no_llm`: the LLM removed; `attention`: one attention layer instead; `random_llm`: the
+same blocks with random weights), seasonal naive, AutoETS, AutoTheta, LightGBM per merchant and
+pooled. Any CSV is benchmarkable with a config only (`[data] source = "file"`, its column mapping,
+frequency and horizon). A preset whose files are absent is skipped with a message (exit 0).
+
+Writes <results>/<name>.md, .json, <name>_accuracy.png and <name>_forecasts.png, where <name> is
+[benchmark] name and <results> is benchmarks/results unless --results says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
+from shared.config import PROJECT_ROOT, load_config, parse_overrides
+from shared.metrics import per_merchant, summarise, to_markdown
+from shared.plots import bar_chart, fan_chart
+from shared.presets import FILES, SHARED_DATA, preset_available
+from simulations.compare import ContestRun, run_contest
+
+COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
+SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
+
+
+def head_to_head(scores: dict[str, pd.DataFrame], model: str, others: list[str], metric: str = "wql") -> pd.DataFrame:
+    """Share of series on which `model` beats each other contender (lower `metric`), and the median ratio."""
+    keys = ["merchant_id", "unique_id"]
+    mine = scores[model].set_index(keys)[metric]
+    rows = []
+    for other in others:
+        theirs = scores[other].set_index(keys)[metric].reindex(mine.index)
+        usable = mine.notna() & theirs.notna()
+        ratio = (mine[usable] / theirs[usable]).replace([np.inf, -np.inf], np.nan).dropna()
+        rows.append({"versus": other, "series": int(usable.sum()), f"{model} better ({metric})": float((mine[usable] < theirs[usable]).mean()),
+                     f"median {metric} ratio": float(ratio.median()) if len(ratio) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def where_shopcast_loses(summary: pd.DataFrame) -> list[str]:
+    """Plain sentences, generated from the numbers, on who beats each shopcast row and whether the LLM
+    earns its cost (shopcast_centralised against the ablations trained the same way)."""
+    s = summary.set_index("model")
+    lines = []
+    for row in (r for r in SHOPCAST_ROWS if r in s.index):
+        for metric in ("wql", "mase"):
+            better = sorted((m for m in s.index if m != row and s.loc[m, metric] < s.loc[row, metric]), key=lambda m: s.loc[m, metric])
+            lines.append(f"{row}, mean {metric.upper()} {s.loc[row, metric]:.3f}: rank {1 + len(better)} of {len(s)}"
+                         + (f"; loses to {', '.join(f'{m} ({s.loc[m, metric]:.3f})' for m in better)}." if better else "; best of all."))
+    if "shopcast_centralised" in s.index:
+        mine = s.loc["shopcast_centralised", "wql"]
+        for ablation in (a for a in s.index if a.startswith("ablation_")):
+            theirs = s.loc[ablation, "wql"]
+            verdict = "the pretrained LLM helps" if mine < theirs else "the pretrained LLM does not help"
+            lines.append(f"LLM vs {ablation} (same data, same steps): mean WQL {mine:.3f} vs {theirs:.3f}, {verdict} ({mine - theirs:+.3f}).")
+    return lines
+
+
+def privacy_lines(run: ContestRun) -> list[str]:
+    """ε spent per merchant in the DP federation (from each merchant's ledger via the server summary) and traffic."""
+    lines = []
+    for name, summary in run.summaries.items():
+        bytes_up = [m.get("bytes-sent", 0) for e in summary["history"] for m in e["merchants"].values()]
+        lines.append(f"{name}: adapter {summary['adapter_bytes']:,} bytes per message vs {summary['backbone_bytes']:,} bytes of backbone; "
+                     f"{sum(bytes_up):,} bytes uploaded by all merchants over {len(summary['history'])} rounds.")
+        if summary["privacy"]["enabled"]:
+            eps: dict[str, float] = {}
+            for entry in summary["history"]:
+                for pid, m in entry["merchants"].items():
+                    if m.get("epsilon") is not None:
+                        eps[run.table.merchants()[int(pid)]] = max(eps.get(run.table.merchants()[int(pid)], 0.0), m["epsilon"])
+            p = summary["privacy"]
+            lines.append(f"{name}: protected unit {p['unit']}, δ = {p['delta']:g}, budget ε ≤ {p['target_epsilon']:g}; ε spent per merchant: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eps.items())) + ".")
+    return lines
+
+
+def describe(run: ContestRun, config: str, overrides: dict[str, Any]) -> list[str]:
+    cfg, table = run.cfg, run.table
+    frame = table.frame
+    series = frame.groupby("merchant_id")["unique_id"].nunique()
+    lengths = frame.groupby("unique_id").size()
+    merchants = len(series)
+    return [
+        f"config: `{config}`, overrides {overrides}; seeds: model {cfg.model.seed}, train {cfg.train.seed}, data {cfg.data.synthetic.seed} "
+        "(DP sampling and noise draw fresh secret randomness; one seed, so differences of a few percent are noise)",
+        f"data: source `{cfg.data.source}`{f' ({cfg.data.path})' if cfg.data.path else ''}, frequency {table.freq}, {merchants} merchants, "
+        f"{int(series.sum())} series ({', '.join(f'{m}: {n}' for m, n in series.items())}), {lengths.min()}-{lengths.max()} steps each",
+        f"task: context {cfg.data.context}, horizon {cfg.data.horizon}; test = the last {cfg.data.horizon} steps of every series, "
+        f"known covariates {list(table.known)}, observed covariates {list(table.observed)}",
+        f"shopcast: backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), LoRA r={cfg.model.lora.r} on {list(cfg.model.lora.targets)}, "
+        f"batch {cfg.train.batch_size}, lr {cfg.train.lr}; {run.steps} steps per merchant (federated: {cfg.federation.num_rounds} rounds x "
+        f"{cfg.federation.local_steps} of {cfg.federation.strategy}; local-only: {run.steps} alone); centralised and ablations: "
+        f"{run.steps * merchants} steps on the pooled windows; DP: σ = {cfg.privacy.noise_multiplier}, clip {cfg.privacy.max_grad_norm}",
+        f"peak RSS of the driver process: {maxrss_mib():.0f} MiB",
+    ]
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="dataset config, e.g. configs/benchmarks/walmart.toml")
+    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. federation.num_rounds=2")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the .md/.json/.png results")
+    parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and ledgers (default runs/benchmarks/<name>)")
+    args = parser.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.accuracy", *(argv if argv is not None else sys.argv[1:])])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    overrides = parse_overrides(args.set)
+    cfg = load_config(args.config, overrides)
+    bench = cfg.benchmark
+    if cfg.data.source in FILES and not preset_available(cfg.data.source):
+        print(f"{bench.name}: skipped, the {cfg.data.source} files are not under {SHARED_DATA / FILES[cfg.data.source][0]}; "
+              "set SHOPCAST_SHARED_DATA to the folder holding them")
+        return None
+    set_threads(bench.threads)
+    info = machine()
+    started = time.time()
+    with Monitor() as monitor:
+        run = run_contest(args.config, overrides, args.work or PROJECT_ROOT / "runs" / "benchmarks" / bench.name,
+                          ablations=bench.ablations, federated=bench.federated, pooled_lightgbm=True)
+    wall = time.time() - started
+    info = finish_info(info)
+
+    scores = run.contest.scores
+    summary = summarise(scores)
+    summary["seconds"] = summary["model"].map(run.contest.seconds)
+    summary = summary[COLUMNS].sort_values("wql").reset_index(drop=True)
+    merchants = per_merchant(scores).pivot(index="model", columns="merchant_id", values="wql")
+    merchants = merchants.loc[summary["model"]].rename(columns=lambda m: f"WQL {m}").reset_index()
+    main_row = next(r for r in SHOPCAST_ROWS if r in scores)
+    h2h = head_to_head(scores, main_row, [m for m in summary["model"] if m != main_row])
+    args.results.mkdir(parents=True, exist_ok=True)
+    bar_chart(summary, "wql_gmean_rel", args.results / f"{bench.name}_accuracy.png",
+              f"{bench.name}: WQL relative to seasonal naive (geometric mean, lower is better)", reference=1.0)
+    fan_chart(run.table.frame, run.contest.forecasts[main_row], args.results / f"{bench.name}_forecasts.png",
+              f"{main_row}: median and 80% band on the test horizon")
+    markdown = "\n".join([
+        header(f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools", info, monitor.summary(), wall,
+               describe(run, args.config, overrides), command),
+        "## Accuracy over all series (lower is better except coverage; `*_gmean_rel`: geometric mean of the ratio to seasonal naive)",
+        "", to_markdown(summary),
+        "`seconds`: training and forecasting wall time of each row (federated rows include Flower's simulation start-up).", "",
+        "## Where shopcast loses", "",
+        *(f"- {line}" for line in where_shopcast_loses(summary)), "",
+        "## Per merchant (mean WQL over its series)", "",
+        to_markdown(merchants),
+        f"## {main_row} head to head (per series, WQL)", "",
+        to_markdown(h2h),
+        "## Privacy and traffic", "",
+        *(f"- {line}" for line in privacy_lines(run) or ["no federated rows in this run"]), "",
+        f"![accuracy]({bench.name}_accuracy.png)", "",
+        f"![forecasts]({bench.name}_forecasts.png)", "",
+    ])
+    print(markdown)
+    payload = {
+        "benchmark": bench.name, "config": args.config, "overrides": overrides, "machine": info, "load": monitor.summary(), "wall_s": wall,
+        "summary": summary.to_dict(orient="records"), "per_merchant": merchants.to_dict(orient="records"),
+        "head_to_head": h2h.to_dict(orient="records"), "federation": run.summaries,
+        "per_series": {name: frame.to_dict(orient="records") for name, frame in scores.items()},
+    }
+    path = write(bench.name, markdown, payload, args.results)
+    print(f"wrote {path}; benchmark {bench.name} took {wall:.0f} s ({wall / 60:.1f} min) wall")
+    return path
+
+
+if __name__ == "__main__":
+    main()
