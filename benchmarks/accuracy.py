@@ -31,7 +31,8 @@ from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, m
 from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import per_merchant, summarise, to_markdown
 from shared.plots import bar_chart, fan_chart
-from shared.presets import FILES, SHARED_DATA, preset_available
+from shared import presets
+from shared.presets import FILES, preset_available
 from simulations.compare import ContestRun, run_contest
 
 COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     cfg = load_config(args.config, overrides)
     bench = cfg.benchmark
     if cfg.data.source in FILES and not preset_available(cfg.data.source):
-        print(f"{bench.name}: skipped, the {cfg.data.source} files are not under {SHARED_DATA / FILES[cfg.data.source][0]}; "
+        print(f"{bench.name}: skipped, the {cfg.data.source} files are not under {presets.SHARED_DATA / FILES[cfg.data.source][0]}; "
               "set SHOPCAST_SHARED_DATA to the folder holding them")
         return None
     set_threads(bench.threads)

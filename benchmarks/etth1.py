@@ -26,7 +26,8 @@ from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, m
 from shared.config import PROJECT_ROOT, Config, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.local import build_model, load_table
-from shared.presets import SHARED_DATA, preset_available
+from shared import presets
+from shared.presets import preset_available
 from shared.train import fit, predict
 from shared.windows import PromptEncoder, Windows, calendar_features, series_windows, stack_windows
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.etth1", *(argv if argv is not None else sys.argv[1:])])
     if not preset_available("etth1"):
-        print(f"etth1: skipped, {SHARED_DATA / 'ETT' / 'ETTh1.csv'} not found; set SHOPCAST_SHARED_DATA to the folder holding ETT/")
+        print(f"etth1: skipped, {presets.SHARED_DATA / 'ETT' / 'ETTh1.csv'} not found; set SHOPCAST_SHARED_DATA to the folder holding ETT/")
         return None
 
     overrides = parse_overrides(args.set)
