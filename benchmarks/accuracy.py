@@ -35,7 +35,7 @@ from shared import presets
 from shared.presets import FILES, preset_available
 from simulations.compare import ContestRun, run_contest
 
-COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
+COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "seconds"]
 SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
 
 
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     markdown = "\n".join([
         header(f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools", info, monitor.summary(), wall,
                describe(run, args.config, overrides), command),
-        "## Accuracy over all series (lower is better except coverage; `*_gmean_rel`: geometric mean of the ratio to seasonal naive)",
+        "## Accuracy over all series (lower is better; `*_gmean_rel`: geometric mean of the ratio to seasonal naive; "
+        "`coverage_80`: share of actuals inside the 10%-90% band, 0.8 is ideal)",
         "", to_markdown(summary),
         "`seconds`: training and forecasting wall time of each row (federated rows include Flower's simulation start-up).", "",
         "## Where shopcast loses", "",
