@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and ledgers (default runs/benchmarks/<name>)")
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.accuracy", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # an import (Ray's) has already given the root logger a handler; force, or the progress lines vanish
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)
