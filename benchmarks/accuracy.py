@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     args.results.mkdir(parents=True, exist_ok=True)
     bar_chart(summary, "wql_gmean_rel", args.results / f"{bench.name}_accuracy.png",
               f"{bench.name}: WQL relative to seasonal naive (geometric mean, lower is better)", reference=1.0)
-    fan_chart(run.table.frame, run.contest.forecasts[main_row], args.results / f"{bench.name}_forecasts.png",
-              f"{main_row}: median and 80% band on the test horizon")
+    with_actuals = run.contest.forecasts[main_row].merge(run.table.frame[["unique_id", "ds", "y"]], on=["unique_id", "ds"])
+    fan_chart(run.table.frame, with_actuals, args.results / f"{bench.name}_forecasts.png",
+              f"{main_row}: median and 80% band on the test horizon, actuals dashed")
     markdown = "\n".join([
         header(f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools", info, monitor.summary(), wall,
                describe(run, args.config, overrides), command),
