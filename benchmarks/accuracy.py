@@ -67,7 +67,8 @@ def where_shopcast_loses(summary: pd.DataFrame) -> list[str]:
         mine = s.loc["shopcast_centralised", "wql"]
         for ablation in (a for a in s.index if a.startswith("ablation_")):
             theirs = s.loc[ablation, "wql"]
-            verdict = "the pretrained LLM helps" if mine < theirs else "the pretrained LLM does not help"
+            verdict = ("no clear difference (under 2%, within one seed's noise)" if abs(mine - theirs) < 0.02 * theirs
+                       else "the pretrained LLM helps" if mine < theirs else "the pretrained LLM does not help")
             lines.append(f"LLM vs {ablation} (same data, same steps): mean WQL {mine:.3f} vs {theirs:.3f}, {verdict} ({mine - theirs:+.3f}).")
     return lines
 
