@@ -82,13 +82,17 @@ def privacy_lines(run: ContestRun) -> list[str]:
                      f"{sum(bytes_up):,} bytes uploaded by all merchants over {len(summary['history'])} rounds.")
         if summary["privacy"]["enabled"]:
             eps: dict[str, float] = {}
+            steps: dict[str, int] = {}
             for entry in summary["history"]:
                 for pid, m in entry["merchants"].items():
+                    merchant = run.table.merchants()[int(pid)]
                     if m.get("epsilon") is not None:
-                        eps[run.table.merchants()[int(pid)]] = max(eps.get(run.table.merchants()[int(pid)], 0.0), m["epsilon"])
+                        eps[merchant] = max(eps.get(merchant, 0.0), m["epsilon"])
+                        steps[merchant] = steps.get(merchant, 0) + int(m.get("steps") or 0)
             p = summary["privacy"]
-            lines.append(f"{name}: protected unit {p['unit']}, δ = {p['delta']:g}, budget ε ≤ {p['target_epsilon']:g}; ε spent per merchant: "
-                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eps.items())) + ".")
+            lines.append(f"{name}: protected unit {p['unit']}, δ = {p['delta']:g}, budget ε ≤ {p['target_epsilon']:g}; ε spent (DP steps "
+                         f"trained of {run.steps} planned) per merchant: "
+                         + ", ".join(f"{k} {v:.2f} ({steps[k]})" for k, v in sorted(eps.items())) + ".")
     return lines
 
 

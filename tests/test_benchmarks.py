@@ -103,7 +103,7 @@ ablations = ["no_llm"]
     assert {row["merchant_id"] for row in result["per_series"]["shopcast_federated_dp"]} == {"north", "south"}
     assert result["federation"]["shopcast_federated_dp"]["privacy"]["enabled"]
     text = (tmp_path / "results" / "shops.md").read_text()
-    assert "ε spent per merchant: north" in text and "frequency W-SUN" in text
+    assert "per merchant: north" in text and "frequency W-SUN" in text
 
 
 def test_a_missing_preset_is_skipped_with_a_message(monkeypatch, tmp_path: Path, capsys) -> None:
