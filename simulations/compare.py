@@ -108,13 +108,12 @@ def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: t
     started = time.time()
     for name, forecast in statistical(history, h, m, levels, freq=freq).items():
         contest.add(name, forecast, splits, cfg, (time.time() - started) / 2)
-    started = time.time()
-    gbm = lightgbm(history, h, m, levels, known=known, future_known=future_known(splits, known), pooled=False, freq=freq)
-    contest.add("lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
-    if pooled_lightgbm:
+    planned = future_known(splits, known)
+    gbm_variants = {"lightgbm_per_merchant": False} | ({"lightgbm_pooled": True} if pooled_lightgbm else {})
+    for name, pooled in gbm_variants.items():
         started = time.time()
-        gbm = lightgbm(history, h, m, levels, known=known, future_known=future_known(splits, known), pooled=True, freq=freq)
-        contest.add("lightgbm_pooled", gbm, splits, cfg, time.time() - started)
+        gbm = lightgbm(history, h, m, levels, known=known, future_known=planned, pooled=pooled, freq=freq)
+        contest.add(name, gbm, splits, cfg, time.time() - started)
 
 
 @dataclass

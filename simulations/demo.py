@@ -25,7 +25,7 @@ def main(
     config: Path = typer.Option(Path("configs/default.toml"), help="TOML config; keys not set fall back to configs/default.toml"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set federation.num_rounds=2"),
 ) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)  # Ray's import set a handler
     overrides = parse_overrides(set_)
     out = Path(load_config(config, overrides).federation.out_dir)
     run = run_contest(config, overrides, out)
