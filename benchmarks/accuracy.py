@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 
 from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
+from shared import presets
 from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import per_merchant, summarise, to_markdown
 from shared.plots import bar_chart, fan_chart
-from shared import presets
 from shared.presets import FILES, preset_available
 from simulations.compare import ContestRun, run_contest
 

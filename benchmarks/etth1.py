@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
-from shared.config import PROJECT_ROOT, Config, load_config, parse_overrides
-from shared.metrics import to_markdown
-from shared.local import build_model, load_table
 from shared import presets
+from shared.config import Config, load_config, parse_overrides
+from shared.local import build_model, load_table
+from shared.metrics import to_markdown
 from shared.presets import preset_available
 from shared.train import fit, predict
 from shared.windows import PromptEncoder, Windows, calendar_features, series_windows, stack_windows
