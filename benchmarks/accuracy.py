@@ -35,7 +35,7 @@ from shared.plots import bar_chart, fan_chart
 from shared.presets import FILES, preset_available
 from simulations.compare import ContestRun, run_contest
 
-COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "seconds"]
+COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
 SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
 
 
@@ -108,7 +108,7 @@ def describe(run: ContestRun, config: str, overrides: dict[str, Any]) -> list[st
         f"data: source `{cfg.data.source}`{f' ({cfg.data.path})' if cfg.data.path else ''}, frequency {table.freq}, {merchants} merchants, "
         f"{int(series.sum())} series ({', '.join(f'{m}: {n}' for m, n in series.items())}), {lengths.min()}-{lengths.max()} steps each",
         f"task: context {cfg.data.context}, horizon {cfg.data.horizon}; test = the last {cfg.data.horizon} steps of every series, "
-        f"known covariates {list(table.known)}, observed covariates {list(table.observed)}",
+        f"known covariates {list(table.known)}, observed covariates {list(table.observed)}; quantile levels {list(cfg.model.quantiles)}",
         f"shopcast: backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), LoRA r={cfg.model.lora.r} on {list(cfg.model.lora.targets)}, "
         f"batch {cfg.train.batch_size}, lr {cfg.train.lr}; {run.steps} steps per merchant (federated: {cfg.federation.num_rounds} rounds x "
         f"{cfg.federation.local_steps} of {cfg.federation.strategy}; local-only: {run.steps} alone); centralised and ablations: "
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         header(f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools", info, monitor.summary(), wall,
                describe(run, args.config, overrides), command),
         "## Accuracy over all series (lower is better; `*_gmean_rel`: geometric mean of the ratio to seasonal naive; "
-        "`coverage_80`: share of actuals inside the 10%-90% band, 0.8 is ideal)",
+        "`coverage_80` / `coverage_90`: share of actuals inside the 10%-90% / 5%-95% band, 0.8 / 0.9 is ideal; "
+        "`wql`: mean pinball loss over all the quantile levels / sum |y|)",
         "", to_markdown(summary),
         "`seconds`: training and forecasting wall time of each row (federated rows include Flower's simulation start-up).", "",
         "## Where shopcast loses", "",

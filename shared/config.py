@@ -79,7 +79,7 @@ class ModelConfig:
     prompt: bool = True
     prompt_max_tokens: int = 40
     domain: str = "Daily unit sales of one product of an online shop."
-    quantiles: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     nonnegative: bool = True
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
+from shared.config import ModelConfig
 from shared.plots import bar_chart
 from shared.schema import quantile_column
 from shared.synthetic import generate_merchants
 
-LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-QUANTILES = [quantile_column(q) for q in LEVELS]
+QUANTILES = [quantile_column(q) for q in ModelConfig().quantiles]
 FAST = {
     "model.backbone": '"tiny"', "model.llm_layers": "2", "train.max_steps": "6", "train.eval_every": "3",
     "train.device": "cpu", "data.synthetic.n_merchants": "2", "data.synthetic.n_days": "240",
