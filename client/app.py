@@ -18,23 +18,20 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.mods import client_privacy_mod
-from shared.adapter import AdapterMismatch, adapter_state, load_adapter_state
+from shared.adapter import AdapterMismatch, adapter_bytes, adapter_state, load_adapter_state
 from shared.config import Config, config_from_run
-from shared.forecast import forecast_frame
-from shared.local import build_model, load_table
-from shared.metrics import score, season_for
-from shared.privacy import PrivateTraining, open_ledger
-from shared.train import fit, predict
-from shared.windows import Splits, build_splits
+from shared.pipeline import ForecastPipeline
+from shared.sources import load_table, merchant_of_partition
+from shared.windows import Splits
 
 log = logging.getLogger(__name__)
 BUDGET_EXHAUSTED = 901  # error code a merchant replies with when its privacy budget is spent
 
 
 @lru_cache(maxsize=2)
-def _model(cfg: Config):
+def _pipeline(cfg: Config) -> ForecastPipeline:
     """One forecaster (frozen backbone + adapter) per process, reused for every merchant and round."""
-    return build_model(cfg)
+    return ForecastPipeline.from_config(cfg)
 
 
 @lru_cache(maxsize=None)
@@ -43,20 +40,17 @@ def _merchant(cfg: Config, partition_id: int, data_path: str | None) -> tuple[st
     if data_path is not None:
         cfg = replace(cfg, data=replace(cfg.data, source="file", path=data_path))
     table = load_table(cfg)
-    merchants = table.merchants()
-    if data_path is None and not 0 <= partition_id < len(merchants):
-        raise ValueError(f"partition-id {partition_id} but the data has {len(merchants)} merchants")
-    merchant = merchants[0] if data_path is not None else merchants[partition_id]
-    return merchant, build_splits(table.for_merchant(merchant), cfg.data, _model(cfg).encode_prompts)
+    merchant = table.merchants()[0] if data_path is not None else merchant_of_partition(table.merchants(), partition_id)
+    return merchant, _pipeline(cfg).splits(table.for_merchant(merchant))
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context) -> tuple[ForecastPipeline, str, Splits]:
     cfg = config_from_run(context.run_config)
     data_path = context.node_config.get("data-path")
     merchant, splits = _merchant(cfg, int(context.node_config.get("partition-id", 0)), None if data_path is None else str(data_path))
-    model = _model(cfg)
-    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    return cfg, merchant, splits, model
+    pipeline = _pipeline(cfg)
+    load_adapter_state(pipeline.model, msg.content["arrays"].to_torch_state_dict())
+    return pipeline, merchant, splits
 
 
 def _identity(context: Context) -> dict[str, int]:
@@ -67,39 +61,33 @@ def _identity(context: Context) -> dict[str, int]:
 
 def train(msg: Message, context: Context) -> Message:
     try:
-        cfg, merchant, splits, model = _setup(msg, context)
+        pipeline, merchant, splits = _setup(msg, context)
     except AdapterMismatch as exc:
         return Message(Error(code=902, reason=f"received adapter rejected: {exc}"), reply_to=msg)
-    privacy = None
-    if cfg.privacy.enabled:
-        ledger = open_ledger(cfg.privacy, merchant)
-        privacy = PrivateTraining(cfg.privacy, ledger, splits.train, cfg.train.batch_size, cfg.data.context + cfg.data.horizon)
+    cfg = pipeline.cfg
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    result = fit(model, splits.train, None, cfg.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu)
+    privacy = pipeline.private_training(merchant, splits.train)
+    result = pipeline.fit(splits.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu)
     if result.status == "budget_exhausted":
         reason = f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of {cfg.privacy.target_epsilon}); declining to train"
         log.warning(reason)
         return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
-    state = adapter_state(model)
     metrics = {
         "train-loss": result.train_loss,
         "num-examples": len(splits.train),
         "steps": result.steps,
-        "bytes-sent": sum(t.numel() * t.element_size() for t in state.values()),
+        "bytes-sent": adapter_bytes(pipeline.model),
         **_identity(context),
     }
     if result.epsilon is not None:
         metrics.update({"epsilon": result.epsilon, "delta": cfg.privacy.delta})
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(adapter_state(pipeline.model)), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Holdout metrics on the merchant's last horizon (the test split), as means over its series."""
-    cfg, merchant, splits, model = _setup(msg, context)
-    device = next(model.parameters()).device
-    quantiles = predict(model, splits.test, device)
-    forecast = forecast_frame(splits, splits.test, quantiles, cfg.model.quantiles)
-    scores = score(forecast, splits.test_actuals(), splits.history_before_test(), season_for(splits.freq), cfg.model.quantiles)
+    pipeline, _, splits = _setup(msg, context)
+    scores = pipeline.score(splits)
     metrics = {
         "mase": float(np.nanmean(scores["mase"])),
         "wql": float(np.nanmean(scores["wql"])),

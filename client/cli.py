@@ -11,9 +11,7 @@ what to fix rather than a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -23,17 +21,14 @@ import pandas as pd
 import typer
 from tqdm import tqdm
 
-from shared.adapter import AdapterMismatch, load_adapter, save_adapter
+from shared.adapter import AdapterMismatch
 from shared.config import Config, ConfigError, load_config, parse_overrides
-from shared.forecast import forecast_frame
-from shared.local import build_model, load_table, select_merchants
-from shared.metrics import METRICS, score, season_for
-from shared.model import Forecaster
+from shared.metrics import METRICS
+from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.privacy import PrivateTraining, open_ledger
 from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, read_table
-from shared.train import fit, predict
-from shared.windows import Splits, build_splits
+from shared.sources import load_table, one_merchant
+from shared.windows import Splits
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -62,12 +57,7 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def merchant_table(cfg: Config, merchant: str | None) -> tuple[str, SeriesTable]:
-    table = load_table(cfg)
-    if merchant is None:
-        if len(table.merchants()) != 1:
-            raise ConfigError(f"choose a merchant with --merchant; the data has {table.merchants()}")
-        merchant = table.merchants()[0]
-    return merchant, select_merchants(table, [merchant])
+    return one_merchant(load_table(cfg), merchant)
 
 
 def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFrame | None:
@@ -89,50 +79,39 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     return raw
 
 
-def model_and_splits(cfg: Config, table: SeriesTable, future: pd.DataFrame | None = None) -> tuple[Forecaster, Splits]:
-    model = build_model(cfg, table)
-    return model, build_splits(table, cfg.data, model.encode_prompts, future_known=future)
-
-
-def train_model(cfg: Config, merchant: str, model: Forecaster, splits: Splits, out: Path) -> None:
+def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path) -> None:
     """Early-stopped local training (fixed length under DP), then test-split scores and the adapter."""
-    privacy = None
-    if cfg.privacy.enabled:
-        window = cfg.data.context + cfg.data.horizon
-        privacy = PrivateTraining(cfg.privacy, open_ledger(cfg.privacy, merchant), splits.train, cfg.train.batch_size, window)
+    cfg = pipeline.cfg
+    privacy = pipeline.private_training(merchant, splits.train)
     with tqdm(total=cfg.train.max_steps, desc=f"training {merchant}", unit="step") as bar:
-        result = fit(model, splits.train, splits.val, cfg.train, privacy=privacy, on_step=lambda step: bar.update(1))
+        result = pipeline.fit(splits.train, splits.val, privacy=privacy, on_step=lambda step: bar.update(1))
     typer.echo(f"{merchant}: {result.steps} steps, train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
                + (f", epsilon {result.epsilon:.2f}" if result.epsilon is not None else ""))
     if result.status != "ok":
         typer.secho(f"warning: training stopped early: {result.status}", fg=typer.colors.YELLOW, err=True)
 
-    levels = cfg.model.quantiles
-    device = next(model.parameters()).device
-    test = forecast_frame(splits, splits.test, predict(model, splits.test, device), levels)
-    actual = splits.test_actuals()
-    scores = score(test, actual, splits.history_before_test(), season_for(splits.freq), levels)
+    test = pipeline.predict_frame(splits, splits.test)
+    scores = pipeline.score(splits, test)
     out.mkdir(parents=True, exist_ok=True)
     scores.to_csv(out / "metrics.csv", index=False)
     means = scores[list(METRICS)].mean().round(4).to_dict()
     typer.echo("test: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
-    test = test.merge(actual[[ID, DS, Y]], on=[ID, DS], how="left")
+    test = test.merge(splits.test_actuals()[[ID, DS, Y]], on=[ID, DS], how="left")
     fan_chart(splits.frame, test, out / "test.png", f"{merchant}: test split (dashed = actual)")
 
     meta = {"merchant": merchant, "freq": splits.freq, "steps": result.steps, "train_loss": result.train_loss,
             "val_loss": result.val_loss, "epsilon": result.epsilon, "test": means}
-    save_adapter(model, out, meta)
+    pipeline.save(out, meta)
     typer.echo(f"adapter, metrics.csv and test.png written to {out}")
 
 
-def write_forecast(cfg: Config, merchant: str, model: Forecaster, splits: Splits, out: Path) -> None:
+def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path) -> None:
     """The horizon after the last date: forecast.csv and a fan chart under `out`."""
-    quantiles = predict(model, splits.future, next(model.parameters()).device)
-    frame = forecast_frame(splits, splits.future, quantiles, cfg.model.quantiles)
+    frame = pipeline.predict_frame(splits, splits.future)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
     fan_chart(splits.frame, frame, out / "forecast.png", f"{merchant}: forecast from {frame[DS].min().date()} (median, 80% band)")
-    typer.echo(f"forecast of {frame[ID].nunique()} series x {cfg.data.horizon} steps written to {out / 'forecast.csv'}")
+    typer.echo(f"forecast of {frame[ID].nunique()} series x {pipeline.cfg.data.horizon} steps written to {out / 'forecast.csv'}")
 
 
 @app.callback()
@@ -151,8 +130,8 @@ def train(
     """Train an adapter on one merchant's data; writes the adapter and its test-split scores."""
     cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
-    model, splits = model_and_splits(cfg, table)
-    train_model(cfg, merchant, model, splits, out or Path("runs/local") / merchant)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    train_model(pipeline, merchant, pipeline.splits(table), out or Path("runs/local") / merchant)
 
 
 @app.command()
@@ -169,22 +148,12 @@ def forecast(
 
     The model settings come from the adapter's meta.json, so they always match the trained weights.
     """
-    overrides = parse_overrides(sets or [])
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
     adapter = adapter or Path("runs/local") / merchant
-    meta_path = adapter / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found; train an adapter first with `shopcast train`")
-    meta = json.loads(meta_path.read_text())
-    cfg = load_config(config, {**overrides, "model": meta["model"],
-                               "data.context": meta["shape"]["context"], "data.horizon": meta["shape"]["horizon"]})
-    model, splits = model_and_splits(cfg, table, read_future(future, cfg, table))
-    if (trained := meta["shape"]) != (now := dataclasses.asdict(model.shape)):
-        raise AdapterMismatch(f"adapter {adapter} was trained for inputs {trained}, but this data gives {now}; "
-                              "check [data.columns] known/observed and freq")
-    load_adapter(model, adapter)
-    write_forecast(cfg, merchant, model, splits, out or adapter)
+    pipeline = ForecastPipeline.from_adapter(adapter, cfg)
+    splits = pipeline.splits(table, read_future(future, pipeline.cfg, table))
+    write_forecast(pipeline, merchant, splits, out or adapter)
 
 
 @app.command()
@@ -199,10 +168,11 @@ def local(
     """Train on one merchant's data, then forecast its next horizon: the quick start."""
     cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
-    model, splits = model_and_splits(cfg, table, read_future(future, cfg, table))
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    splits = pipeline.splits(table, read_future(future, cfg, table))
     out = out or Path("runs/local") / merchant
-    train_model(cfg, merchant, model, splits, out)
-    write_forecast(cfg, merchant, model, splits, out)
+    train_model(pipeline, merchant, splits, out)
+    write_forecast(pipeline, merchant, splits, out)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.secagg import SecAggAggregation, secagg_workflow
 from server.strategy import make_strategy
-from shared.adapter import adapter_shapes, adapter_state, backbone_bytes, load_adapter, load_adapter_state, save_adapter
+from shared.adapter import adapter_bytes, adapter_shapes, adapter_state, backbone_bytes, load_adapter, load_adapter_state, save_adapter
 from shared.config import Config, config_from_run
-from shared.local import build_model
+from shared.pipeline import ForecastPipeline
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -36,7 +36,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     """All rounds still to run for this config; returns the run summary."""
     out = Path(cfg.federation.out_dir)
     checkpoint = out / "checkpoint"
-    model = build_model(cfg)  # seeded: the same initial adapter as every merchant's
+    model = ForecastPipeline.from_config(cfg).model  # seeded: the same initial adapter as every merchant's
     history: list[dict[str, Any]] = []
     if (checkpoint / "meta.json").exists():
         history = load_adapter(model, checkpoint)["history"]
@@ -64,7 +64,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         "rounds": len(strategy.history),
         "strategy": cfg.federation.strategy,
         "wall_s": time.time() - started,
-        "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter_state(model).values()),
+        "adapter_bytes": adapter_bytes(model),
         "backbone_bytes": backbone_bytes(model),
         "privacy": {"enabled": cfg.privacy.enabled, "unit": cfg.privacy.unit, "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
@@ -84,7 +84,7 @@ def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], nu
     """`num_rounds` rounds through SecAggPlusWorkflow: the server only ever sees the merchants' mean adapter.
 
     Flower 1.41 has SecAgg+ for the legacy workflow API only (a `LegacyContext` around a legacy
-    strategy, driven by `DefaultWorkflow`); the merchants need `server.strategy.client_privacy_mod`.
+    strategy, driven by `DefaultWorkflow`); the merchants need `client.mods.client_privacy_mod`.
     """
 
     def after_round(server_round: int, arrays: dict[str, Any]) -> None:

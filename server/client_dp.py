@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -19,15 +18,12 @@ from flwr.serverapp.strategy import (
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from server.guard import GuardedAggregation
+from server.guard import GuardedAggregation, update_norm
 from shared.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
-#
 # Class order of the strategy built for federation.client_dp != "off":
 #     GuardedAggregation -> ClientLevelDP -> Flower DP wrapper  (holding)  FedAvg | FedProx
 # so every reply is first validated by the guard on the raw update (keys, shapes, finiteness, norm
@@ -97,8 +93,9 @@ class ClientLevelDP:
     - each noised round is written to the round record with the ε any one merchant has spent so far.
     """
 
-    client_dp_mode: str
-    client_dp_delta: float
+    def __init__(self, *args: Any, client_dp_mode: str, client_dp_delta: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client_dp_mode, self.client_dp_delta = client_dp_mode, client_dp_delta
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [self._equal_weight(msg) for msg in replies if self._within_clip(server_round, msg)]
@@ -131,8 +128,7 @@ class ClientLevelDP:
     def _within_clip(self, server_round: int, msg: Message) -> bool:
         if self.client_dp_mode != "client_fixed":
             return True
-        arrays = msg.content["arrays"]
-        norm = float(np.sqrt(sum(np.sum((np.asarray(v.numpy(), dtype=np.float64) - self._global[k]) ** 2) for k, v in arrays.items())))
+        norm = update_norm({k: v.numpy() for k, v in msg.content["arrays"].items()}, self._global)
         if norm <= self.clipping_norm * (1 + 1e-4):
             return True
         reason = f"update norm {norm:.4g} exceeds the client clip {self.clipping_norm}: is the merchant's clipping mod missing?"
@@ -179,8 +175,9 @@ class AdaptiveClientLevelDP(ClientLevelDP):
             self.clipping_norm, self._pending_clipping_norm = self._pending_clipping_norm, None
 
 
-def make_client_dp_strategy(cfg: Config, inner: FedAvg, expected: dict[str, tuple[int, ...]], history: list[dict[str, Any]] | None = None) -> Strategy:
-    """The guarded strategy for federation.client_dp = server_fixed | server_adaptive | client_fixed, around `inner`."""
+def make_client_dp_strategy(cfg: Config, inner: FedAvg, guard: dict[str, Any]) -> Strategy:
+    """The guarded strategy for federation.client_dp = server_fixed | server_adaptive | client_fixed, around
+    `inner`; `guard` holds GuardedAggregation's options (server.guard.guard_options)."""
     fed = cfg.federation
     n = max(fed.num_merchants, fed.min_replies)  # the wrappers' initial cohort size; reset to the real one each round
     kwargs: dict[str, Any] = {"noise_multiplier": fed.client_dp_noise, "num_sampled_clients": n}
@@ -197,9 +194,5 @@ def make_client_dp_strategy(cfg: Config, inner: FedAvg, expected: dict[str, tupl
         kwargs.update(initial_clipping_norm=fed.client_dp_clip, target_clipped_quantile=fed.client_dp_target_quantile, clipped_count_stddev=count_std)
     else:
         raise ConfigError(f"[federation] unknown client_dp {fed.client_dp!r}")
-    strategy = type(f"Guarded{wrapper.__name__}", (GuardedAggregation, mixin, wrapper), {})(inner, **kwargs)
-    strategy.expected, strategy.max_update_norm, strategy.min_replies = expected, fed.max_update_norm, fed.min_replies
-    strategy.history = history if history is not None else []
-    strategy.round_offset = len(strategy.history)
-    strategy.client_dp_mode, strategy.client_dp_delta = fed.client_dp, fed.client_dp_delta
-    return strategy
+    strategy_class = type(f"Guarded{wrapper.__name__}", (GuardedAggregation, mixin, wrapper), {})
+    return strategy_class(inner, client_dp_mode=fed.client_dp, client_dp_delta=fed.client_dp_delta, **kwargs, **guard)

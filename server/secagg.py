@@ -8,23 +8,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_inplace
 
 from server.client_dp import release_record
-from shared.adapter import ADAPTER_KEYS, AdapterMismatch, check_update
+from server.guard import merchant_key, new_round, record_evaluation, update_rejection
+from shared.adapter import ADAPTER_KEYS
 from shared.config import Config
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------
-# SecAgg+: Flower's legacy workflow (docs/secure-aggregation.md)
-# --------------------------------------------------------------------------------------------------
-#
 # flwr 1.41 offers SecAgg+ only as `flwr.server.workflow.SecAggPlusWorkflow`, run by the legacy
 # `DefaultWorkflow` with a `LegacyContext` and a legacy `flwr.server.strategy.Strategy`; the
 # Message-API strategies (`flwr.serverapp.strategy`) have no secure-aggregation hook. The workflow
@@ -52,7 +48,6 @@ class SecAggAggregation(LegacyFedAvg):
         fed = self.fed = cfg.federation
         self.keys, self.history, self.on_round = list(initial), history, on_round
         self.expected = {k: tuple(v.shape) for k, v in initial.items()}
-        self.round_offset = len(history)
         super().__init__(
             min_fit_clients=fed.min_replies, min_evaluate_clients=fed.min_replies, min_available_clients=fed.min_replies,
             initial_parameters=ndarrays_to_parameters([initial[k] for k in self.keys]), on_fit_config_fn=self._fit_config,
@@ -79,9 +74,7 @@ class SecAggAggregation(LegacyFedAvg):
         self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
         self._started = time.time()
         # appended now, so a round whose secure aggregation halts still counts as a round run
-        self._current = {
-            "round": server_round + self.round_offset, "merchants": {}, "rejected": [], "failures": [], "accepted": 0, "secagg": True, "halted": True,
-        }
+        self._current = new_round(len(self.history) + 1) | {"secagg": True, "halted": True}
         self.history.append(self._current)
         return super().configure_fit(server_round, parameters, client_manager)
 
@@ -94,18 +87,21 @@ class SecAggAggregation(LegacyFedAvg):
             self._current["failures"].append({"node": node, "reason": reason})
         for proxy, fitres in results:
             metrics = dict(fitres.metrics)
-            self._current["merchants"][str(int(metrics.get("partition-id", proxy.node_id)))] = {"node": proxy.node_id, **metrics}
+            self._current["merchants"][merchant_key(metrics, proxy.node_id)] = {"node": proxy.node_id, **metrics}
         self._current["accepted"], self._current["halted"] = len(results), False
         self._current["wall_s"] = time.time() - self._started
         if len(results) < fed.min_replies:
             log.warning("round %d: %d merchants in the secure sum < min_replies %d; global adapter unchanged", server_round, len(results), fed.min_replies)
             return None, {}
         mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters), strict=True))  # every FitRes holds the mean
-        reason = self.rejection(mean)
+        reason = update_rejection(mean, self.expected, self._global, fed.max_update_norm)
         if reason is not None:
             log.warning("round %d: securely aggregated mean rejected: %s", server_round, reason)
             self._current["rejected"].append({"node": None, "reason": f"aggregate: {reason}"})
             return None, {}
+        edge = max(float(np.abs(v).max()) for v in mean.values())
+        if edge >= fed.secagg_clipping_range:
+            log.warning("adapter values reach the SecAgg+ clipping range %g (max |x| = %.3g); raise secagg_clipping_range", fed.secagg_clipping_range, edge)
         arrays = [mean[k].astype(self._global[k].dtype, copy=True) for k in self.keys]
         if fed.client_dp == "client_fixed":  # central noise on the unmasked mean of client-clipped updates
             add_gaussian_noise_inplace(arrays, fed.client_dp_noise * fed.client_dp_clip / len(results))
@@ -118,23 +114,7 @@ class SecAggAggregation(LegacyFedAvg):
         self._current["aggregated"] = aggregated
         return ndarrays_to_parameters(arrays), aggregated
 
-    def rejection(self, mean: dict[str, np.ndarray]) -> str | None:
-        """Why the securely aggregated mean must not become the global adapter, or None."""
-        try:
-            check_update({k: torch.from_numpy(np.asarray(v)) for k, v in mean.items()}, self.expected)
-        except AdapterMismatch as exc:
-            return str(exc)
-        norm = float(np.sqrt(sum(np.sum((mean[k] - self._global[k]) ** 2) for k in self.keys)))
-        if norm > self.fed.max_update_norm:
-            return f"mean update norm {norm:.3g} exceeds the bound {self.fed.max_update_norm}"
-        edge = max(float(np.abs(v).max()) for v in mean.values())
-        if edge >= self.fed.secagg_clipping_range:
-            log.warning("adapter values reach the SecAgg+ clipping range %g (max |x| = %.3g); raise secagg_clipping_range", self.fed.secagg_clipping_range, edge)
-        return None
-
     def aggregate_evaluate(self, server_round, results, failures):
         for proxy, res in results:
-            metrics = dict(res.metrics)
-            key = str(int(metrics.get("partition-id", proxy.node_id)))
-            self.history[-1]["merchants"].setdefault(key, {}).update({f"eval-{k}": v for k, v in metrics.items()})
+            record_evaluation(self.history[-1], dict(res.metrics), proxy.node_id)
         return super().aggregate_evaluate(server_round, results, failures)

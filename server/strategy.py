@@ -9,7 +9,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from server.client_dp import DP_WEIGHT, check_privacy_options, make_client_dp_strategy
-from server.guard import GuardedAggregation
+from server.guard import GuardedAggregation, guard_options
 from shared.config import Config
 
 _BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
@@ -26,10 +26,7 @@ def make_strategy(cfg: Config, expected: dict[str, tuple[int, ...]], history: li
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
     check_privacy_options(cfg)
+    guard = guard_options(cfg, expected, history)
     if fed.client_dp != "off":
-        return make_client_dp_strategy(cfg, base(weighted_by_key=DP_WEIGHT, **kwargs), expected, history)
-    strategy = type(f"Guarded{base.__name__}", (GuardedAggregation, base), {})(**kwargs)
-    strategy.expected, strategy.max_update_norm, strategy.min_replies = expected, fed.max_update_norm, fed.min_replies
-    strategy.history = history if history is not None else []
-    strategy.round_offset = len(strategy.history)
-    return strategy
+        return make_client_dp_strategy(cfg, base(weighted_by_key=DP_WEIGHT, **kwargs), guard)
+    return type(f"Guarded{base.__name__}", (GuardedAggregation, base), {})(**kwargs, **guard)

@@ -285,3 +285,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = _merge(raw, _read_layers(Path(path)))
     raw = _merge(raw, _dotted(overrides or {}))
     return validate(_build(Config, raw, "config"))
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """`cfg` with dotted `overrides` on top, validated like a loaded file: a variant of a run's config
+    (an ablation, an adapter's own model settings) without going back to the files it came from."""
+    return validate(_build(Config, _merge(dataclasses.asdict(cfg), _dotted(overrides)), "config"))

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 
-from shared.config import PrivacyConfig, TrainConfig
+from shared.config import Config, PrivacyConfig, TrainConfig
 from shared.ledger import PrivacyLedger
 from shared.windows import WindowDataset, Windows
 
@@ -40,6 +41,23 @@ def privacy_units(windows: Windows, unit: str, window_length: int) -> list[np.nd
     return units
 
 
+def sample_rate(cfg: Config, train: Windows) -> float:
+    """The probability with which each protected unit is Poisson-sampled per step, which is also
+    what the merchant's ledger is charged: one expected batch of `batch_size` units (or all of them)."""
+    return _rate(len(privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon)), cfg.train.batch_size)
+
+
+def _rate(units: int, batch_size: int) -> float:
+    return 1.0 / int(np.ceil(units / min(batch_size, units)))
+
+
+def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier with which `steps` steps at `sample_rate` spend exactly `target_epsilon`
+    (Opacus' RDP search), so a planned run ends on its budget instead of stopping short of its steps."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                      accountant="rdp"))
+
+
 def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
     """The merchant's own ledger file, kept on its disk across rounds and restarts."""
     path = Path(cfg.ledger_dir) / f"{merchant.replace('/', '_')}.json"
@@ -49,13 +67,16 @@ def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
 class PrivateTraining:
     """One DP training session: reserves budget, wraps model and optimiser with Opacus, unwraps."""
 
-    def __init__(self, cfg: PrivacyConfig, ledger: PrivacyLedger, train: Windows, batch_size: int, window_length: int):
-        self.cfg, self.ledger = cfg, ledger
-        self.units = privacy_units(train, cfg.unit, window_length)
-        self.batch_size = min(batch_size, len(self.units))
-        # each unit is Poisson-sampled with this probability; the ledger is charged the same
-        self.sample_rate = 1.0 / int(np.ceil(len(self.units) / self.batch_size))
+    def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows):
+        self.cfg, self.ledger = cfg.privacy, ledger
+        self.units = privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon)
+        self.sample_rate = _rate(len(self.units), cfg.train.batch_size)
         self._wrapped: GradSampleModule | None = None
+
+    @classmethod
+    def for_merchant(cls, cfg: Config, merchant: str, train: Windows) -> PrivateTraining:
+        """The session of `merchant`, charged to its own ledger on its disk."""
+        return cls(cfg, open_ledger(cfg.privacy, merchant), train)
 
     def reserve(self, planned_steps: int) -> int:
         """Records as many of `planned_steps` as the remaining budget allows; returns that number."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,15 +48,18 @@ class TrainResult:
     status: str = "ok"
 
 
+def _in_order(windows: Windows, device: torch.device, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Consecutive batches of windows (indices, model inputs on `device`), for evaluation and prediction."""
+    for start in range(0, len(windows), batch_size):
+        index = np.arange(start, min(start + batch_size, len(windows)))
+        yield index, {k: v.to(device) for k, v in windows.tensors(index).items()}
+
+
 @torch.no_grad()
 def evaluate_loss(model: Forecaster, windows: Windows, device: torch.device, batch_size: int = 64) -> float:
     model.eval()
-    losses = []
-    for start in range(0, len(windows), batch_size):
-        index = np.arange(start, min(start + batch_size, len(windows)))
-        inputs = {k: v.to(device) for k, v in windows.tensors(index).items()}
-        target = torch.as_tensor(windows.target[index], dtype=torch.float32, device=device)
-        losses.append(model.loss(target, **inputs).cpu())
+    losses = [model.loss(torch.as_tensor(windows.target[index], dtype=torch.float32, device=device), **inputs).cpu()
+              for index, inputs in _in_order(windows, device, batch_size)]
     return float(torch.cat(losses).mean()) if losses else float("nan")
 
 
@@ -64,16 +67,55 @@ def evaluate_loss(model: Forecaster, windows: Windows, device: torch.device, bat
 def predict(model: Forecaster, windows: Windows, device: torch.device, batch_size: int = 64) -> np.ndarray:
     """Quantile forecasts [N, H, Q] in the series' own units."""
     model.eval()
-    out = []
-    for start in range(0, len(windows), batch_size):
-        index = np.arange(start, min(start + batch_size, len(windows)))
-        out.append(model.predict(**{k: v.to(device) for k, v in windows.tensors(index).items()}).cpu().numpy())
+    out = [model.predict(**inputs).cpu().numpy() for _, inputs in _in_order(windows, device, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, model.shape.horizon, len(model.cfg.quantiles)))
 
 
-def _infinite(loader: DataLoader):
+def _uniform_batches(train: Windows, cfg: TrainConfig, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of windows drawn uniformly with replacement: the non-private sampling."""
+    dataset = WindowDataset(train, seed=cfg.seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=steps * cfg.batch_size)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     while True:
         yield from loader
+
+
+@dataclass
+class _EarlyStopping:
+    """Keeps the adapter with the best validation loss; says stop after `patience` evaluations without gain."""
+
+    patience: int
+    best_loss: float = float("inf")
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals: int = 0
+
+    def should_stop(self, model: Forecaster, val_loss: float) -> bool:
+        if val_loss < self.best_loss - 1e-6:
+            self.best_loss, self.best_state, self.bad_evals = val_loss, adapter_state(model), 0
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+
+def _train_step(step_model: torch.nn.Module, model: Forecaster, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, precision: str) -> float | None:
+    """One optimiser step; its mean pinball loss, or None for an empty (Poisson, DP only) batch.
+
+    An empty batch touches no data: its step is skipped, not noised. Whether a batch is empty
+    depends on the sampling alone, so nothing about the data is revealed.
+    """
+    step_model.train()
+    optimizer.zero_grad(set_to_none=True)
+    target = batch.pop("target")
+    if not len(target):
+        return None
+    with autocast(target.device, precision):
+        quantiles, scale = step_model(**batch)  # through Opacus' wrapper under DP
+        losses = pinball_loss(quantiles, target / scale, model.levels)
+    scaler.scale(losses.mean()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return losses.detach().mean().item()
 
 
 def fit(
@@ -97,7 +139,7 @@ def fit(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps if steps is not None else cfg.max_steps
-    early_stopping = steps is None and val is not None and cfg.eval_every > 0 and privacy is None
+    stopping = _EarlyStopping(cfg.patience) if steps is None and val is not None and cfg.eval_every > 0 and privacy is None else None
     precision = cfg.precision
     if privacy is not None:
         total = privacy.reserve(total)
@@ -108,50 +150,35 @@ def fit(
             precision = "fp32"
         step_model, optimizer, batches = privacy.attach(model, optimizer, train, cfg)
     else:
-        dataset = WindowDataset(train, seed=cfg.seed)
-        sampler = RandomSampler(dataset, replacement=True, num_samples=total * cfg.batch_size)
-        batches = _infinite(DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler))
-        step_model = model
+        step_model, batches = model, _uniform_batches(train, cfg, total)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-    best_val, best_state, bad_evals, recent, history = float("inf"), None, 0, [], []
+    recent: list[float] = []
+    history: list[dict[str, float]] = []
     done = 0
     try:
         for done in range(1, total + 1):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            step_model.train()
-            optimizer.zero_grad(set_to_none=True)
-            target = batch.pop("target")
-            # An empty Poisson batch (DP only) touches no data: its step is skipped, not noised. Whether
-            # a batch is empty depends on the sampling alone, so nothing about the data is revealed.
-            if len(target):
-                with autocast(device, precision):
-                    quantiles, scale = step_model(**batch)  # through Opacus' wrapper under DP
-                    losses = pinball_loss(quantiles, target / scale, model.levels)
-                scaler.scale(losses.mean()).backward()
-                recent.append(losses.detach().mean().item())
-                scaler.step(optimizer)
-                scaler.update()
+            loss = _train_step(step_model, model, {k: v.to(device) for k, v in next(batches).items()}, optimizer, scaler, precision)
+            if loss is not None:
+                recent.append(loss)
             if anchor:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
                         p.sub_(cfg.lr * proximal_mu * (p - a))
             if on_step is not None:
                 on_step(done)
-            if early_stopping and done % cfg.eval_every == 0:
+            if stopping is not None and done % cfg.eval_every == 0:
                 val_loss = evaluate_loss(model, val, device)
                 history.append({"step": done, "train_loss": float(np.mean(recent)), "val_loss": val_loss})
-                if val_loss < best_val - 1e-6:
-                    best_val, best_state, bad_evals = val_loss, adapter_state(model), 0
-                else:
-                    bad_evals += 1
-                    if bad_evals >= cfg.patience:
-                        log.info("early stop at step %d (best val %.4f)", done, best_val)
-                        break
+                if stopping.should_stop(model, val_loss):
+                    log.info("early stop at step %d (best val %.4f)", done, stopping.best_loss)
+                    break
     finally:
         if privacy is not None:
             privacy.detach()
-    if best_state is not None:
-        load_adapter_state(model, best_state)
-    val_loss = best_val if best_state is not None else (evaluate_loss(model, val, device) if val is not None else float("nan"))
+    if stopping is not None and stopping.best_state is not None:
+        load_adapter_state(model, stopping.best_state)
+        val_loss = stopping.best_loss
+    else:
+        val_loss = evaluate_loss(model, val, device) if val is not None else float("nan")
     train_loss = float(np.mean(recent[-max(1, cfg.eval_every) :])) if recent else float("nan")
     return TrainResult(done, train_loss, val_loss, history, privacy.epsilon() if privacy else None)

@@ -20,14 +20,12 @@ import pandas as pd
 
 from shared.adapter import adapter_state, load_adapter, load_adapter_state
 from shared.baselines import lightgbm, seasonal_naive, statistical
-from shared.config import Config, load_config
-from shared.forecast import forecast_frame
-from shared.local import build_model, load_table
+from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
-from shared.model import Forecaster
+from shared.pipeline import ForecastPipeline
 from shared.schema import DS, ID, MERCHANT, SeriesTable
-from shared.train import fit, predict
-from shared.windows import Splits, Windows, build_splits
+from shared.sources import load_table
+from shared.windows import Splits, Windows
 from simulations.federated import simulate
 
 log = logging.getLogger(__name__)
@@ -50,15 +48,12 @@ class Contest:
         self.forecasts[name] = forecast
 
 
-def merchant_splits(table: SeriesTable, cfg: Config, model: Forecaster) -> dict[str, Splits]:
-    return {m: build_splits(table.for_merchant(m), cfg.data, model.encode_prompts) for m in table.merchants()}
+def merchant_splits(pipeline: ForecastPipeline, table: SeriesTable) -> dict[str, Splits]:
+    return {m: pipeline.splits(table.for_merchant(m)) for m in table.merchants()}
 
 
-def model_forecast(model: Forecaster, splits: dict[str, Splits], cfg: Config) -> pd.DataFrame:
-    device = next(model.parameters()).device
-    return pd.concat(
-        [forecast_frame(s, s.test, predict(model, s.test, device), cfg.model.quantiles) for s in splits.values()], ignore_index=True
-    )
+def model_forecast(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
+    return pd.concat([pipeline.predict_frame(s, s.test) for s in splits.values()], ignore_index=True)
 
 
 def concat_windows(parts: list[Windows]) -> Windows:
@@ -69,24 +64,24 @@ def concat_windows(parts: list[Windows]) -> Windows:
     return Windows(**pooled)
 
 
-def local_only(model: Forecaster, splits: dict[str, Splits], cfg: Config, steps: int) -> pd.DataFrame:
+def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
     """Each merchant alone: the same initial adapter and step budget as a federated merchant."""
-    initial = adapter_state(model)
+    initial = adapter_state(pipeline.model)
     forecasts = []
     for merchant, s in splits.items():
-        load_adapter_state(model, initial)
-        fit(model, s.train, None, cfg.train, steps=steps)
-        forecasts.append(model_forecast(model, {merchant: s}, cfg))
-    load_adapter_state(model, initial)
+        load_adapter_state(pipeline.model, initial)
+        pipeline.fit(s.train, steps=steps)
+        forecasts.append(model_forecast(pipeline, {merchant: s}))
+    load_adapter_state(pipeline.model, initial)
     return pd.concat(forecasts, ignore_index=True)
 
 
-def centralised(model: Forecaster, splits: dict[str, Splits], cfg: Config, steps: int) -> pd.DataFrame:
+def centralised(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
     """All merchants' windows pooled in one place: the non-private upper bound."""
-    initial = adapter_state(model)
-    fit(model, concat_windows([s.train for s in splits.values()]), None, cfg.train, steps=steps)
-    forecast = model_forecast(model, splits, cfg)
-    load_adapter_state(model, initial)
+    initial = adapter_state(pipeline.model)
+    pipeline.fit(concat_windows([s.train for s in splits.values()]), steps=steps)
+    forecast = model_forecast(pipeline, splits)
+    load_adapter_state(pipeline.model, initial)
     return forecast
 
 
@@ -152,25 +147,23 @@ def run_contest(
         log.info("%s: %.0f s", name, seconds[name])
 
     contest = Contest()
-    model = build_model(cfg, table)
-    splits = merchant_splits(table, cfg, model)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    splits = merchant_splits(pipeline, table)
     for name in runs:
-        load_adapter(model, out / name / "final_adapter")
-        contest.add(name, model_forecast(model, splits, cfg), splits, cfg, seconds[name])
+        load_adapter(pipeline.model, out / name / "final_adapter")
+        contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds[name])
     steps = cfg.federation.num_rounds * cfg.federation.local_steps
     for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
         started = time.time()
-        contest.add(name, train(model, splits, cfg, budget), splits, cfg, time.time() - started)
+        contest.add(name, train(pipeline, splits, budget), splits, cfg, time.time() - started)
         log.info("%s: %.0f s", name, contest.seconds[name])
-    del model
+    del pipeline
     for variant in ablations:
-        vcfg = load_config(config, overrides | {"model.variant": variant})
-        started = time.time()
-        variant_model = build_model(vcfg, table)
-        variant_splits = merchant_splits(table, vcfg, variant_model)  # no prompt tokens without an LLM
-        contest.add(f"ablation_{variant}", centralised(variant_model, variant_splits, vcfg, steps * len(merchants)), splits, cfg,
-                    time.time() - started)
-        log.info("ablation_%s: %.0f s", variant, contest.seconds[f"ablation_{variant}"])
-        del variant_model
+        name, started = f"ablation_{variant}", time.time()
+        ablation = ForecastPipeline.from_config(with_overrides(cfg, {"model.variant": variant}), table)
+        ablation_splits = merchant_splits(ablation, table)  # no prompt tokens without an LLM
+        contest.add(name, centralised(ablation, ablation_splits, steps * len(merchants)), splits, cfg, time.time() - started)
+        log.info("%s: %.0f s", name, contest.seconds[name])
+        del ablation
     baselines(contest, splits, cfg, table.known, pooled_lightgbm)
     return ContestRun(contest, cfg, table, summaries, steps)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from shared.config import Config, load_config
-from shared.local import build_model
 from shared.model import Forecaster
+from shared.pipeline import ForecastPipeline
 from shared.schema import SeriesTable, prepare
 from shared.synthetic import generate_merchants
-from shared.windows import Splits, build_splits
+from shared.windows import Splits
 
 TINY = {"model.backbone": "tiny", "model.llm_layers": 2}
 
@@ -39,8 +39,8 @@ def tiny_config(**overrides: Any) -> Config:
 
 
 def build_forecaster(cfg: Config, table: SeriesTable) -> tuple[Forecaster, Splits]:
-    model = build_model(cfg, table)
-    return model, build_splits(table, cfg.data, model.encode_prompts)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    return pipeline.model, pipeline.splits(table)
 
 
 def seasonal_frame(n_series: int = 3, n_days: int = 300, noise: float = 0.3, seed: int = 0) -> pd.DataFrame:

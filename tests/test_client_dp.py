@@ -37,7 +37,7 @@ from server.client_dp import DP_WEIGHT, ClientLevelDP, client_epsilon
 from server.strategy import make_strategy
 from shared.adapter import ADAPTER_KEYS, adapter_state
 from shared.config import ConfigError, load_config
-from shared.local import build_model
+from shared.pipeline import ForecastPipeline
 from simulations.federated import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
@@ -356,7 +356,7 @@ def _check_server_noise(cfg, summary, rounds, clip_on_server: bool) -> None:
 def test_server_side_dp_federation_completes_with_calibrated_noise(tmp_path: Path) -> None:
     cfg, summary, taps = _simulate(tmp_path, 2, {"client_dp": "server_fixed", "client_dp_clip": 0.5}, lambda _cfg: [client_privacy_mod])
     assert summary["rounds"] == 2 and all(h["accepted"] == 2 and not h["rejected"] for h in summary["history"])
-    initial = {k: v.numpy() for k, v in adapter_state(build_model(cfg)).items()}
+    initial = {k: v.numpy() for k, v in adapter_state(ForecastPipeline.from_config(cfg).model).items()}
     assert any(not np.array_equal(initial[k], v) for k, v in _final(cfg).items())
     rounds = _by_round(_taps(taps["inner"]))
     assert max(_norm(_update(e)) for e in rounds[1].values()) > 0.5  # so the server's clipping acts

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 from shared.adapter import adapter_shapes, adapter_state
 from shared.config import load_config
-from shared.local import build_model
+from shared.pipeline import ForecastPipeline
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +57,9 @@ def baseline(tmp_path_factory):
 
 def test_final_adapter_is_trained_from_the_seeded_initial_one(baseline):
     cfg, out = baseline["cfg"], baseline["base"] / "out"
-    initial = {k: v.numpy() for k, v in adapter_state(build_model(cfg)).items()}
+    initial = {k: v.numpy() for k, v in adapter_state(ForecastPipeline.from_config(cfg).model).items()}
     final = _final_adapter(out)
-    assert set(final) == set(initial) == set(adapter_shapes(build_model(cfg)))
+    assert set(final) == set(initial) == set(adapter_shapes(ForecastPipeline.from_config(cfg).model))
     assert all(final[k].shape == initial[k].shape and np.isfinite(final[k]).all() for k in final)
     moved = math.sqrt(sum(float(np.sum((final[k].astype(np.float64) - initial[k]) ** 2)) for k in final))
     assert moved > 1e-3, f"final adapter is (almost) the initial one: distance {moved}"
@@ -158,7 +158,7 @@ def faults(tmp_path_factory):
     records = base / "records"
     records.mkdir()
     overrides = run_overrides(base, **{"federation.num_rounds": 4, "federation.strategy": "fedmedian", "privacy.enabled": False})
-    n_coordinates = sum(math.prod(s) for s in adapter_shapes(build_model(load_config(TINY_CONFIG, overrides))).values())
+    n_coordinates = sum(math.prod(s) for s in adapter_shapes(ForecastPipeline.from_config(load_config(TINY_CONFIG, overrides)).model).values())
     shift = SHIFT_NORM / math.sqrt(n_coordinates)
     mods = [
         Recorder(records, keep_incoming=True),  # outermost: records what actually leaves the merchant

@@ -28,7 +28,7 @@ import shared.privacy as shared_privacy
 from shared.adapter import adapter_state
 from shared.ledger import PrivacyLedger
 from shared.model import pinball_loss
-from shared.privacy import PrivateTraining, open_ledger, privacy_units
+from shared.privacy import PrivateTraining, open_ledger, privacy_units, sample_rate
 from shared.train import fit
 from shared.windows import WindowDataset
 
@@ -50,7 +50,7 @@ def _window_length(cfg) -> int:
 
 
 def _session(cfg, splits, tmp_path: Path, merchant: str = "m0") -> PrivateTraining:
-    return PrivateTraining(cfg.privacy, open_ledger(cfg.privacy, merchant), splits.train, cfg.train.batch_size, _window_length(cfg))
+    return PrivateTraining.for_merchant(cfg, merchant, splits.train)
 
 
 def _first_nonempty(batches) -> dict[str, torch.Tensor]:
@@ -259,7 +259,7 @@ def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_pat
     loader = created[0]
     n_units = len(privacy_units(splits.train, unit, _window_length(cfg)))
     assert len(loader.dataset) == n_units  # Opacus samples units, not windows
-    assert loader.sample_rate == privacy.sample_rate
+    assert loader.sample_rate == privacy.sample_rate == sample_rate(cfg, splits.train)
     assert privacy.ledger.history == [(cfg.privacy.noise_multiplier, loader.sample_rate, 2)]
 
     # Poisson sampling of units: each batch holds distinct units, on average rate * units of them

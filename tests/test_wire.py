@@ -14,9 +14,9 @@ import pytest
 from fed_helpers import N_MERCHANTS, baseline_run
 
 from shared.adapter import adapter_shapes
-from shared.local import build_model, load_table
+from shared.pipeline import ForecastPipeline
 from shared.schema import Y
-from shared.windows import build_splits
+from shared.sources import load_table, merchant_of_partition
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +39,11 @@ def merchants(recorded):
     """partition id -> (merchant's validated table, its splits), the way client/app.py picks them."""
     cfg = recorded["cfg"]
     table = load_table(cfg)
-    model = build_model(cfg)
+    pipeline = ForecastPipeline.from_config(cfg)
     out = {}
     for p in range(N_MERCHANTS):
-        mine = table.for_merchant(table.merchants()[p % len(table.merchants())])
-        out[p] = (mine, build_splits(mine, cfg.data, model.encode_prompts))
+        mine = table.for_merchant(merchant_of_partition(table.merchants(), p))
+        out[p] = (mine, pipeline.splits(mine))
     return out
 
 
@@ -56,7 +56,7 @@ def test_every_message_got_exactly_one_successful_reply(recorded):
 
 
 def test_only_adapter_tensors_and_allowed_scalars_leave(recorded):
-    expected_shapes = adapter_shapes(build_model(recorded["cfg"]))
+    expected_shapes = adapter_shapes(ForecastPipeline.from_config(recorded["cfg"]).model)
     for r in recorded["records"]:
         where = (r["kind"], r["round"], r["partition"])
         content = r["content"]

@@ -1,0 +1,114 @@
+"""One object from a merchant's table to a scored forecast: build or load, fit, predict, score.
+
+As Chronos' pipeline does for its users, `ForecastPipeline` holds the config and the forecaster
+together, so the model's input shape is derived in one place (`input_shape`), every caller cuts
+windows the same way, and a saved adapter brings back the settings it was trained with. The
+ClientApp, the CLI, the server and the benchmarks all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shared.adapter import AdapterMismatch, load_adapter, save_adapter
+from shared.config import Config, ConfigError, with_overrides
+from shared.metrics import score, season_for
+from shared.model import Forecaster, SeriesShape
+from shared.privacy import PrivateTraining
+from shared.schema import DS, ID, MERCHANT, SeriesTable, quantile_column
+from shared.train import TrainResult, fit, predict, resolve_device
+from shared.windows import Splits, Windows, build_splits, calendar_features
+
+
+def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
+    """Calendar features of the data's frequency plus its covariates, for `table` or, without one,
+    for any table `prepare` makes under cfg (the server sizes the model without data)."""
+    data = cfg.data
+    if table is not None:
+        freq, n_known, n_observed = table.freq, len(table.known), len(table.observed)
+    elif data.freq == "auto":
+        raise ConfigError('[data] freq = "auto" is decided by the data; set it (e.g. "D", "W-FRI") to size the model without data')
+    else:  # prepare emits exactly the configured covariates, plus the negative-sales flag under negative = "flag"
+        freq, n_known, n_observed = data.freq, len(data.columns.known), len(data.columns.observed) + (data.negative == "flag")
+    n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
+    return SeriesShape(data.context, data.horizon, n_known=n_calendar + n_known, n_observed=n_observed)
+
+
+def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
+    """Long frame merchant_id, unique_id, ds, q0.05 … q0.95: one row per window and horizon step."""
+    n, horizon, _ = quantiles.shape
+    rows = []
+    for i in range(n):
+        sid = int(windows.series[i])
+        block = pd.DataFrame(quantiles[i], columns=[quantile_column(q) for q in levels])
+        block.insert(0, DS, pd.date_range(windows.target_start[i], periods=horizon, freq=splits.freq))
+        block.insert(0, ID, splits.series_ids[sid])
+        block.insert(0, MERCHANT, splits.merchant_of[sid])
+        rows.append(block)
+    return pd.concat(rows, ignore_index=True)
+
+
+class ForecastPipeline:
+    """A config and the forecaster it builds; the seeded initial adapter is the same for everyone
+    with the same config, which federation relies on."""
+
+    def __init__(self, cfg: Config, shape: SeriesShape) -> None:
+        self.cfg = cfg
+        self.model = Forecaster(cfg.model, shape, device=resolve_device(cfg.train.device))
+
+    @classmethod
+    def from_config(cls, cfg: Config, table: SeriesTable | None = None) -> ForecastPipeline:
+        """Sized for `table`, else from the config alone."""
+        return cls(cfg, input_shape(cfg, table))
+
+    @classmethod
+    def from_adapter(cls, directory: str | Path, cfg: Config) -> ForecastPipeline:
+        """A trained adapter with the model settings, context and horizon it was trained with (its
+        meta.json), the rest (data, device) from `cfg`."""
+        meta_path = Path(directory) / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found; train an adapter first with `shopcast train`")
+        meta = json.loads(meta_path.read_text())
+        shape = meta["shape"]
+        cfg = with_overrides(cfg, {"model": meta["model"], "data.context": shape["context"], "data.horizon": shape["horizon"]})
+        pipeline = cls(cfg, SeriesShape(**shape))
+        load_adapter(pipeline.model, directory)
+        return pipeline
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def splits(self, table: SeriesTable, future: pd.DataFrame | None = None) -> Splits:
+        """The table's windows, with the prompts this model reads; data shaped unlike the model is refused."""
+        if (now := input_shape(self.cfg, table)) != self.model.shape:
+            raise AdapterMismatch(f"the model takes inputs {self.model.shape}, but this data gives {now}; "
+                                  "check [data.columns] known/observed and freq")
+        return build_splits(table, self.cfg.data, self.model.encode_prompts, future_known=future)
+
+    def fit(self, train: Windows, val: Windows | None = None, **options: Any) -> TrainResult:
+        """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""
+        return fit(self.model, train, val, self.cfg.train, **options)
+
+    def private_training(self, merchant: str, train: Windows) -> PrivateTraining | None:
+        """The merchant's DP-SGD session when the config turns privacy on."""
+        return PrivateTraining.for_merchant(self.cfg, merchant, train) if self.cfg.privacy.enabled else None
+
+    def predict_frame(self, splits: Splits, windows: Windows) -> pd.DataFrame:
+        """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame."""
+        return forecast_frame(splits, windows, predict(self.model, windows, self.device), self.cfg.model.quantiles)
+
+    def score(self, splits: Splits, forecast: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Per-series MASE, sMAPE, WQL and coverage of the test-split forecast (made here unless given)."""
+        forecast = self.predict_frame(splits, splits.test) if forecast is None else forecast
+        season = season_for(splits.freq)
+        return score(forecast, splits.test_actuals(), splits.history_before_test(), season, self.cfg.model.quantiles)
+
+    def save(self, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        return save_adapter(self.model, directory, meta)
