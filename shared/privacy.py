@@ -22,7 +22,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 
-from shared.config import Config, PrivacyConfig, TrainConfig
+from shared.config import Config, PrivacyConfig
 from shared.ledger import PrivacyLedger
 from shared.windows import WindowDataset, Windows
 
@@ -86,12 +86,12 @@ class PrivateTraining:
         return steps
 
     def attach(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows, cfg: TrainConfig
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Iterator[dict[str, torch.Tensor]]]:
         # Sampling and noise draw from a fresh secret seed: seeded from the (public) config they could
         # be regenerated and subtracted, and would repeat every round.
         secret = torch.Generator().manual_seed(secrets.randbits(63))
-        dataset = WindowDataset(train, self.units, seed=cfg.seed)
+        dataset = WindowDataset(train, self.units, seed=secrets.randbits(128))
         dp_loader = DPDataLoader(dataset, sample_rate=self.sample_rate, generator=secret)
         dp_loader.collate_fn([dataset[0]])  # teaches Opacus the batch's dict layout, in case the first draw is empty
         engine = PrivacyEngine(accountant="rdp")
@@ -107,6 +107,14 @@ class PrivateTraining:
                 yield from dp_loader
 
         return wrapped, dp_optimizer, batches()
+
+    @staticmethod
+    def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+        """The step of an empty Poisson batch: the clipped sum is zero, the noise is not. Skipping it
+        would run a different mechanism from the one the ledger charges for every planned step."""
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
 
     def detach(self) -> None:
         """Removes Opacus' hooks so the same forecaster serves the next round or merchant."""

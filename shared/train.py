@@ -73,7 +73,7 @@ def predict(model: Forecaster, windows: Windows, device: torch.device, batch_siz
 
 def _uniform_batches(train: Windows, cfg: TrainConfig, steps: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of windows drawn uniformly with replacement: the non-private sampling."""
-    dataset = WindowDataset(train, seed=cfg.seed)
+    dataset = WindowDataset(train)
     sampler = RandomSampler(dataset, replacement=True, num_samples=steps * cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     while True:
@@ -98,17 +98,11 @@ class _EarlyStopping:
 
 
 def _train_step(step_model: torch.nn.Module, model: Forecaster, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, precision: str) -> float | None:
-    """One optimiser step; its mean pinball loss, or None for an empty (Poisson, DP only) batch.
-
-    An empty batch touches no data: its step is skipped, not noised. Whether a batch is empty
-    depends on the sampling alone, so nothing about the data is revealed.
-    """
+                scaler: torch.amp.GradScaler, precision: str) -> float:
+    """One optimiser step on a non-empty batch; its mean pinball loss."""
     step_model.train()
     optimizer.zero_grad(set_to_none=True)
     target = batch.pop("target")
-    if not len(target):
-        return None
     with autocast(target.device, precision):
         quantiles, scale = step_model(**batch)  # through Opacus' wrapper under DP
         losses = pinball_loss(quantiles, target / scale, model.levels)
@@ -148,7 +142,7 @@ def fit(
         if precision != "fp32":
             log.warning("DP-SGD runs in fp32: Opacus' per-sample gradients fail under autocast (opacus #740)")
             precision = "fp32"
-        step_model, optimizer, batches = privacy.attach(model, optimizer, train, cfg)
+        step_model, optimizer, batches = privacy.attach(model, optimizer, train)
     else:
         step_model, batches = model, _uniform_batches(train, cfg, total)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
@@ -157,9 +151,12 @@ def fit(
     done = 0
     try:
         for done in range(1, total + 1):
-            loss = _train_step(step_model, model, {k: v.to(device) for k, v in next(batches).items()}, optimizer, scaler, precision)
-            if loss is not None:
-                recent.append(loss)
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            if len(batch["target"]):
+                recent.append(_train_step(step_model, model, batch, optimizer, scaler, precision))
+            else:  # an empty Poisson batch, only under DP
+                optimizer.zero_grad(set_to_none=True)
+                privacy.noise_only_step(optimizer)
             if anchor:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):

@@ -169,13 +169,17 @@ class WindowDataset(Dataset):
 
     def __init__(self, windows: Windows, units: list[np.ndarray] | None = None, seed: int = 0):
         self.windows, self.units = windows, units
-        self.rng = np.random.default_rng(seed)
+        # One generator per unit: the window a unit contributes depends on its own draws only, never on
+        # which other units were sampled before it, so a dataset with one unit more or less changes one
+        # clipped gradient of a step, not the windows of all the others.
+        children = np.random.SeedSequence(seed).spawn(len(units)) if units is not None else []
+        self.unit_rngs = [np.random.default_rng(child) for child in children]
 
     def __len__(self) -> int:
         return len(self.units) if self.units is not None else len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        index = int(self.rng.choice(self.units[i])) if self.units is not None else i
+        index = int(self.unit_rngs[i].choice(self.units[i])) if self.units is not None else i
         item = {k: v[0] for k, v in self.windows.tensors(np.array([index])).items()}
         item["target"] = torch.as_tensor(self.windows.target[index], dtype=torch.float32)
         return item

@@ -66,7 +66,7 @@ def _backward_one_batch(model, cfg, splits, tmp_path: Path):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     torch.manual_seed(0)
-    wrapped, dp_optimizer, batches = privacy.attach(model, optimizer, splits.train, cfg.train)
+    wrapped, dp_optimizer, batches = privacy.attach(model, optimizer, splits.train)
     batch = _first_nonempty(batches)
     target = batch.pop("target")
     quantiles, scale = wrapped(**batch)
@@ -270,6 +270,43 @@ def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_pat
         sizes.append(len(indices))
     expected = privacy.sample_rate * n_units
     assert abs(np.mean(sizes) - expected) < 4 * np.sqrt(expected / 400) + 0.05
+
+
+def test_a_units_window_does_not_depend_on_which_other_units_were_sampled(splits_of_series) -> None:
+    """Neighbouring datasets D and D + one unit: with the same secret seed, every unit of D contributes
+    the same windows whether or not the extra unit is drawn in between (one clipped gradient apart)."""
+    train, units = splits_of_series
+    d, d_plus = WindowDataset(train, units[:-1], seed=1234), WindowDataset(train, units, seed=1234)
+    extra = len(units) - 1
+    for step in range(20):
+        for unit in range(extra):
+            if step % 2:
+                d_plus[extra]  # the extra unit is sampled before this one in D + 1 only
+            np.testing.assert_array_equal(d[unit]["target"].numpy(), d_plus[unit]["target"].numpy())
+
+
+@pytest.fixture
+def splits_of_series(tiny_model_and_splits):
+    _, splits = tiny_model_and_splits
+    units = privacy_units(splits.train, "series", 0)
+    assert len(units) >= 3 and all(len(u) > 1 for u in units), "test is vacuous: units need several windows each"
+    return splits.train, units
+
+
+def test_an_empty_poisson_batch_still_takes_a_noised_step(make_forecaster, tmp_path: Path, monkeypatch) -> None:
+    """The ledger charges every planned step as a Gaussian release, so an empty batch must release noise too."""
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.noise_multiplier": 1.0})
+    before = adapter_state(model)
+
+    class Empty(DPDataLoader):  # every draw empty: only the noise can move the adapter
+        def __init__(self, dataset, sample_rate, generator):
+            super().__init__(dataset, sample_rate=1e-12, generator=generator)
+
+    monkeypatch.setattr(shared_privacy, "DPDataLoader", Empty)
+    result = fit(model, splits.train, None, cfg.train, steps=2, privacy=_session(cfg, splits, tmp_path))
+    assert result.status == "ok" and result.steps == 2
+    moved = [name for name, tensor in adapter_state(model).items() if not torch.equal(tensor, before[name])]
+    assert moved == list(before), "some tensors got no noise on an empty batch"
 
 
 # --- budget and accounting -------------------------------------------------------------------------------
