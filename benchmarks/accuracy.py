@@ -16,26 +16,21 @@ Writes <results>/<name>.md, .json, <name>_accuracy.png and <name>_forecasts.png,
 
 from __future__ import annotations
 
-import argparse
-import logging
-import shlex
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
-from shared import presets
+from benchmarks.scaffold import Run, arguments, data_missing, maxrss_mib, quiet
 from shared.config import PROJECT_ROOT, load_config, parse_overrides
-from shared.metrics import per_merchant, summarise, to_markdown
+from shared.metrics import to_markdown
 from shared.plots import bar_chart, fan_chart
-from shared.presets import FILES, preset_available
+from shared.presets import FILES
+from shared.sources import merchant_of_partition
 from simulations.compare import ContestRun, run_contest
+from simulations.report import accuracy_summary, merchant_wql
 
-COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
 SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
 
 
@@ -85,7 +80,7 @@ def privacy_lines(run: ContestRun) -> list[str]:
             steps: dict[str, int] = {}
             for entry in summary["history"]:
                 for pid, m in entry["merchants"].items():
-                    merchant = run.table.merchants()[int(pid)]
+                    merchant = merchant_of_partition(run.table.merchants(), pid)
                     if m.get("epsilon") is not None:
                         eps[merchant] = max(eps.get(merchant, 0.0), m["epsilon"])
                         steps[merchant] = steps.get(merchant, 0) + int(m.get("steps") or 0)
@@ -118,38 +113,24 @@ def describe(run: ContestRun, config: str, overrides: dict[str, Any]) -> list[st
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("config", help="dataset config, e.g. configs/benchmarks/walmart.toml")
-    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. federation.num_rounds=2")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the .md/.json/.png results")
     parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and ledgers (default runs/benchmarks/<name>)")
     args = parser.parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.accuracy", *(argv if argv is not None else sys.argv[1:])])
-    # an import (Ray's) has already given the root logger a handler; force, or the progress lines vanish
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    quiet(progress=True)
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)
     bench = cfg.benchmark
-    if cfg.data.source in FILES and not preset_available(cfg.data.source):
-        print(f"{bench.name}: skipped, the {cfg.data.source} files are not under {presets.SHARED_DATA / FILES[cfg.data.source][0]}; "
-              "set SHOPCAST_SHARED_DATA to the folder holding them")
+    if cfg.data.source in FILES and data_missing(cfg.data.source, bench.name):
         return None
-    set_threads(bench.threads)
-    info = machine()
-    started = time.time()
-    with Monitor() as monitor:
+    with Run("benchmarks.accuracy", argv, threads=bench.threads) as bench_run:
         run = run_contest(args.config, overrides, args.work or PROJECT_ROOT / "runs" / "benchmarks" / bench.name,
                           ablations=bench.ablations, federated=bench.federated, pooled_lightgbm=True)
-    wall = time.time() - started
-    info = finish_info(info)
 
     scores = run.contest.scores
-    summary = summarise(scores)
-    summary["seconds"] = summary["model"].map(run.contest.seconds)
-    summary = summary[COLUMNS].sort_values("wql").reset_index(drop=True)
-    merchants = per_merchant(scores).pivot(index="model", columns="merchant_id", values="wql")
-    merchants = merchants.loc[summary["model"]].rename(columns=lambda m: f"WQL {m}").reset_index()
+    summary = accuracy_summary(run.contest)
+    merchants = merchant_wql(run.contest, summary["model"])
     main_row = next(r for r in SHOPCAST_ROWS if r in scores)
     h2h = head_to_head(scores, main_row, [m for m in summary["model"] if m != main_row])
     args.results.mkdir(parents=True, exist_ok=True)
@@ -158,9 +139,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     with_actuals = run.contest.forecasts[main_row].merge(run.table.frame[["unique_id", "ds", "y"]], on=["unique_id", "ds"])
     fan_chart(run.table.frame, with_actuals, args.results / f"{bench.name}_forecasts.png",
               f"{main_row}: median and 80% band on the test horizon, actuals dashed")
-    markdown = "\n".join([
-        header(f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools", info, monitor.summary(), wall,
-               describe(run, args.config, overrides), command),
+    body = "\n".join([
         "## Accuracy over all series (lower is better; `*_gmean_rel`: geometric mean of the ratio to seasonal naive; "
         "`coverage_80` / `coverage_90`: share of actuals inside the 10%-90% / 5%-95% band, 0.8 / 0.9 is ideal; "
         "`wql`: mean pinball loss over all the quantile levels / sum |y|)",
@@ -177,16 +156,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         f"![accuracy]({bench.name}_accuracy.png)", "",
         f"![forecasts]({bench.name}_forecasts.png)", "",
     ])
-    print(markdown)
     payload = {
-        "benchmark": bench.name, "config": args.config, "overrides": overrides, "machine": info, "load": monitor.summary(), "wall_s": wall,
+        "benchmark": bench.name, "config": args.config, "overrides": overrides,
         "summary": summary.to_dict(orient="records"), "per_merchant": merchants.to_dict(orient="records"),
         "head_to_head": h2h.to_dict(orient="records"), "federation": run.summaries,
         "per_series": {name: frame.to_dict(orient="records") for name, frame in scores.items()},
     }
-    path = write(bench.name, markdown, payload, args.results)
-    print(f"wrote {path}; benchmark {bench.name} took {wall:.0f} s ({wall / 60:.1f} min) wall")
-    return path
+    return bench_run.save(bench.name, f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools",
+                          describe(run, args.config, overrides), body, payload, args.results)
 
 
 if __name__ == "__main__":

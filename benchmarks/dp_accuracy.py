@@ -25,95 +25,45 @@ Writes benchmarks/results/dp_accuracy.md and .json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
-from shared.presets import SHARED_DATA, preset_available
+from benchmarks.scaffold import RESULTS, Run, arguments, data_missing, maxrss_mib, quiet
+from benchmarks.speed import dp_vs_nondp
 
 WORK = Path(tempfile.gettempdir()) / "shopcast_bench_dp_accuracy"
-COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "seconds"]
-
-
-def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                      accountant="rdp"))
-
-
-def sample_rates(splits: dict, cfg) -> dict[str, float]:
-    """The per-step sample rate each merchant's ledger is charged (PrivateTraining, the client's own path)."""
-    from shared.ledger import PrivacyLedger
-    from shared.privacy import PrivateTraining
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return {m: PrivateTraining(cfg.privacy, PrivacyLedger(Path(tmp) / f"{m}.json", 1.0, cfg.privacy.delta, cfg.privacy.unit),
-                                   s.train, cfg.train.batch_size, cfg.data.context + cfg.data.horizon).sample_rate
-                for m, s in splits.items()}
 
 
 def step_times(cfg, table, layers: int, steps: int, warmup: int, seed: int) -> dict[str, Any]:
     """Median fwd+bwd+AdamW step on identical batches of one merchant's windows, non-DP vs DP-SGD."""
-    import dataclasses
-
     import torch
 
-    from shared.config import PrivacyConfig
+    from shared.config import with_overrides
     from shared.ledger import PrivacyLedger
-    from shared.local import build_model
-    from shared.model import pinball_loss
+    from shared.pipeline import ForecastPipeline
     from shared.privacy import PrivateTraining
-    from shared.windows import build_splits
 
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llm_layers=layers))
-    model = build_model(cfg, table)
-    merchant = table.merchants()[0]
-    train = build_splits(table.for_merchant(merchant), cfg.data, model.encode_prompts).train
+    cfg = with_overrides(cfg, {"model.llm_layers": layers, "privacy.enabled": True, "privacy.noise_multiplier": 1.0})
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    model = pipeline.model
+    train = pipeline.splits(table.for_merchant(table.merchants()[0])).train
     B = cfg.train.batch_size
     rng = np.random.default_rng(seed)
     batches = [rng.choice(len(train), size=B, replace=False) for _ in range(warmup + steps)]
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(step_model, optimizer) -> list[float]:
-        times = []
-        for i, index in enumerate(batches):
-            t = time.perf_counter()
-            inputs = train.tensors(index)
-            target = torch.as_tensor(train.target[index], dtype=torch.float32)
-            step_model.train()
-            optimizer.zero_grad(set_to_none=True)
-            quantiles, scale = step_model(**inputs)
-            pinball_loss(quantiles, target / scale, model.levels).mean().backward()
-            optimizer.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-        return times
-
-    nondp = run(model, torch.optim.AdamW(params, lr=cfg.train.lr))
     with tempfile.TemporaryDirectory() as ledgers:
-        pcfg = PrivacyConfig(enabled=True, unit=cfg.privacy.unit, noise_multiplier=1.0, max_grad_norm=cfg.privacy.max_grad_norm, ledger_dir=ledgers)
-        private = PrivateTraining(pcfg, PrivacyLedger(Path(ledgers) / "t.json", 8.0, pcfg.delta, pcfg.unit), train, B,
-                                  cfg.data.context + cfg.data.horizon)
-        wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=cfg.train.lr), train, cfg.train)
-        try:
-            dp = run(wrapped, dp_optimizer)
-        finally:
-            private.detach()
+        private = PrivateTraining(cfg, PrivacyLedger(Path(ledgers) / "t.json", 8.0, cfg.privacy.delta, cfg.privacy.unit), train)
+        (nondp, _), (dp, _) = dp_vs_nondp(model, private, train, batches, cfg.train, torch.device("cpu"), warmup)
     return {"llm_layers": layers, "batch_size": B, "steps": steps, "warmup": warmup, "step_s_nondp": float(np.median(nondp)),
             "step_s_dp": float(np.median(dp)), "dp_over_nondp": float(np.median(dp) / np.median(nondp)),
-            "step_s_nondp_all": nondp, "step_s_dp_all": dp, "trainable_params": sum(p.numel() for p in params)}
+            "step_s_nondp_all": nondp, "step_s_dp_all": dp,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def speed_results() -> list[dict[str, Any]]:
@@ -163,9 +113,8 @@ def digest(summary: dict[str, Any]) -> dict[str, Any]:
             "eval_wql_by_round": [r.get("aggregated", {}).get("eval-wql") for r in history]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/walmart.toml")
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, config_default="configs/walmart.toml")
     parser.add_argument("--stores", default="1,2,3")
     parser.add_argument("--depts", type=int, default=15, help="largest full-length departments kept per store")
     parser.add_argument("--rounds", type=int, default=3)
@@ -179,29 +128,22 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], help="dotted config override")
     parser.add_argument("--name", default="dp_accuracy")
-    args = parser.parse_args()
-
-    if not preset_available("walmart"):
-        print(f"dp_accuracy: skipped, {SHARED_DATA / 'walmart_weekly'} (train.csv, features.csv) not found; "
-              "set SHOPCAST_SHARED_DATA to the folder holding walmart_weekly/")
-        sys.exit(0)
-
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Optimal order")
-    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook")
-    logging.getLogger("shared.train").setLevel(logging.ERROR)
+    args = parser.parse_args(argv)
+    if data_missing("walmart", "dp_accuracy"):
+        return
+    quiet(progress=False)
 
     from shared.adapter import adapter_state, load_adapter, load_adapter_state
     from shared.config import load_config, parse_overrides
-    from shared.local import build_model, load_table
-    from shared.metrics import per_merchant, summarise, to_markdown
+    from shared.metrics import per_merchant, to_markdown
+    from shared.pipeline import ForecastPipeline
+    from shared.privacy import noise_for, sample_rate
+    from shared.sources import load_table
     from simulations.compare import Contest, baselines, merchant_splits, model_forecast
     from simulations.federated import simulate
+    from simulations.report import accuracy_summary, merchant_wql
 
-    set_threads(args.threads)
-    info = machine()
     stores = [f"store_{int(s)}" for s in args.stores.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     planned = args.rounds * args.local_steps
@@ -212,15 +154,15 @@ def main() -> None:
     } | parse_overrides(args.set)
     cfg = load_config(args.config, base)
     default_layers = load_config(args.config).model.llm_layers
-    started = time.time()
     contest = Contest()
     runs: dict[str, dict[str, Any]] = {}
-    with Monitor() as monitor:
+    with Run("benchmarks.dp_accuracy", argv, threads=args.threads) as run:
         table = load_table(cfg)
-        model = build_model(cfg, table)
+        pipeline = ForecastPipeline.from_config(cfg, table)
+        model = pipeline.model
         initial = adapter_state(model)
-        splits = merchant_splits(table, cfg, model)
-        rates = sample_rates(splits, cfg)
+        splits = merchant_splits(pipeline, table)
+        rates = {m: sample_rate(cfg, s.train) for m, s in splits.items()}  # what each merchant's ledger is charged
         q = max(rates.values())  # one noise multiplier for all: the one the most-sampled merchant needs
         print(f"[dp_accuracy] {len(splits)} stores, series {table.frame.groupby('merchant_id')['unique_id'].nunique().to_dict()}, "
               f"sample rates {rates}, {planned} planned steps per merchant", flush=True)
@@ -240,11 +182,11 @@ def main() -> None:
             summary = simulate(load_config(args.config, overrides), args.config, overrides, len(stores))
             seconds = time.time() - t
             load_adapter(model, out / "federated" / "final_adapter")
-            contest.add(name, model_forecast(model, splits, cfg), splits, cfg, seconds)
+            contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds)
             runs[name] = {**meta, "simulate_s": seconds, **digest(summary)}
             print(f"[dp_accuracy] {name}: {seconds:.0f} s, {runs[name]}", flush=True)
         load_adapter_state(model, initial)
-        contest.add("shopcast_untrained", model_forecast(model, splits, cfg), splits, cfg, 0.0)
+        contest.add("shopcast_untrained", model_forecast(pipeline, splits), splits, cfg, 0.0)
         t = time.time()
         if args.baselines == "all":
             baselines(contest, splits, cfg, table.known)
@@ -256,7 +198,7 @@ def main() -> None:
             forecast = seasonal_naive(history, cfg.data.horizon, season_for(table.freq), cfg.model.quantiles, freq=table.freq)
             contest.add("seasonal_naive", forecast, splits, cfg, time.time() - t)
         baselines_s = time.time() - t
-        del model
+        del model, pipeline
         speed = speed_results()
         timing_layers = args.timing_layers
         if timing_layers == "auto":
@@ -266,15 +208,9 @@ def main() -> None:
             timings.append(step_times(cfg, table, layers, args.timing_steps, 2, args.seed))
             print(f"[dp_accuracy] step time {layers} blocks: {timings[-1]['step_s_nondp']:.3f} s non-DP, {timings[-1]['step_s_dp']:.3f} s DP",
                   flush=True)
-    wall = time.time() - started
-    info = finish_info(info)
 
-    summary = summarise(contest.scores)
-    summary["seconds"] = summary["model"].map(contest.seconds)
-    summary = summary[COLUMNS].sort_values("wql").reset_index(drop=True)
-    by_store = per_merchant(contest.scores).pivot(index="model", columns="merchant_id", values="wql").reset_index()
-    by_store.columns = ["model", *[f"WQL {c}" for c in by_store.columns[1:]]]
-    by_store = by_store.set_index("model").loc[summary["model"]].reset_index()
+    summary = accuracy_summary(contest)
+    by_store = merchant_wql(contest, summary["model"])
 
     s = summary.set_index("model")
     privacy_rows = []
@@ -319,8 +255,7 @@ def main() -> None:
                        "the overrides shown: 6-block SmolLM2 unless overridden, context 84 days; fixed batches, Opacus through "
                        "PrivateTraining.attach; see each file for its load):"), "",
                        to_markdown(speed_table(speed))]
-    markdown = "\n".join([
-        header("DP-SGD in the federation: accuracy vs ε on Walmart, and step time", info, monitor.summary(), wall, extra),
+    body = "\n".join([
         "## Accuracy vs ε (federated, same split; lower is better)", "",
         *(f"- {line}" for line in lines), "",
         to_markdown(privacy_table),
@@ -333,15 +268,14 @@ def main() -> None:
         *(["Measured here on Walmart windows:", "", to_markdown(timing_table)] if len(timing_table) else []),
         "Timings on a 2-core machine shared with other work (see the load line above); the ratio is steadier than the seconds.", "",
     ])
-    print(markdown)
     payload = {
-        "benchmark": "dp_accuracy", "args": vars(args), "config_overrides": base, "machine": info, "load": monitor.summary(),
-        "wall_s": wall, "sample_rates": rates, "runs": runs, "summary": summary.to_dict(orient="records"),
+        "benchmark": "dp_accuracy", "args": vars(args), "config_overrides": base,
+        "sample_rates": rates, "runs": runs, "summary": summary.to_dict(orient="records"),
         "privacy_table": privacy_table.to_dict(orient="records"), "per_store": per_merchant(contest.scores).to_dict(orient="records"),
         "step_times": timings, "speed_benchmark": speed,
         "per_series": {name: frame.to_dict(orient="records") for name, frame in contest.scores.items()},
     }
-    print(f"wrote {write(args.name, markdown, payload)}")
+    run.save(args.name, "DP-SGD in the federation: accuracy vs ε on Walmart, and step time", extra, body, payload, args.results)
 
 
 if __name__ == "__main__":

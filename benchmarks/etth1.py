@@ -13,21 +13,17 @@ The published figures are quoted, not re-run. Skips (exit 0) without ../shared/d
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import RESULTS, Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
-from shared import presets
+from benchmarks.scaffold import Run, arguments, data_missing, maxrss_mib
 from shared.config import Config, load_config, parse_overrides
-from shared.local import build_model, load_table
 from shared.metrics import to_markdown
-from shared.presets import preset_available
+from shared.pipeline import ForecastPipeline
+from shared.sources import load_table
 from shared.train import fit, predict
 from shared.windows import PromptEncoder, Windows, calendar_features, series_windows, stack_windows
 
@@ -67,24 +63,17 @@ def errors(point: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("config", nargs="?", default="configs/benchmarks/etth1.toml")
-    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. train.max_steps=100")
-    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.etth1", *(argv if argv is not None else sys.argv[1:])])
-    if not preset_available("etth1"):
-        print(f"etth1: skipped, {presets.SHARED_DATA / 'ETT' / 'ETTh1.csv'} not found; set SHOPCAST_SHARED_DATA to the folder holding ETT/")
+    if data_missing("etth1", "etth1"):
         return None
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)
-    set_threads(cfg.benchmark.threads)
-    info = machine()
-    started = time.time()
     L, H = cfg.data.context, cfg.data.horizon
     rows, seconds = [], {}
-    with Monitor() as monitor:
+    with Run("benchmarks.etth1", argv, threads=cfg.benchmark.threads) as run:
         dates, values, channels = channel_arrays(cfg)
         train_starts = list(range(0, TRAIN_HOURS - L - H + 1, cfg.data.stride))
         test_first = TRAIN_HOURS + VAL_HOURS - L
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for variant in ("llm", *cfg.benchmark.ablations):
             vcfg = load_config(args.config, overrides | {"model.variant": variant})
             t = time.time()
-            model = build_model(vcfg)
+            model = ForecastPipeline.from_config(vcfg).model
             train, test = (windows(values, dates, s, vcfg, model.encode_prompts) for s in (train_starts, test_starts))
             result = fit(model, train, None, vcfg.train, steps=vcfg.train.max_steps)
             quantiles = predict(model, test, next(model.parameters()).device)
@@ -105,8 +94,6 @@ def main(argv: list[str] | None = None) -> Path | None:
         context = test.context
         rows.append({"model": "repeat last value", **errors(np.repeat(context[:, -1:], H, axis=1), test.target)})
         rows.append({"model": "repeat last day", **errors(np.tile(context[:, -24:], H // 24), test.target)})
-    wall = time.time() - started
-    info = finish_info(info)
 
     measured = pd.DataFrame(rows)
     published = pd.DataFrame([{"model": m, "mse": mse, "mae": mae} for m, mse, mae in PUBLISHED])
@@ -124,27 +111,24 @@ def main(argv: list[str] | None = None) -> Path | None:
         "epochs over every hourly window and a GPU; here the first "
         f"{cfg.model.llm_layers} blocks of `{cfg.model.backbone}`, {cfg.train.max_steps} steps of batch {cfg.train.batch_size} on 2 CPU cores, and a quantile head scored on its median.",
     ]
-    markdown = "\n".join([
-        header("ETTh1, horizon 96: MSE / MAE on z-scored data next to published figures", info, monitor.summary(), wall, [
-            f"config: `{args.config}`, overrides {overrides}; seed {cfg.model.seed}; channels {channels}",
-            f"training: windows starting every {cfg.data.stride} h of the first 12 months ({len(train_starts)} per channel), "
-            f"{cfg.train.max_steps} steps of batch {cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` "
-            f"({cfg.model.llm_layers} blocks), patches {cfg.model.patch_len}/{cfg.model.patch_stride}",
-            f"test: {len(test_starts)} origins every {cfg.benchmark.test_stride} h over the last 4 months x {len(channels)} channels "
-            "(the papers use every hour: same windows in expectation, more noise here)",
-            f"peak RSS: {maxrss_mib():.0f} MiB", *(f"{name} took {s:.0f} s" for name, s in seconds.items()),
-        ], command),
+    extra = [
+        f"config: `{args.config}`, overrides {overrides}; seed {cfg.model.seed}; channels {channels}",
+        f"training: windows starting every {cfg.data.stride} h of the first 12 months ({len(train_starts)} per channel), "
+        f"{cfg.train.max_steps} steps of batch {cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` "
+        f"({cfg.model.llm_layers} blocks), patches {cfg.model.patch_len}/{cfg.model.patch_stride}",
+        f"test: {len(test_starts)} origins every {cfg.benchmark.test_stride} h over the last 4 months x {len(channels)} channels "
+        "(the papers use every hour: same windows in expectation, more noise here)",
+        f"peak RSS: {maxrss_mib():.0f} MiB", *(f"{name} took {s:.0f} s" for name, s in seconds.items()),
+    ]
+    body = "\n".join([
         "## MSE / MAE (lower is better; `published` rows are quoted from the Time-LLM paper, not re-run)", "",
         to_markdown(table),
         "## Reading it", "",
         *(f"- {line}" for line in verdict), "",
     ])
-    print(markdown)
-    path = write(cfg.benchmark.name, markdown, {"benchmark": cfg.benchmark.name, "config": args.config, "overrides": overrides,
-                                                "machine": info, "load": monitor.summary(), "wall_s": wall, "rows": table.to_dict("records")},
-                 args.results)
-    print(f"wrote {path}; benchmark {cfg.benchmark.name} took {wall:.0f} s ({wall / 60:.1f} min) wall")
-    return path
+    return run.save(cfg.benchmark.name, "ETTh1, horizon 96: MSE / MAE on z-scored data next to published figures", extra, body,
+                    {"benchmark": cfg.benchmark.name, "config": args.config, "overrides": overrides, "rows": table.to_dict("records")},
+                    args.results)
 
 
 if __name__ == "__main__":

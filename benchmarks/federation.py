@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import Monitor, command_line, finish_info, header, machine, write
-from shared.config import PROJECT_ROOT, parse_overrides
+from benchmarks.scaffold import ChildFailed, Monitor, Run, arguments, header, reply, run_child, side_by_side, write
+from shared.config import parse_overrides
 
 WORK = Path(tempfile.gettempdir()) / "shopcast_bench_federation"
+TITLE = "Federation cost (Flower simulation, synthetic merchants)"
+CHILD_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_overrides(args: argparse.Namespace, n: int) -> dict[str, Any]:
@@ -54,13 +53,22 @@ def child(args: argparse.Namespace) -> None:
     from shared.config import load_config
     from simulations.federated import simulate
 
-    n = args.child
+    n = int(args.child)
     overrides = run_overrides(args, n)
     shutil.rmtree(WORK / f"n{n}", ignore_errors=True)  # fresh: no resumed checkpoint, no spent ledgers
     cfg = load_config(args.config, overrides)
     started = time.time()
     summary = simulate(cfg, args.config, overrides, n)
-    Path(args.child_out).write_text(json.dumps({"summary": summary, "simulate_s": time.time() - started}, default=float))
+    reply(args, {"summary": summary, "simulate_s": time.time() - started})
+
+
+def measured(n: int, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """One simulation of `n` merchants in a child process, its whole process tree sampled meanwhile."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with Monitor(interval=1.0, pss_every=5) as monitor:
+        simulated = run_child("benchmarks.federation", argv, str(n), log=WORK / f"n{n}.log", timeout=args.timeout, env=CHILD_ENV)
+    return digest(n, simulated, monitor.summary(), time.time() - started, monitor.peak_breakdown)
 
 
 def digest(n: int, run: dict[str, Any], load: dict[str, Any], wall: float, breakdown: list) -> dict[str, Any]:
@@ -121,86 +129,67 @@ ROWS = [
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| | " + " | ".join(f"{r['merchants']} merchants" for r in results) + " |", "|---|" + "---:|" * len(results)]
-    lines += [f"| {label} | " + " | ".join(fn(r) for r in results) + " |" for label, fn in ROWS]
-    return "\n".join(lines) + "\n"
+    return side_by_side("", [f"{r['merchants']} merchants" for r in results], [(label, [fn(r) for r in results]) for label, fn in ROWS])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.toml")
-    parser.add_argument("--merchants", default="4,20")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, config_default="configs/default.toml", children=True)
+    parser.add_argument("--merchants", default="4,20", help="merchant counts, one simulation each")
+    parser.add_argument("--rounds", type=int, default=2, help="federation rounds")
+    parser.add_argument("--local-steps", type=int, default=5, help="training steps per merchant per round")
+    parser.add_argument("--batch", type=int, default=8, help="train.batch_size")
     parser.add_argument("--backbone", default="", help="model.backbone (default: the config's, smollm2)")
-    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. privacy.enabled=false")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is abandoned")
     parser.add_argument("--name", default="federation")
     parser.add_argument("--render", help="rewrite the Markdown from a saved result JSON, running nothing")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         child(args)
         return
     if args.render:
-        saved = json.loads(Path(args.render).read_text())
-        saved_args = argparse.Namespace(**saved["args"])
-        command = saved.get("command") or (
-            f".venv/bin/python -m benchmarks.federation --merchants {saved_args.merchants} --rounds {saved_args.rounds} "
-            f"--local-steps {saved_args.local_steps} --batch {saved_args.batch}"
-            + (f" --backbone {saved_args.backbone}" if saved_args.backbone else "")
-            + "".join(f" --set {x}" for x in saved_args.set) + f" --timeout {saved_args.timeout:g}")
-        saved["command"] = command
-        markdown = render(saved_args, saved["machine"], saved["results"], saved["notes"], saved["wall_s"], command)
-        print(markdown)
-        print(f"wrote {write(saved_args.name, markdown, saved)}")
+        rerender(Path(args.render), args.results)
         return
 
-
-    info = machine()
     results, notes = [], []
-    started = time.time()
-    for n in (int(x) for x in args.merchants.split(",")):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            child_out = f.name
-        log = WORK / f"n{n}.log"
-        WORK.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "benchmarks.federation", *sys.argv[1:], "--child", str(n), "--child-out", child_out]
-        env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-        print(f"[federation] {n} merchants (log {log})", flush=True)
-        t = time.time()
-        with Monitor(interval=1.0, pss_every=5) as monitor, open(log, "w") as out:
+    with Run("benchmarks.federation", argv, monitor=False) as run:  # each child is monitored on its own
+        for n in (int(x) for x in args.merchants.split(",")):
             try:
-                rc = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        wall = time.time() - t
-        if rc != 0 or not Path(child_out).stat().st_size:
-            notes.append(f"{n} merchants: run failed ({rc}) after {wall:.0f} s; see {log}")
-            print(notes[-1], flush=True)
-            continue
-        run = json.loads(Path(child_out).read_text())
-        os.unlink(child_out)
-        results.append(digest(n, run, monitor.summary(), wall, monitor.peak_breakdown))
-        print(f"[federation] {n} merchants: {results[-1]}", flush=True)
-    wall = time.time() - started
-    info = finish_info(info)
-    markdown = render(args, info, results, notes, wall)
+                results.append(measured(n, args, run.argv))
+                print(f"[federation] {n} merchants: {results[-1]}", flush=True)
+            except ChildFailed as failure:
+                notes.append(f"{n} merchants: {failure}; see {WORK / f'n{n}.log'}")
+                print(notes[-1], flush=True)
+    extra, body = describe(args, run.info, results, notes)
+    payload = {"benchmark": "federation", "args": vars(args), "command": run.command, "results": results, "notes": notes}
+    run.save(args.name, TITLE, extra, body, payload, args.results)
+
+
+def rerender(saved_json: Path, results: Path) -> None:
+    """Rewrites a result's Markdown from its JSON (after a change of wording), running nothing."""
+    saved = json.loads(saved_json.read_text())
+    args = argparse.Namespace(**saved["args"])
+    saved["command"] = saved.get("command") or (
+        f".venv/bin/python -m benchmarks.federation --merchants {args.merchants} --rounds {args.rounds} "
+        f"--local-steps {args.local_steps} --batch {args.batch}"
+        + (f" --backbone {args.backbone}" if args.backbone else "")
+        + "".join(f" --set {x}" for x in args.set) + f" --timeout {args.timeout:g}")
+    extra, body = describe(args, saved["machine"], saved["results"], saved["notes"])
+    markdown = header(TITLE, saved["machine"], {}, saved["wall_s"], extra, saved["command"]) + "\n" + body
     print(markdown)
-    payload = {"benchmark": "federation", "args": vars(args), "command": command_line(), "machine": info, "wall_s": wall,
-               "results": results, "notes": notes}
-    print(f"wrote {write(args.name, markdown, payload)}")
+    print(f"wrote {write(args.name, markdown, saved, results)}")
 
 
-def render(args: argparse.Namespace, info: dict[str, Any], results: list[dict[str, Any]], notes: list[str], wall: float,
-           command: str | None = None) -> str:
+def describe(args: argparse.Namespace, info: dict[str, Any], results: list[dict[str, Any]], notes: list[str]) -> tuple[list[str], str]:
+    """The header's extra lines and the table: the concurrent load is per run, as each child was monitored alone."""
     from shared.config import load_config
 
     cfg = load_config(args.config, run_overrides(args, 0))
     priv = cfg.privacy
+    load_lines = "; ".join(
+        f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average (max {r['load_other_processes_cores_max']})"
+        for r in results)
     extra = [
+        f"concurrent load per run: {load_lines}",
         f"config: `{args.config}` + {run_overrides(args, 'N')}; backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), "
         f"strategy {cfg.federation.strategy}, {args.rounds} rounds x {args.local_steps} local steps, batch {args.batch}, "
         f"DP {'on (unit ' + priv.unit + f', noise {priv.noise_multiplier}, clip {priv.max_grad_norm}, target ε {priv.target_epsilon})' if priv.enabled else 'off'}",
@@ -211,12 +200,7 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[dict[st
         "wall times are then dominated by waiting; the CPU-seconds row is the contention-independent cost",
         *notes,
     ]
-    load_lines = "; ".join(
-        f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average (max {r['load_other_processes_cores_max']})"
-        for r in results)
-    markdown = header("Federation cost (Flower simulation, synthetic merchants)", info, {}, wall,
-                      [f"concurrent load per run: {load_lines}", *extra], command)
-    return markdown + ("\n" + table(results) if results else "\nno run completed\n")
+    return extra, table(results) if results else "no run completed\n"
 
 
 if __name__ == "__main__":

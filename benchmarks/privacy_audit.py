@@ -1,6 +1,6 @@
 """Empirical privacy audit: membership inference and canary exposure at the privacy unit (a series).
 
-    .venv/bin/python -m benchmarks.privacy_audit [--quick] [--seeds 0,1,2] [--steps N] [--epsilons 1,4,8]
+    .venv/bin/python -m benchmarks.privacy_audit [--quick] [--seeds 0,1,2] [--steps N] [--epsilons 1,4,8] [--set key=value ...]
 
 What it does, per seed:
   1. One "merchant": several synthetic shops' series pooled into one table (shared.synthetic, fixed
@@ -37,18 +37,17 @@ Llama, fewer series, steps and canaries, one seed. Writes benchmarks/results/pri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from benchmarks.scaffold import Run, arguments, maxrss_mib, quiet
 
 # (n_merchants pooled, days, training-window stride, steps, canaries, inserted, backbone, blocks, seeds)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,34 +161,25 @@ def series_losses(model, windows, n_series: int, batch_size: int = 64) -> np.nda
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                      accountant="rdp"))
-
-
 def train_once(model, initial: dict, train, cfg, steps: int, epsilon: float | None, ledger_dir: Path) -> dict[str, Any]:
     """Resets the adapter to `initial` and trains it on `train` (DP-SGD at ε when given); returns what ran."""
     from shared.adapter import load_adapter_state
+    from shared.config import with_overrides
     from shared.ledger import PrivacyLedger
-    from shared.privacy import PrivateTraining
+    from shared.privacy import PrivateTraining, noise_for, sample_rate
     from shared.train import fit
 
     load_adapter_state(model, initial)
-    window_length = cfg.data.context + cfg.data.horizon
     info: dict[str, Any] = {"epsilon_target": epsilon}
     privacy = None
     if epsilon is not None:
-        ledger_path = ledger_dir / f"eps{epsilon:g}_{time.time_ns()}.json"
-        probe = PrivateTraining(cfg.privacy, PrivacyLedger(ledger_path, epsilon, cfg.privacy.delta, cfg.privacy.unit),
-                                train, cfg.train.batch_size, window_length)
-        sigma = noise_for(epsilon, cfg.privacy.delta, probe.sample_rate, steps)
-        pcfg = dataclasses.replace(cfg.privacy, enabled=True, target_epsilon=float(epsilon), noise_multiplier=sigma)
-        ledger = PrivacyLedger(ledger_path, epsilon, pcfg.delta, pcfg.unit)
-        privacy = PrivateTraining(pcfg, ledger, train, cfg.train.batch_size, window_length)
-        info.update(noise_multiplier=sigma, sample_rate=probe.sample_rate, units=len(probe.units),
-                    expected_batch=probe.sample_rate * len(probe.units), max_grad_norm=pcfg.max_grad_norm)
+        rate = sample_rate(cfg, train)
+        sigma = noise_for(epsilon, cfg.privacy.delta, rate, steps)
+        pcfg = with_overrides(cfg, {"privacy.enabled": True, "privacy.target_epsilon": float(epsilon), "privacy.noise_multiplier": sigma})
+        ledger = PrivacyLedger(ledger_dir / f"eps{epsilon:g}_{time.time_ns()}.json", epsilon, pcfg.privacy.delta, pcfg.privacy.unit)
+        privacy = PrivateTraining(pcfg, ledger, train)
+        info.update(noise_multiplier=sigma, sample_rate=rate, units=len(privacy.units), expected_batch=rate * len(privacy.units),
+                    max_grad_norm=pcfg.privacy.max_grad_norm)
     started = time.time()
     result = fit(model, train, None, cfg.train, steps=steps, privacy=privacy)
     info.update(steps_run=result.steps, train_loss_last=result.train_loss, train_s=time.time() - started,
@@ -202,26 +192,28 @@ def train_once(model, initial: dict, train, cfg, steps: int, epsilon: float | No
 # ---------------------------------------------------------------- the audit
 
 
-def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=print, partial: Path | None = None) -> dict[str, Any]:
-    """The whole audit for preset-like settings `p`; returns every number. Only when `partial` is given,
-    the runs finished so far are written there after each one, so a killed run leaves its numbers behind."""
+def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=print, partial: Path | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole audit for preset-like settings `p` (config `overrides` on top); returns every number. Only
+    when `partial` is given, the runs finished so far are written there after each one, so a killed run
+    leaves its numbers behind."""
     import torch
 
     from shared.adapter import adapter_state
     from shared.config import load_config
-    from shared.local import build_model
-    from shared.windows import build_splits
+    from shared.pipeline import ForecastPipeline
 
     cfg = load_config(overrides={
         "model.backbone": p["backbone"], "model.llm_layers": p["layers"], "train.device": "cpu",
         "data.stride": p["stride"], "train.batch_size": p["batch"], "train.lr": p["lr"], "privacy.unit": "series",
         "model.seed": 0, "train.seed": 0,
-    })
+    } | (overrides or {}))
     data_seed = p.get("data_seed", 0)
     table = pooled_table(cfg, p["merchants"], p["days"], data_seed, p["canaries"])
-    model = build_model(cfg, table)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    model = pipeline.model
     initial = adapter_state(model)
-    splits = build_splits(table, cfg.data, model.encode_prompts)
+    splits = pipeline.splits(table)
     ids = np.array(splits.series_ids)
     is_canary = np.array([s.startswith(CANARY_PREFIX) for s in ids])
     ordinary, canaries = np.flatnonzero(~is_canary), np.flatnonzero(is_canary)
@@ -232,7 +224,7 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
 
     # reference model: same recipe, non-DP, on half the series of a separate synthetic draw
     ref_table = pooled_table(cfg, p["merchants"], p["days"], data_seed + 10_000)
-    ref_splits = build_splits(ref_table, cfg.data, model.encode_prompts)
+    ref_splits = pipeline.splits(ref_table)
     ref_rng = np.random.default_rng(10_000 + data_seed)
     ref_n = len(ref_splits.series_ids)
     ref_members = ref_rng.choice(ref_n, size=round(ref_n / 2), replace=False)
@@ -384,8 +376,8 @@ def per_seed_table(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny backbone, fewer series and steps, one seed (a smoke run)")
     parser.add_argument("--seeds", help="comma-separated split/training seeds (preset: full 0,1,2,3,4; quick 0)")
     parser.add_argument("--epsilons", default="1,4,8")
@@ -397,16 +389,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a second thread only adds contention on 2 busy cores)")
     parser.add_argument("--name", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    quiet(progress=False)
 
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Optimal order")
-    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook")
-    logging.getLogger("shared.train").setLevel(logging.ERROR)
+    from shared.config import parse_overrides
 
-    from benchmarks._common import Monitor, finish_info, header, machine, maxrss_mib, set_threads, write
-
-    set_threads(args.threads)
     preset = "quick" if args.quick else "full"
     p = dict(PRESETS[preset])
     for key in ("steps", "merchants", "days", "backbone", "layers", "lr"):
@@ -414,14 +401,11 @@ def main() -> None:
             p[key] = getattr(args, key)
     seeds = [int(s) for s in (args.seeds or p["seeds"]).split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
-    info = machine()
-    started = time.time()
-    with Monitor() as monitor:
-        partial = Path(tempfile.gettempdir()) / f"shopcast_{Path(args.name or 'privacy_audit').name}_partial.json"
+    name = args.name or ("privacy_audit_quick" if args.quick else "privacy_audit")
+    with Run("benchmarks.privacy_audit", argv, threads=args.threads) as run:
+        partial = Path(tempfile.gettempdir()) / f"shopcast_{Path(name).name}_partial.json"
         print(f"[audit] runs so far are kept in {partial} until the results are written", flush=True)
-        result = run_audit(p, seeds, epsilons, log=lambda m: print(m, flush=True), partial=partial)
-    wall = time.time() - started
-    info = finish_info(info)
+        result = run_audit(p, seeds, epsilons, log=lambda m: print(m, flush=True), partial=partial, overrides=parse_overrides(args.set))
     summary = summarise_runs(result)
     s = result["series"]
     cfg = result["config"]
@@ -454,8 +438,7 @@ def main() -> None:
         + f". Mean canary exposure (calibrated by the initial adapter), of {nondp['exposure_possible']:.2f} bits possible: "
         + ", ".join(f"{r['setting']} {r['loss_minus_init:exposure_mean']:.2f}" for _, r in summary.iterrows()) + "."
     )
-    markdown = "\n".join([
-        header("Privacy audit: membership inference and canary exposure at the series level", info, monitor.summary(), wall, extra),
+    body = "\n".join([
         "## Membership inference (members vs non-members of the same merchant)", "",
         verdict, "",
         *markdown_tables(summary, result),
@@ -471,10 +454,8 @@ def main() -> None:
         ("- The setting is deliberately favourable to the attacker: few windows per series, many passes over them, a "
         "small merchant, so that the non-DP model overfits measurably."), "",
     ])
-    print(markdown)
-    payload = {"benchmark": "privacy_audit", "preset": preset, "args": vars(args), "machine": info, "load": monitor.summary(),
-               "wall_s": wall, "summary": summary.to_dict(orient="records"), **result}
-    print(f"wrote {write(args.name or ('privacy_audit_quick' if args.quick else 'privacy_audit'), markdown, payload)}")
+    payload = {"benchmark": "privacy_audit", "preset": preset, "args": vars(args), "summary": summary.to_dict(orient="records"), **result}
+    run.save(name, "Privacy audit: membership inference and canary exposure at the series level", extra, body, payload, args.results)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,6 @@ Writes benchmarks/results/speed_<device>.md and .json (override with --name).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -30,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.scaffold import Run, arguments, maxrss_mib, reply, run_child, set_threads, side_by_side
 
 SMOLLM2_ARCH = {
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -83,31 +81,70 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(step_model, optimizer, train, batches: list[np.ndarray], levels, device, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each fwd + bwd + optimiser step on `batches` after the first `warmup`:
+    the same batches for every call, so DP and non-DP steps compare like for like."""
+    import torch
+
+    from shared.model import pinball_loss
+
+    times, cpu_times = [], []
+    for i, index in enumerate(batches):
+        _sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        inputs = {k: v.to(device) for k, v in train.tensors(index).items()}
+        target = torch.as_tensor(train.target[index], dtype=torch.float32, device=device)
+        step_model.train()
+        optimizer.zero_grad(set_to_none=True)
+        quantiles, scale = step_model(**inputs)
+        pinball_loss(quantiles, target / scale, levels).mean().backward()
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    return times, cpu_times
+
+
+def dp_vs_nondp(model, private, train, batches: list[np.ndarray], train_cfg, device, warmup: int):
+    """timed_steps without DP, then with the model and a fresh AdamW wrapped by `private` (Opacus
+    through PrivateTraining.attach, unwrapped afterwards): (non-DP, DP), each (wall, CPU) seconds."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    nondp = timed_steps(model, torch.optim.AdamW(params, lr=train_cfg.lr), train, batches, model.levels, device, warmup)
+    wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=train_cfg.lr), train)
+    try:
+        dp = timed_steps(wrapped, dp_optimizer, train, batches, model.levels, device, warmup)
+    finally:
+        private.detach()
+    return nondp, dp
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything for one variant, in this process."""
     import torch
 
-    from benchmarks._common import maxrss_mib, set_threads
     from shared.adapter import adapter_bytes, backbone_bytes
     from shared.backbone import smollm2_gguf
-    from shared.config import PrivacyConfig, load_config
-    from shared.local import build_model, load_table
-    from shared.model import pinball_loss
-    from shared.privacy import PrivateTraining, open_ledger
+    from shared.config import load_config, with_overrides
+    from shared.pipeline import ForecastPipeline
+    from shared.privacy import PrivateTraining
+    from shared.sources import load_table
     from shared.train import fit, predict, resolve_device
-    from shared.windows import build_splits
 
     set_threads(args.threads)
-    cfg = load_config(args.config, overrides(args) | {"model.variant": args.variant})
+    cfg = load_config(args.config, overrides(args) | {"model.variant": args.child})
     device = resolve_device(cfg.train.device)
-    out: dict[str, Any] = {"variant": args.variant, "device": str(device), "torch_threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"variant": args.child, "device": str(device), "torch_threads": torch.get_num_threads()}
     started = time.time()
     table = load_table(cfg)
-    model = build_model(cfg, table)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    model = pipeline.model
     out["build_s"] = time.time() - started
     out["maxrss_after_build_mib"] = maxrss_mib()
     merchant = table.merchants()[0]
-    splits = build_splits(table.for_merchant(merchant), cfg.data, model.encode_prompts)
+    splits = pipeline.splits(table.for_merchant(merchant))
     train = splits.train
     out.update(merchant=merchant, train_windows=len(train), sequence_tokens=model.n_patches + model.n_future
                + (cfg.model.prompt_max_tokens if model.uses_prompt else 0))
@@ -120,7 +157,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out["backbone_bytes"] = backbone_bytes(model)
     out["backbone_file_bytes"] = smollm2_gguf().stat().st_size if cfg.model.backbone == "smollm2" else None
     rng = np.random.default_rng(args.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
     out["by_batch"] = {}
     for B in sizes:  # increasing, so the RSS recorded after each is that batch size's peak
         r: dict[str, Any] = {"batch_size": B}
@@ -140,35 +176,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         # 2. identical batches without and with DP-SGD
         batches = [rng.choice(len(train), size=B, replace=False) for _ in range(warm + n)]
-
-        def run_steps(step_model, optimizer) -> tuple[float, float, float]:
-            times, cpu_times = [], []
-            for i, index in enumerate(batches):
-                _sync(device)
-                t, c = time.perf_counter(), time.process_time()
-                inputs = {k: v.to(device) for k, v in train.tensors(index).items()}
-                target = torch.as_tensor(train.target[index], dtype=torch.float32, device=device)
-                step_model.train()
-                optimizer.zero_grad(set_to_none=True)
-                quantiles, scale = step_model(**inputs)
-                pinball_loss(quantiles, target / scale, model.levels).mean().backward()
-                optimizer.step()
-                _sync(device)
-                if i >= warm:
-                    times.append(time.perf_counter() - t)
-                    cpu_times.append(time.process_time() - c)
-            return float(np.median(times)), float(np.mean(times)), float(np.median(cpu_times))
-
-        r["step_s_nondp"], r["step_s_nondp_mean"], r["step_cpu_s_nondp"] = run_steps(model, torch.optim.AdamW(params, lr=cfg.train.lr))
         with tempfile.TemporaryDirectory() as ledgers:
-            pcfg = PrivacyConfig(enabled=True, unit=cfg.privacy.unit, noise_multiplier=cfg.privacy.noise_multiplier,
-                                 max_grad_norm=cfg.privacy.max_grad_norm, ledger_dir=ledgers)
-            private = PrivateTraining(pcfg, open_ledger(pcfg, "speed"), train, B, cfg.data.context + cfg.data.horizon)
-            wrapped, dp_optimizer, _ = private.attach(model, torch.optim.AdamW(params, lr=cfg.train.lr), train, cfg.train)
-            try:
-                r["step_s_dp"], r["step_s_dp_mean"], r["step_cpu_s_dp"] = run_steps(wrapped, dp_optimizer)
-            finally:
-                private.detach()
+            pcfg = with_overrides(cfg, {"train.batch_size": B, "privacy.enabled": True, "privacy.ledger_dir": ledgers})
+            private = PrivateTraining.for_merchant(pcfg, "speed", train)
+            nondp, dp = dp_vs_nondp(model, private, train, batches, cfg.train, device, warm)
+        for key, (times, cpu_times) in (("nondp", nondp), ("dp", dp)):
+            r[f"step_s_{key}"], r[f"step_s_{key}_mean"] = float(np.median(times)), float(np.mean(times))
+            r[f"step_cpu_s_{key}"] = float(np.median(cpu_times))
         r["dp_over_nondp"] = r["step_s_dp"] / r["step_s_nondp"]
         r["dp_over_nondp_cpu"] = r["step_cpu_s_dp"] / r["step_cpu_s_nondp"]
         r["cpu_windows_per_cpu_s_nondp"] = B / r["step_cpu_s_nondp"]
@@ -254,59 +268,37 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     cols = columns(results)
     rows = ROWS + ([("peak CUDA memory allocated (MiB)", "cuda_max_allocated_mib", "{:.0f}")]
                    if any("cuda_max_allocated_mib" in c for c in cols.values()) else [])
-    names = list(cols)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, key, fmt in rows:
-        cells = [fmt.format(cols[c][key]) if cols[c].get(key) is not None else "n/a" for c in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [(label, [fmt.format(c[key]) if c.get(key) is not None else "n/a" for c in cols.values()]) for label, key, fmt in rows]
+    return side_by_side("metric", list(cols), cells)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.toml")
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, config_default="configs/default.toml", children=True)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--backbone", default="", help="smollm2 | smollm2-random | tiny | a local HF dir (default: the config's)")
     parser.add_argument("--variants", default="llm,no_llm")
     parser.add_argument("--batch-sizes", default="", help="comma-separated, e.g. 8,16 (default: the config's train.batch_size)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-windows", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--infer-windows", type=int, default=256, help="windows forecast by the inference timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. train.batch_size=32")
     parser.add_argument("--name", default="", help="result file stem (default speed_<device>)")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.variant:  # child: one variant, result as JSON
-        Path(args.child_out).write_text(json.dumps(measure(args), default=float))
+    args = parser.parse_args(argv)
+    if args.child:  # one variant, measured in this fresh process
+        reply(args, measure(args))
         return
 
-    from benchmarks._common import Monitor, finish_info, header, machine, set_threads, write
-    from shared.config import PROJECT_ROOT, load_config
+    from shared.config import load_config
 
-    set_threads(args.threads)
-    info = machine()
     if args.backbone == "smollm2-random":
         random_smollm2()  # once, before the children time anything
     cfg = load_config(args.config, overrides(args))
     results: dict[str, dict[str, Any]] = {}
-    started = time.time()
-    with Monitor() as monitor:
+    with Run("benchmarks.speed", argv, threads=args.threads) as run:
         for variant in args.variants.split(","):
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                child_out = f.name
-            command = [sys.executable, "-m", "benchmarks.speed", *sys.argv[1:], "--variant", variant, "--child-out", child_out]
-            print(f"[speed] {variant}: {' '.join(command[2:])}", flush=True)
-            subprocess.run(command, check=True, cwd=PROJECT_ROOT, env=os.environ | {"TQDM_DISABLE": "1"})
-            results[variant] = json.loads(Path(child_out).read_text())
-            os.unlink(child_out)
+            results[variant] = run_child("benchmarks.speed", run.argv, variant)
             print(f"[speed] {variant}: {results[variant]}", flush=True)
-    wall = time.time() - started
-    info = finish_info(info)
-    load = monitor.summary()
     device = next(iter(results.values()))["device"].split(":")[0]
     m = cfg.model
     extra = [
@@ -326,12 +318,8 @@ def main() -> None:
         "each variant ran in its own subprocess (peak RSS is that variant's alone; it includes the full dequantised "
         "backbone that load_pretrained keeps cached, which the no_llm variant also loads for its prototypes)",
     ]
-    markdown = header(f"Speed and size on {device}", info, load, wall, extra) + "\n" + table(results)
-    print(markdown)
-    payload = {"benchmark": "speed", "args": vars(args), "overrides": overrides(args), "machine": info, "load": load,
-               "wall_s": wall, "results": results}
-    path = write(args.name or f"speed_{device}", markdown, payload)
-    print(f"wrote {path}")
+    payload = {"benchmark": "speed", "args": vars(args), "overrides": overrides(args), "results": results}
+    run.save(args.name or f"speed_{device}", f"Speed and size on {device}", extra, table(results), payload, args.results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,26 @@ import pandas as pd
 
 from shared.metrics import per_merchant, summarise, to_markdown
 from shared.plots import bar_chart, fan_chart
+from shared.schema import MERCHANT
+from shared.sources import merchant_of_partition
 from simulations.compare import Contest
+
+ACCURACY_COLUMNS = ["model", "mase", "wql", "mase_gmean_rel", "wql_gmean_rel", "smape", "coverage_80", "coverage_90", "seconds"]
+
+
+def accuracy_summary(contest: Contest) -> pd.DataFrame:
+    """One row per contender, best mean WQL first, with its wall time: the table every accuracy report
+    (the demo's and the benchmarks') leads with, so that they read alike."""
+    summary = summarise(contest.scores)
+    summary["seconds"] = summary["model"].map(contest.seconds)
+    return summary[ACCURACY_COLUMNS].sort_values("wql").reset_index(drop=True)
+
+
+def merchant_wql(contest: Contest, models: pd.Series) -> pd.DataFrame:
+    """Mean WQL of each of `models` (rows, in that order) on each merchant (a `WQL <merchant>` column each):
+    a model can win overall and still lose where a merchant's series are unlike the rest."""
+    wide = per_merchant(contest.scores).pivot(index="model", columns=MERCHANT, values="wql")
+    return wide.loc[models].rename(columns=lambda m: f"WQL {m}").reset_index()
 
 
 def federation_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -24,11 +43,10 @@ def federation_table(summary: dict[str, Any]) -> pd.DataFrame:
 
 def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: dict[str, Any], history: pd.DataFrame) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    overall = summarise(contest.scores)
-    overall["seconds"] = overall["model"].map(contest.seconds)
+    overall = accuracy_summary(contest)
     merchants = per_merchant(contest.scores)
     rounds = federation_table(summary)
-    rounds["merchant"] = rounds["merchant"].map(lambda pid: context["merchants"][int(pid)])
+    rounds["merchant"] = rounds["merchant"].map(lambda pid: merchant_of_partition(context["merchants"], pid))
     privacy = summary["privacy"]
     lines = [
         f"# shopcast run report: {context['title']}",

@@ -8,6 +8,7 @@ file with its own column names and weekly frequency is benchmarked without touch
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import pandas as pd
 import pytest
 
 from benchmarks import accuracy, etth1
+from benchmarks.scaffold import ChildFailed, Run, run_child
 from shared import presets
 from shared.config import PROJECT_ROOT
 from shared.presets import preset_available
+from simulations.compare import Contest
+from simulations.report import ACCURACY_COLUMNS, accuracy_summary, merchant_wql
 
 CONFIGS = PROJECT_ROOT / "configs" / "benchmarks"
 QUICK = ["model.backbone=tiny", "model.llm_layers=2", "federation.num_rounds=1", "federation.local_steps=3", "benchmark.threads=1"]
@@ -121,3 +125,35 @@ def test_etth1_benchmark_sets_measured_rows_beside_published_ones(tmp_path: Path
     assert {"shopcast", "ablation_no_llm", "ablation_attention", "repeat last value", "repeat last day"} <= set(rows)
     assert rows["Time-LLM (LLaMA-7B, published)"]["mse"] == pytest.approx(0.362)
     assert all(np.isfinite(r["mse"]) and 0 < r["mae"] for r in rows.values())
+
+
+def test_a_run_is_traced_in_its_result_files(tmp_path: Path) -> None:
+    with Run("benchmarks.example", ["--set", "a=1"]) as run:
+        time.sleep(1.2)  # the load monitor samples every 0.5 s
+    path = run.save("example", "Example", ["extra line"], "body\n", {"numbers": [1]}, tmp_path)
+    lines = path.read_text().splitlines()
+    assert lines[:3] == ["# Example", "", "- command: `.venv/bin/python -m benchmarks.example --set a=1`"]
+    assert [line.split(":")[0] for line in lines[3:6]] == ["- date", "- machine", "- concurrent load"]
+    assert lines[6:] == ["- extra line", "", "body"]
+    saved = json.loads(path.with_suffix(".json").read_text())
+    assert saved["numbers"] == [1] and saved["wall_s"] >= 1.2 and saved["load"]["samples"] >= 1 and "loadavg_at_end" in saved["machine"]
+
+
+def test_a_failed_child_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ChildFailed, match=r"run failed \(1\)"):
+        run_child("benchmarks.no_such_script", [], "x", log=tmp_path / "child.log")
+    assert "No module named" in (tmp_path / "child.log").read_text()
+
+
+def test_accuracy_tables_lead_with_the_best_and_keep_every_column() -> None:
+    def scores(wql: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"merchant_id": ["a", "b"], "unique_id": ["a/1", "b/1"], "mase": [1.0, 2.0], "smape": [10.0, 20.0],
+                             "wql": wql, "coverage_80": [0.8, 0.7], "coverage_90": [0.9, 0.8]})
+
+    contest = Contest(scores={"seasonal_naive": scores([0.2, 0.4]), "shopcast": scores([0.1, 0.3])},
+                      seconds={"seasonal_naive": 0.1, "shopcast": 5.0})
+    summary = accuracy_summary(contest)
+    assert list(summary.columns) == ACCURACY_COLUMNS and list(summary["model"]) == ["shopcast", "seasonal_naive"]
+    assert summary.loc[0, "wql_gmean_rel"] == pytest.approx(np.sqrt(0.5 * 0.75)) and summary.loc[0, "seconds"] == 5.0
+    merchants = merchant_wql(contest, summary["model"])
+    assert list(merchants.columns) == ["model", "WQL a", "WQL b"] and merchants.loc[0].tolist() == ["shopcast", 0.1, 0.3]

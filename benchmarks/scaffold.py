@@ -1,28 +1,37 @@
-"""What every benchmark script shares: the machine record, a load/memory monitor and the result writer.
+"""The scaffold every benchmark script stands on, so that each script keeps only what it measures.
 
-Results go to benchmarks/results/<name>.md and <name>.json. Each file says which machine ran it,
-how busy that machine was with other work while it ran (these runs share small CI-like boxes), the
-config, the seed, the command and the wall time, so a number can be traced back and judged.
+`arguments` gives the options they share, `quiet` their logging, `Run` the record of a run (the
+machine, a load/memory monitor, wall time) and its result files, `run_child` a measurement in a
+fresh process. Results go to benchmarks/results/<name>.md and <name>.json. Each file says which
+machine ran it, how busy that machine was with other work while it ran (these runs share small
+CI-like boxes), the config, the seed, the command and the wall time, so a number can be traced back
+and judged.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
+from shared import presets
 from shared.config import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -68,7 +77,7 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty_files": len([l for l in _git("status", "--porcelain").splitlines() if l.strip()]),
+        "git_dirty_files": len([line for line in _git("status", "--porcelain").splitlines() if line.strip()]),
     }
     return info
 
@@ -190,14 +199,9 @@ class Monitor:
         }
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", _module_name(), *sys.argv[1:]])
-
-
-def _module_name() -> str:
-    main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else Path(sys.argv[0]).stem
+def command_line(module: str, argv: list[str]) -> str:
+    """How to repeat a run from the repository root, as the first line of its result file says."""
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", module, *argv])
 
 
 def load_line(load: dict[str, float], info: dict[str, Any]) -> str:
@@ -210,11 +214,11 @@ def load_line(load: dict[str, float], info: dict[str, Any]) -> str:
     )
 
 
-def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: float, extra: list[str], command: str | None = None) -> str:
+def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: float, extra: list[str], command: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"- command: `{command or command_line()}`",
+        f"- command: `{command}`",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}, wall time {wall_s:.0f} s, commit {info['git_commit'][:10]}"
         f" ({info['git_dirty_files']} files modified/untracked in the working tree)",
         f"- machine: {info['nproc']} cores ({info['cpu_model']}), {info['memory_gib']} GiB RAM, torch {info['torch']} "
@@ -226,6 +230,14 @@ def header(title: str, info: dict[str, Any], load: dict[str, float], wall_s: flo
     return "\n".join(lines)
 
 
+def side_by_side(corner: str, columns: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A Markdown table of one row per measure and one column per run (numbers right-aligned): runs
+    of different sizes or variants read best next to each other."""
+    lines = [(f"| {corner} | " if corner else "| | ") + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write(name: str, markdown: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     md = folder / f"{name}.md"
@@ -234,6 +246,121 @@ def write(name: str, markdown: str, payload: dict[str, Any], folder: Path = RESU
     return md
 
 
-def finish_info(info: dict[str, Any]) -> dict[str, Any]:
-    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return info
+def arguments(doc: str, *, config_default: str | None = None, children: bool = False) -> argparse.ArgumentParser:
+    """The options all benchmarks share, so that each script adds only its own; `doc` is the script's
+    docstring, whose first paragraph describes it. `children`: the hidden options run_child passes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if config_default is not None:
+        parser.add_argument("--config", default=config_default)
+    parser.add_argument("--set", action="append", default=[], help="dotted config override, e.g. train.batch_size=32 (repeatable)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the result files")
+    if children:
+        parser.add_argument("--child", help=argparse.SUPPRESS)
+        parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def quiet(*, progress: bool) -> None:
+    """Drops the warnings Opacus repeats at every DP step. With `progress`, INFO log lines with times
+    (forced: Ray's import has already given the root logger a handler, which would hide them); without,
+    shared.train's per-step lines are silenced too, as the script prints its own progress."""
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Optimal order")
+    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook")
+    if progress:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    else:
+        logging.getLogger("shared.train").setLevel(logging.ERROR)
+
+
+def data_missing(preset: str, benchmark: str) -> bool:
+    """Whether the public files of `preset` are absent, saying so: without them a benchmark is skipped
+    (exit 0), not failed, since they live beside the checkout and not every machine has them."""
+    if presets.preset_available(preset):
+        return False
+    folder, files = presets.FILES[preset]
+    print(f"{benchmark}: skipped, {', '.join(files)} not found under {presets.SHARED_DATA / folder}; "
+          f"set SHOPCAST_SHARED_DATA to the folder holding {folder}/")
+    return True
+
+
+class Run:
+    """One benchmark run: `with Run(...) as run:` around what is measured, then `run.save(...)`.
+
+    Entering sets the torch threads (before machine() records them) and starts the load monitor;
+    leaving stops it and takes the wall time, so every result file is traced the same way. `argv` is
+    what the script parsed (None: this process's), kept for the command line and for children.
+    `monitor=False` where each child is monitored on its own instead.
+    """
+
+    def __init__(self, module: str, argv: list[str] | None, *, threads: int | None = None, monitor: bool = True):
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        self.command = command_line(module, self.argv)
+        self.threads = threads
+        self.monitor = Monitor() if monitor else None
+        self.info: dict[str, Any] = {}
+        self.wall = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> Run:
+        if self.threads is not None:
+            set_threads(self.threads)
+        self.info = machine()
+        self._started = time.time()
+        if self.monitor:
+            self.monitor.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.monitor:
+            self.monitor.__exit__(*exc)
+        self.wall = time.time() - self._started
+        self.info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    @property
+    def load(self) -> dict[str, float]:
+        return self.monitor.summary() if self.monitor else {}
+
+    def save(self, name: str, title: str, extra: list[str], body: str, payload: dict[str, Any], results: Path = RESULTS) -> Path:
+        """Prints and writes <results>/<name>.md (the traced header, `extra` lines, then `body`) and
+        <name>.json (`payload` plus the machine, load and wall time)."""
+        markdown = header(title, self.info, self.load, self.wall, extra, self.command) + "\n" + body
+        print(markdown)
+        path = write(name, markdown, {**payload, "machine": self.info, "load": self.load, "wall_s": self.wall}, results)
+        print(f"wrote {path}; benchmark {name} took {self.wall:.0f} s ({self.wall / 60:.1f} min) wall")
+        return path
+
+
+class ChildFailed(RuntimeError):
+    """A child run exited non-zero, timed out or replied nothing."""
+
+
+def run_child(module: str, argv: list[str], child: str, *, log: Path | None = None, timeout: float | None = None,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs `python -m module *argv --child CHILD` in a fresh process and returns what it replied.
+
+    A fresh process per measurement keeps one's peak memory, threads and Ray cluster out of the next.
+    Its output goes to `log` when given, else to this terminal. The child answers with reply().
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    command = [sys.executable, "-m", module, *argv, "--child", child, "--child-out", str(out)]
+    print(f"[{module}] {' '.join(command[2:])}" + (f" (log {log})" if log else ""), flush=True)
+    started = time.time()
+    try:
+        with open(log, "w") if log else contextlib.nullcontext() as stream:
+            rc: int | str = subprocess.run(command, cwd=PROJECT_ROOT, env=os.environ | {"TQDM_DISABLE": "1"} | (env or {}),
+                                           stdout=stream, stderr=subprocess.STDOUT if log else None, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    try:
+        if rc != 0 or not out.stat().st_size:
+            raise ChildFailed(f"run failed ({rc}) after {time.time() - started:.0f} s")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink()
+
+
+def reply(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """A child's answer to run_child."""
+    args.child_out.write_text(json.dumps(result, default=float))
