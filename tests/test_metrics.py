@@ -40,10 +40,21 @@ def test_pinball_by_hand() -> None:
 
 
 @given(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3), st.floats(0.01, 0.99))
-def test_pinball_is_nonnegative_and_zero_only_on_target(y: float, q: float, level: float) -> None:
+def test_pinball_weighs_under_forecasts_by_level_and_over_forecasts_by_one_minus_level(y: float, q: float, level: float) -> None:
     loss = pinball(np.array([y]), np.array([[q]]), [level])[0, 0]
-    assert loss >= 0
+    assert loss == pytest.approx(level * (y - q) if y >= q else (1 - level) * (q - y))
     assert (loss == 0) == (y == q)
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=20), st.floats(0.01, 0.99))
+def test_pinball_is_minimised_by_the_level_quantile(ys: list[float], level: float) -> None:
+    y = np.array(ys)
+
+    def mean_loss(q: float) -> float:
+        return float(pinball(y, np.full((len(y), 1), q), [level]).mean())
+
+    best = mean_loss(float(np.quantile(y, level, method="inverted_cdf")))
+    assert best <= min(mean_loss(q) for q in np.unique(y)) + 1e-9 * (1 + np.abs(y).max())  # the minimum lies on a sample point
 
 
 def test_score_by_hand() -> None:
