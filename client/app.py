@@ -8,11 +8,13 @@ node config points at the merchant's own file: `data-path="/srv/shop/sales.csv"`
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -21,11 +23,16 @@ from client.mods import client_privacy_mod
 from shared.adapter import AdapterMismatch, adapter_bytes, adapter_state, load_adapter_state
 from shared.config import Config, config_from_run
 from shared.pipeline import ForecastPipeline
+from shared.privacy import MerchantPins
 from shared.sources import load_table, merchant_of_partition
 from shared.windows import Splits
 
 log = logging.getLogger(__name__)
-BUDGET_EXHAUSTED = 901  # error code a merchant replies with when its privacy budget is spent
+# error codes a merchant replies with instead of an adapter
+BUDGET_EXHAUSTED = 901  # its privacy budget is spent
+ADAPTER_REJECTED = 902  # the global adapter it received is malformed
+DIVERGED = 903  # training produced a non-finite adapter (sent to nobody; the budget it spent stays spent)
+BAD_INSTRUCTION = 904  # the server's round config asks for something it will not do
 
 
 @lru_cache(maxsize=2)
@@ -59,19 +66,45 @@ def _identity(context: Context) -> dict[str, int]:
     return {"partition-id": int(context.node_config["partition-id"])} if "partition-id" in context.node_config else {}
 
 
+def _finite(metrics: dict[str, float | int]) -> MetricRecord:
+    """The reply's scalars without undefined ones (a loss over no non-empty batch, a score over no
+    scorable series): the server's schema takes finite numbers only."""
+    return MetricRecord({k: v for k, v in metrics.items() if math.isfinite(v)})
+
+
+def _proximal_mu(msg: Message, lr: float) -> float:
+    """FedProx's μ from the round config, checked before any budget is spent: the pull p ← p − lr·μ·(p − p₀)
+    is a contraction only for 0 ≤ lr·μ ≤ 1; beyond that it makes the adapter oscillate and overflow."""
+    mu = msg.content["config"].get("proximal-mu", 0.0)
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not (math.isfinite(mu) and 0 <= mu * lr <= 1):
+        raise ValueError(f"proximal-mu {mu!r} must be a finite number with 0 <= lr·mu <= 1 (lr {lr})")
+    return float(mu)
+
+
+def _decline(msg: Message, code: int, reason: str) -> Message:
+    log.warning(reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
 def train(msg: Message, context: Context) -> Message:
     try:
         pipeline, merchant, splits = _setup(msg, context)
     except AdapterMismatch as exc:
-        return Message(Error(code=902, reason=f"received adapter rejected: {exc}"), reply_to=msg)
+        return _decline(msg, ADAPTER_REJECTED, f"received adapter rejected: {exc}")
     cfg = pipeline.cfg
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    privacy = pipeline.private_training(merchant, splits.train)
+    try:
+        mu = _proximal_mu(msg, cfg.train.lr)
+    except ValueError as exc:
+        return _decline(msg, BAD_INSTRUCTION, f"merchant {merchant}: {exc}")
+    privacy = pipeline.private_training(merchant, splits.train, MerchantPins.from_node_config(context.node_config))
     result = pipeline.fit(splits.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu)
     if result.status == "budget_exhausted":
-        reason = f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of {cfg.privacy.target_epsilon}); declining to train"
-        log.warning(reason)
-        return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+        return _decline(msg, BUDGET_EXHAUSTED, f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of "
+                                               f"{privacy.ledger.target_epsilon}); declining to train")
+    state = adapter_state(pipeline.model)
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        return _decline(msg, DIVERGED, f"merchant {merchant}: training diverged to a non-finite adapter; nothing sent"
+                                       + (f" (ε {result.epsilon:.3f} spent)" if result.epsilon is not None else ""))
     metrics = {
         "train-loss": result.train_loss,
         "num-examples": len(splits.train),
@@ -80,8 +113,8 @@ def train(msg: Message, context: Context) -> Message:
         **_identity(context),
     }
     if result.epsilon is not None:
-        metrics.update({"epsilon": result.epsilon, "delta": cfg.privacy.delta})
-    return Message(RecordDict({"arrays": ArrayRecord(adapter_state(pipeline.model)), "metrics": MetricRecord(metrics)}), reply_to=msg)
+        metrics.update({"epsilon": result.epsilon, "delta": privacy.ledger.delta})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": _finite(metrics)}), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -95,7 +128,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": len(splits.series_ids),
         **_identity(context),
     }
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"metrics": _finite(metrics)}), reply_to=msg)
 
 
 def make_app(mods: Sequence[Mod] = (client_privacy_mod,)) -> ClientApp:

@@ -113,14 +113,6 @@ class ClientLevelDP:
         self._apply_pending_clip()
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        for msg in replies:  # holdout metrics keep their usual weighting by examples
-            if not msg.has_error():
-                metrics = dict(msg.content["metrics"])
-                msg.content["metrics"] = MetricRecord({**metrics, DP_WEIGHT: metrics.get("num-examples", 1)})
-        return super().aggregate_evaluate(server_round, replies)
-
     def _equal_weight(self, msg: Message) -> Message:
         msg.content["metrics"] = MetricRecord({**dict(msg.content["metrics"]), DP_WEIGHT: 1.0})
         return msg

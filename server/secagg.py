@@ -14,7 +14,17 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_inplace
 
 from server.client_dp import release_record
-from server.guard import merchant_key, new_round, record_evaluation, update_rejection
+from server.guard import (
+    EVALUATE_METRICS,
+    TRAIN_METRICS,
+    ReplyRejected,
+    checked_scalars,
+    merchant_key,
+    new_round,
+    record_evaluation,
+    update_rejection,
+    weighted_means,
+)
 from shared.adapter import ADAPTER_KEYS
 from shared.config import Config
 
@@ -85,9 +95,15 @@ class SecAggAggregation(LegacyFedAvg):
             reason = str(failure) if isinstance(failure, BaseException) else failure[1].status.message
             log.warning("round %d: a merchant failed or declined during secure aggregation: %s", server_round, reason)
             self._current["failures"].append({"node": node, "reason": reason})
+        rows = []
         for proxy, fitres in results:
-            metrics = dict(fitres.metrics)
+            try:
+                metrics = checked_scalars(fitres.metrics, TRAIN_METRICS)
+            except ReplyRejected as exc:  # its masked update is in the sum already; only its scalars are left out
+                self._current["rejected"].append({"node": proxy.node_id, "reason": f"metrics: {exc}"})
+                continue
             self._current["merchants"][merchant_key(metrics, proxy.node_id)] = {"node": proxy.node_id, **metrics}
+            rows.append(metrics)
         self._current["accepted"], self._current["halted"] = len(results), False
         self._current["wall_s"] = time.time() - self._started
         if len(results) < fed.min_replies:
@@ -109,12 +125,14 @@ class SecAggAggregation(LegacyFedAvg):
             self._current["client_dp"] = release_record(
                 "client_fixed", fed.client_dp_clip, fed.client_dp_noise, len(results), fed.client_dp_noise, fed.client_dp_delta, earlier
             )
-        numeric = [{k: v for k, v in fitres.metrics.items() if isinstance(v, (int, float))} for _, fitres in results]
-        aggregated = {k: float(np.mean([m[k] for m in numeric if k in m])) for k in set().union(*numeric)}
+        aggregated = weighted_means(rows, [1.0] * len(rows), ("train-loss", "steps", "bytes-sent", "epsilon", "delta"))
         self._current["aggregated"] = aggregated
         return ndarrays_to_parameters(arrays), aggregated
 
     def aggregate_evaluate(self, server_round, results, failures):
         for proxy, res in results:
-            record_evaluation(self.history[-1], dict(res.metrics), proxy.node_id)
+            try:
+                record_evaluation(self.history[-1], checked_scalars(res.metrics, EVALUATE_METRICS), proxy.node_id)
+            except ReplyRejected as exc:
+                self.history[-1]["rejected"].append({"node": proxy.node_id, "reason": f"evaluation: {exc}"})
         return super().aggregate_evaluate(server_round, results, failures)

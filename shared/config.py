@@ -119,6 +119,7 @@ class FederationConfig:
     server_lr: float = 0.05
     trim_beta: float = 0.2
     max_update_norm: float = 50.0
+    weighting: str = "equal"  # equal | examples: how the mean weighs merchants (claimed example counts are unchecked)
     min_replies: int = 2
     round_timeout_s: float = 600.0
     out_dir: str = "runs/demo"
@@ -167,6 +168,7 @@ _CHOICES = {
     ("train", "precision"): {"fp32", "bf16", "fp16"},
     ("privacy", "unit"): {"series", "day"},
     ("federation", "strategy"): {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"},
+    ("federation", "weighting"): {"equal", "examples"},
     ("federation", "client_dp"): {"off", "server_fixed", "server_adaptive", "client_fixed"},
 }
 

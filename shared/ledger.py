@@ -3,8 +3,10 @@
 Opacus' accountant lives in memory, so a restarted client would otherwise start again from ε = 0 and
 could spend its whole budget a second time on the same data. The ledger stores the accountant's
 history, a list of (noise_multiplier, sample_rate, num_steps), as JSON next to the merchant's data and
-refuses any step that would take ε past the target: training asks `affordable_steps` first, then
-`record`s what it ran, and the file is replaced atomically before `record` returns.
+refuses any step that would take ε past the target: training `reserve`s its steps before it runs
+them, and the file is replaced atomically before that returns. Every change holds an exclusive lock
+on the file from reading it to writing it, so two processes on one merchant's ledger (two rounds
+in flight, a restarted client beside a stale one) cannot both spend the same remaining budget.
 
 ε is always Opacus' RDP analysis (`compute_rdp` composed over the history, converted with
 `get_privacy_spent`, exactly as `RDPAccountant.get_epsilon` does); the only addition is a cache of the
@@ -17,12 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -81,7 +87,8 @@ def _extended(history: list[Entry], noise_multiplier: float, sample_rate: float,
 
 
 def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-    if not noise_multiplier > 0 or not 0 < sample_rate <= 1:
+    # an infinite σ would make each step free in name, and sends the RDP conversion into minutes of work
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)) or not 0 < sample_rate <= 1:
         raise ValueError(f"need noise_multiplier > 0 and 0 < sample_rate <= 1, got {noise_multiplier}, {sample_rate}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -91,8 +98,8 @@ class PrivacyLedger:
     """The ε spent by one merchant under one (target ε, δ, unit) budget, persisted at `path`."""
 
     def __init__(self, path: Path, target_epsilon: float, delta: float, unit: str) -> None:
-        if not target_epsilon > 0 or not 0 < delta < 1:
-            raise ValueError(f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+        if not (target_epsilon > 0 and math.isfinite(target_epsilon)) or not 0 < delta < 1:
+            raise ValueError(f"need a finite target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
         self.path = Path(path)
         self.target_epsilon, self.delta, self.unit = float(target_epsilon), float(delta), unit
         self._history: list[Entry] = self._load() if self.path.exists() else []
@@ -109,16 +116,18 @@ class PrivacyLedger:
     def remaining(self) -> float:
         return max(0.0, self.target_epsilon - self.epsilon())
 
-    def affordable_steps(self, noise_multiplier: float, sample_rate: float, planned: int) -> int:
-        """The most steps, up to `planned`, that can still be taken without ε passing the target.
+    def affordable_steps(self, noise_multiplier: float, sample_rate: float, planned: int, ceiling: float | None = None) -> int:
+        """The most steps, up to `planned`, that can still be taken without ε passing the target (or
+        the lower `ceiling` a run asks for), judged on the history as last read.
 
         ε grows monotonically with the step count, so a binary search finds the boundary.
         """
         _check_step_args(noise_multiplier, sample_rate, planned)
+        limit = self.target_epsilon if ceiling is None else min(ceiling, self.target_epsilon)
 
         def fits(n: int) -> bool:
             extended = _extended(self._history, noise_multiplier, sample_rate, n)
-            return _epsilon(extended, self.delta) <= self.target_epsilon
+            return _epsilon(extended, self.delta) <= limit
 
         if fits(planned):
             return planned
@@ -128,17 +137,35 @@ class PrivacyLedger:
             low, high = (mid, high) if fits(mid) else (low, mid)
         return low
 
+    def reserve(self, noise_multiplier: float, sample_rate: float, planned: int, ceiling: float | None = None) -> int:
+        """Records as many of `planned` steps as the budget on disk still allows, in one locked
+        read-decide-write; returns that number (0 when the budget is spent)."""
+        with self._locked():
+            steps = self.affordable_steps(noise_multiplier, sample_rate, planned, ceiling)
+            if steps:
+                self._save(_extended(self._history, noise_multiplier, sample_rate, steps))
+        return steps
+
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        """Adds `steps` to the history and writes it to disk, or raises `BudgetExceeded` and changes nothing."""
+        """Adds `steps` to the history on disk, or raises `BudgetExceeded` and changes nothing."""
         _check_step_args(noise_multiplier, sample_rate, steps)
         if steps == 0:
             return
-        extended = _extended(self._history, noise_multiplier, sample_rate, steps)
-        would_be = _epsilon(extended, self.delta)
-        if not would_be <= self.target_epsilon:
-            raise BudgetExceeded(self.path, self.epsilon(), would_be, self.target_epsilon)
-        self._save(extended)
-        self._history = extended
+        with self._locked():
+            extended = _extended(self._history, noise_multiplier, sample_rate, steps)
+            would_be = _epsilon(extended, self.delta)
+            if not would_be <= self.target_epsilon:
+                raise BudgetExceeded(self.path, self.epsilon(), would_be, self.target_epsilon)
+            self._save(extended)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Holds the ledger's lock file and re-reads the ledger under it: a change is decided on what
+        is on disk now, not on what this process read earlier."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.parent / f".{self.path.name}.lock"):
+            self._history = self._load() if self.path.exists() else []
+            yield
 
     def accountant(self) -> RDPAccountant:
         """A fresh Opacus accountant holding this history, e.g. to resume a PrivacyEngine(accountant="rdp")."""
@@ -190,6 +217,7 @@ class PrivacyLedger:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._history = history
         if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX); Windows cannot open dirs
             dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

@@ -20,7 +20,7 @@ from shared.adapter import AdapterMismatch, load_adapter, save_adapter
 from shared.config import Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
-from shared.privacy import PrivateTraining
+from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
 from shared.windows import Splits, Windows, build_splits, calendar_features
@@ -96,9 +96,10 @@ class ForecastPipeline:
         """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""
         return fit(self.model, train, val, self.cfg.train, **options)
 
-    def private_training(self, merchant: str, train: Windows) -> PrivateTraining | None:
-        """The merchant's DP-SGD session when the config turns privacy on."""
-        return PrivateTraining.for_merchant(self.cfg, merchant, train) if self.cfg.privacy.enabled else None
+    def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None) -> PrivateTraining | None:
+        """The merchant's DP-SGD session when the config (or the merchant's own pins) turn privacy on."""
+        pins = pins or MerchantPins()
+        return PrivateTraining.for_merchant(self.cfg, merchant, train, pins) if self.cfg.privacy.enabled or pins.require_dp else None
 
     def predict_frame(self, splits: Splits, windows: Windows) -> pd.DataFrame:
         """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame."""

@@ -12,9 +12,12 @@ merchant's ledger before the first step runs, so a crash can never leave steps u
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 
-from shared.config import Config, PrivacyConfig
+from shared.config import Config, ConfigError, PrivacyConfig
 from shared.ledger import PrivacyLedger
 from shared.windows import WindowDataset, Windows
 
@@ -64,26 +67,70 @@ def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
     return PrivacyLedger(path, cfg.target_epsilon, cfg.delta, cfg.unit)
 
 
+@dataclass(frozen=True)
+class MerchantPins:
+    """What a merchant's own node config fixes, whatever the server's run config asks: the server may
+    ask for less privacy spending, never more, and never for a fresh ledger.
+
+    Node config keys (flower-supernode --node-config): `ledger-dir` (where its budget is kept),
+    `require-dp` (DP-SGD even if the server turns it off), `max-epsilon` (the ledger's budget; the
+    server's privacy.target_epsilon can only lower what a run may spend), `min-noise` (a floor on σ).
+    """
+
+    ledger_dir: str | None = None
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    min_noise: float = 0.0
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> MerchantPins:
+        try:
+            pins = cls(
+                ledger_dir=str(node_config["ledger-dir"]) if "ledger-dir" in node_config else None,
+                require_dp=_as_bool(node_config.get("require-dp", False)),
+                max_epsilon=float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None,
+                min_noise=float(node_config.get("min-noise", 0.0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node config: {exc}") from exc
+        if pins.max_epsilon is not None and not (pins.max_epsilon > 0 and math.isfinite(pins.max_epsilon)):
+            raise ConfigError(f"node config: max-epsilon must be a finite number > 0, got {pins.max_epsilon}")
+        if not (pins.min_noise >= 0 and math.isfinite(pins.min_noise)):
+            raise ConfigError(f"node config: min-noise must be a finite number >= 0, got {pins.min_noise}")
+        return pins
+
+    def apply(self, cfg: PrivacyConfig) -> tuple[PrivacyConfig, float]:
+        """The privacy settings this merchant trains under, and the ε a run may spend up to."""
+        budget = cfg.target_epsilon if self.max_epsilon is None else self.max_epsilon
+        pinned = replace(cfg, enabled=cfg.enabled or self.require_dp, ledger_dir=self.ledger_dir or cfg.ledger_dir,
+                         target_epsilon=budget, noise_multiplier=max(cfg.noise_multiplier, self.min_noise))
+        return pinned, min(cfg.target_epsilon, budget)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"require-dp must be true or false, got {value!r}")
+
+
 class PrivateTraining:
     """One DP training session: reserves budget, wraps model and optimiser with Opacus, unwraps."""
 
-    def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows):
-        self.cfg, self.ledger = cfg.privacy, ledger
+    def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows, ceiling: float | None = None):
+        self.cfg, self.ledger, self.ceiling = cfg.privacy, ledger, ceiling
         self.units = privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon)
         self.sample_rate = _rate(len(self.units), cfg.train.batch_size)
         self._wrapped: GradSampleModule | None = None
 
     @classmethod
-    def for_merchant(cls, cfg: Config, merchant: str, train: Windows) -> PrivateTraining:
-        """The session of `merchant`, charged to its own ledger on its disk."""
-        return cls(cfg, open_ledger(cfg.privacy, merchant), train)
+    def for_merchant(cls, cfg: Config, merchant: str, train: Windows, pins: MerchantPins | None = None) -> PrivateTraining:
+        """The session of `merchant`, charged to its own ledger on its disk, under its own pins."""
+        privacy, ceiling = (pins or MerchantPins()).apply(cfg.privacy)
+        return cls(replace(cfg, privacy=privacy), open_ledger(privacy, merchant), train, ceiling)
 
     def reserve(self, planned_steps: int) -> int:
         """Records as many of `planned_steps` as the remaining budget allows; returns that number."""
-        steps = self.ledger.affordable_steps(self.cfg.noise_multiplier, self.sample_rate, planned_steps)
-        if steps:
-            self.ledger.record(self.cfg.noise_multiplier, self.sample_rate, steps)
-        return steps
+        return self.ledger.reserve(self.cfg.noise_multiplier, self.sample_rate, planned_steps, self.ceiling)
 
     def attach(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import Mod
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import make_app
 from client.mods import client_privacy_mod
@@ -29,6 +30,27 @@ from simulations.federated import simulate
 
 TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
 N_MERCHANTS = 3
+
+
+def enter_task(monkeypatch) -> None:
+    """Messages can only be built inside a Flower task; give this process one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """The node list a strategy samples from, for driving a strategy without a federation."""
+
+    def __init__(self, n: int) -> None:
+        self.nodes = list(range(1, n + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def float32_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in values.items()})
 
 def _round_of(msg: Message) -> int:
     config = msg.content["config"] if "config" in msg.content else {}

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fed_helpers import TINY_CONFIG
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from fed_helpers import TINY_CONFIG, FakeGrid, enter_task, float32_arrays
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import Code, EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
@@ -47,26 +46,11 @@ SHAPES = {"w": (300, 200), "b": (50,)}  # 60,050 coordinates: enough to measure 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    """Messages can only be built inside a Flower task; give this process one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.nodes = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
+    enter_task(monkeypatch)
 
 
 def _cfg(**federation: Any):
     return load_config(overrides={"federation.num_merchants": 3, "federation.min_replies": 2, **{f"federation.{k}": v for k, v in federation.items()}})
-
-
-def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in values.items()})
 
 
 def _norm(update: dict[str, np.ndarray]) -> float:
@@ -80,7 +64,7 @@ def _clip(update: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:
 
 def _round(strategy, global_: dict[str, np.ndarray], updates: list[Any], examples: list[int] | None = None):
     """One train round: configure on a fake grid, reply with global + update (or an Error), aggregate."""
-    messages = list(strategy.configure_train(1, _arrays(global_), ConfigRecord({}), FakeGrid(len(updates))))
+    messages = list(strategy.configure_train(1, float32_arrays(global_), ConfigRecord({}), FakeGrid(len(updates))))
     replies = []
     for i, (msg, update) in enumerate(zip(messages, updates)):
         if isinstance(update, Error):
@@ -88,7 +72,7 @@ def _round(strategy, global_: dict[str, np.ndarray], updates: list[Any], example
             continue
         metrics = MetricRecord({"train-loss": 1.0, "num-examples": (examples or [100] * len(updates))[i], "partition-id": i})
         local = {k: global_[k] + update[k] for k in global_}
-        replies.append(Message(RecordDict({"arrays": _arrays(local), "metrics": metrics}), reply_to=msg))
+        replies.append(Message(RecordDict({"arrays": float32_arrays(local), "metrics": metrics}), reply_to=msg))
     arrays, _ = strategy.aggregate_train(1, replies)
     return None if arrays is None else {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
 
@@ -153,7 +137,7 @@ def test_client_fixed_rejects_an_update_that_was_not_clipped(global_) -> None:
     for k in SHAPES:
         np.testing.assert_allclose(mean[k], (clipped[0][k] + clipped[1][k]) / 2, atol=1e-6)
     # and the clipping norm travels to the merchants' fixedclipping_mod in the train config
-    messages = strategy.configure_train(2, _arrays(global_), ConfigRecord({}), FakeGrid(2))
+    messages = strategy.configure_train(2, float32_arrays(global_), ConfigRecord({}), FakeGrid(2))
     assert all(m.content["config"]["clipping_norm"] == 1.0 for m in messages)
 
 
@@ -243,7 +227,7 @@ def test_legacy_bridge_serves_fitins_with_the_unchanged_train_function() -> None
         seen["keys"] = list(m.content["arrays"].keys())
         seen["config"] = dict(m.content["config"])
         trained = {k: np.asarray(v.numpy()) + 1 for k, v in reversed(list(m.content["arrays"].items()))}  # any key order
-        return Message(RecordDict({"arrays": _arrays(trained), "metrics": MetricRecord({"train-loss": 0.5, "num-examples": 77})}), reply_to=m)
+        return Message(RecordDict({"arrays": float32_arrays(trained), "metrics": MetricRecord({"train-loss": 0.5, "num-examples": 77})}), reply_to=m)
 
     reply = legacy_bridge_mod(msg, _context(), train)
     assert seen == {"keys": keys, "config": {"server-round": 2, "local-steps": 3}}

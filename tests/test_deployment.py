@@ -283,6 +283,17 @@ def test_make_certs_san_and_keys(tmp_path):
     assert (tmp_path / "server.key").stat().st_mode & 0o077 == 0, "private key readable by others"
 
 
+@needs_openssl
+def test_make_certs_tightens_keys_that_already_existed(tmp_path):
+    """umask only shapes new files: a key file left 0644 by an earlier run stayed 0644 when overwritten."""
+    for name in ("ca.key", "server.key", "sn0"):
+        (tmp_path / name).write_text("old")
+        (tmp_path / name).chmod(0o644)
+    make_certs(tmp_path, 1)
+    for name in ("ca.key", "server.key", "sn0"):
+        assert (tmp_path / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's and click's, raised inside flwr's builder
 def test_fab_leaves_out_venv_runs_and_tests():
     """`flwr run` bundles the repo with .gitignore applied (.venv/, runs/, .flwr/ ...) and Flower's built-ins."""

@@ -63,12 +63,11 @@ def test_final_adapter_is_trained_from_the_seeded_initial_one(baseline):
     assert all(final[k].shape == initial[k].shape and np.isfinite(final[k]).all() for k in final)
     moved = math.sqrt(sum(float(np.sum((final[k].astype(np.float64) - initial[k]) ** 2)) for k in final))
     assert moved > 1e-3, f"final adapter is (almost) the initial one: distance {moved}"
-    # and it is exactly the FedAvg (weighted by num-examples) of what the merchants sent in the last round
+    # and it is exactly the plain mean (federation.weighting = "equal") of what the merchants sent in the last round
     last = _train_replies(baseline["records"], cfg.federation.num_rounds)
     assert sorted(last) == list(range(N_MERCHANTS))
-    weights = [last[p]["content"]["metrics"][1]["num-examples"] for p in sorted(last)]
     for key in final:
-        expected = sum(w * _arrays(last[p])[key].astype(np.float64) for p, w in zip(sorted(last), weights)) / sum(weights)
+        expected = np.mean([_arrays(last[p])[key].astype(np.float64) for p in sorted(last)], axis=0)
         np.testing.assert_allclose(final[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["round"] == cfg.federation.num_rounds
 
@@ -88,8 +87,8 @@ def test_summary_history_has_per_merchant_and_aggregated_metrics(baseline):
             assert m["steps"] == cfg.federation.local_steps and m["partition-id"] == int(pid)
             assert 0 < m["epsilon"] <= cfg.privacy.target_epsilon and m["delta"] == cfg.privacy.delta
         agg, merchants = h["aggregated"], [h["merchants"][p] for p in sorted(PARTITIONS)]
-        # FedAvg's aggregates: means weighted by the replies' num-examples
-        train_weights = [m["num-examples"] for m in merchants]
+        # the guard's aggregates: training means with the server's equal weights, holdout means by series evaluated
+        train_weights = [1.0] * len(merchants)
         eval_weights = [m["eval-num-examples"] for m in merchants]
         assert agg["train-loss"] == pytest.approx(_weighted_mean([m["train-loss"] for m in merchants], train_weights), rel=1e-6)
         for key in ("mase", "wql", "coverage-80"):

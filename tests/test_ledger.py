@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_ledger_survives_restart(tmp_path: Path) -> None:
     assert second.epsilon() == first.epsilon()
     second.record(1.2, 0.05, 5)  # continues the last entry, as Opacus would
     assert _ledger(path).history == [(1.0, 0.05, 40), (1.2, 0.05, 15)]
-    assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [".m.json.lock", "m.json"]  # no temp file left behind
 
 
 @pytest.mark.filterwarnings("ignore:Secure RNG turned off")
@@ -144,3 +145,64 @@ def test_budget_is_never_exceeded_by_a_single_step(
             with pytest.raises(BudgetExceeded):
                 ledger.record(noise, rate, 1)
             assert ledger.history == history
+
+
+# --- two processes on one merchant's ledger ---------------------------------------------------------------
+
+
+def _spend_after_barrier(path: str, barrier, outcomes) -> None:
+    """A second client process: decides what it can afford, waits until the other has decided too, records."""
+    ledger = _ledger(Path(path))
+    n = ledger.affordable_steps(1.0, 0.05, 10_000)
+    barrier.wait()
+    try:
+        ledger.record(1.0, 0.05, n)
+        outcomes.put(("recorded", n))
+    except BudgetExceeded:
+        outcomes.put(("refused", n))
+
+
+def _reserve(path: str, outcomes) -> None:
+    outcomes.put(_ledger(Path(path)).reserve(1.0, 0.05, 10_000))
+
+
+def _processes(target, args_of) -> list:
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=target, args=args_of(context)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return procs
+
+
+def test_two_processes_cannot_spend_the_same_budget(tmp_path: Path) -> None:
+    """Both read the ledger, both find the whole budget affordable; only the first may record it
+    (before the lock, both did: the file showed ε 7.99 while 11.77 had been spent)."""
+    path = tmp_path / "m.json"
+    outcomes, barrier = multiprocessing.get_context("fork").Queue(), multiprocessing.get_context("fork").Barrier(2)
+    _processes(_spend_after_barrier, lambda _: (str(path), barrier, outcomes))
+    results = sorted(outcomes.get(timeout=10)[0] for _ in range(2))
+    assert results == ["recorded", "refused"]
+    assert _ledger(path).epsilon() <= 8.0
+
+
+def test_concurrent_reservations_add_up_to_the_budget(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    outcomes = multiprocessing.get_context("fork").Queue()
+    _processes(_reserve, lambda _: (str(path), outcomes))
+    reserved = [outcomes.get(timeout=10) for _ in range(2)]
+    alone = _ledger(tmp_path / "alone.json").affordable_steps(1.0, 0.05, 10_000)
+    assert sum(reserved) == alone and min(reserved) == 0
+    assert _ledger(path).history == [(1.0, 0.05, alone)]
+
+
+def test_an_infinite_noise_multiplier_is_refused_at_once(tmp_path: Path) -> None:
+    """σ = inf would make steps free in name and sent the ε computation into minutes of work."""
+    path = tmp_path / "m.json"
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        _ledger(path).reserve(float("inf"), 0.05, 10)
+    _ledger(path).record(1.0, 0.05, 1)
+    path.write_text(path.read_text().replace("1.0,", "Infinity,", 1))
+    with pytest.raises(LedgerError, match="refusing to start from"):
+        _ledger(path)

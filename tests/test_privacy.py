@@ -14,6 +14,7 @@ property the privacy guarantee rests on, rather than trusting that the flags wer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch.utils.data import DataLoader
 
 import shared.privacy as shared_privacy
 from shared.adapter import adapter_state
+from shared.config import ConfigError
 from shared.ledger import PrivacyLedger
 from shared.model import pinball_loss
-from shared.privacy import PrivateTraining, open_ledger, privacy_units, sample_rate
+from shared.pipeline import ForecastPipeline
+from shared.privacy import MerchantPins, PrivateTraining, open_ledger, privacy_units, sample_rate
 from shared.train import fit
 from shared.windows import WindowDataset
 
@@ -361,3 +364,29 @@ def test_dp_training_does_not_use_validation_early_stopping(make_forecaster, tmp
     model, splits, cfg = _dp(make_forecaster, tmp_path, **{"train.max_steps": 4, "train.eval_every": 1, "train.patience": 1})
     result = fit(model, splits.train, splits.val, cfg.train, privacy=_session(cfg, splits, tmp_path))
     assert result.steps == 4 and result.history == []
+
+
+# --- what the merchant pins, whatever the server asks ------------------------------------------------------
+
+
+def test_the_merchants_node_config_pins_its_budget_against_the_server(make_forecaster, tmp_path: Path) -> None:
+    """A run config with a fresh ledger_dir, DP off, target_epsilon 100 and a tiny σ gets none of them
+    past a merchant that pinned its ledger, DP, its ε ceiling and a σ floor."""
+    model, splits, cfg = make_forecaster(**{"privacy.enabled": False, "privacy.ledger_dir": str(tmp_path / "server-chosen"),
+                                             "privacy.target_epsilon": 100.0, "privacy.noise_multiplier": 0.1})
+    pins = MerchantPins.from_node_config({"ledger-dir": str(tmp_path / "mine"), "require-dp": True, "max-epsilon": 2, "min-noise": 20.0})
+    session = ForecastPipeline(cfg, model.shape).private_training("m0", splits.train, pins)
+    assert session is not None and session.cfg.noise_multiplier == 20.0
+    assert session.ledger.path.parent == tmp_path / "mine" and session.ledger.target_epsilon == 2.0 and session.ceiling == 2.0
+    # the server may still ask for less: the run stops at its lower ceiling, the ledger's budget stays the merchant's
+    lower = replace(cfg, privacy=replace(cfg.privacy, target_epsilon=0.5))
+    session = ForecastPipeline(lower, model.shape).private_training("m0", splits.train, pins)
+    assert session.ceiling == 0.5 and session.ledger.target_epsilon == 2.0
+    assert session.reserve(10_000) > 0 and 0 < session.epsilon() <= 0.5
+
+
+@pytest.mark.parametrize("node_config", [{"max-epsilon": float("inf")}, {"max-epsilon": -1}, {"min-noise": float("nan")},
+                                         {"require-dp": "yes"}, {"max-epsilon": "lots"}])
+def test_a_bad_pin_is_a_config_error(node_config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="node config"):
+        MerchantPins.from_node_config(node_config)

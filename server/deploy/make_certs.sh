@@ -56,6 +56,7 @@ openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -sha256 -nodes -key
 openssl x509 -req -sha256 -days "$DAYS" -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
     -extfile server.ext -out server.pem 2>/dev/null
 rm -f server.csr server.ext ca.srl
+chmod 600 ca.key server.key  # umask shapes new files only; a key that existed keeps its old mode otherwise
 chmod 644 ca.crt server.pem
 
 # 3. Optional SuperNode authentication keys (ECDSA P-384, OpenSSH format).
@@ -64,6 +65,7 @@ if (( N_SUPERNODES > 0 )); then
     for ((i = 0; i < N_SUPERNODES; i++)); do
         rm -f "sn$i" "sn$i.pub"
         ssh-keygen -q -t ecdsa -b 384 -N "" -C "shopcast-supernode-$i" -f "sn$i"
+        chmod 600 "sn$i"
         chmod 644 "sn$i.pub"
     done
 fi

@@ -1,0 +1,56 @@
+"""The ClientApp's own refusals: a bad round instruction costs no budget, a diverged adapter is never sent.
+
+Drives `client.app.train` directly with a real message on the tiny config (no simulation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fed_helpers import TINY_CONFIG, enter_task
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client import app as client_app
+from shared.adapter import adapter_state
+from shared.config import load_config
+from shared.pipeline import ForecastPipeline
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path: Path):
+    """The environment a simulated merchant runs in, with DP on and its ledger under tmp_path."""
+    enter_task(monkeypatch)
+    overrides = {"privacy.enabled": True, "privacy.ledger_dir": str(tmp_path / "ledgers"), "federation.local_steps": 2}
+
+    def train(config: dict, **more) -> Message:
+        monkeypatch.setenv("SHOPCAST_CONFIG", str(TINY_CONFIG))
+        monkeypatch.setenv("SHOPCAST_OVERRIDES", json.dumps(overrides | more))
+        cfg = load_config(TINY_CONFIG, overrides | more)
+        arrays = ArrayRecord(adapter_state(ForecastPipeline.from_config(cfg).model))
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        return client_app.train(msg, context)
+
+    return train, tmp_path / "ledgers"
+
+
+@pytest.mark.parametrize("mu", [float("nan"), -1.0, 1e9, "x"])
+def test_a_bad_proximal_mu_is_declined_before_any_budget_is_spent(run, mu) -> None:
+    train, ledgers = run
+    reply = train({"proximal-mu": mu} if mu != "x" else {"proximal-mu": "x"})
+    assert reply.has_error() and reply.error.code == client_app.BAD_INSTRUCTION
+    assert not ledgers.exists() or not any(ledgers.glob("*.json"))
+
+
+def test_a_diverged_adapter_is_not_sent(run) -> None:
+    train, _ = run
+    reply = train({}, **{"train.lr": 1e30, "privacy.enabled": False})
+    assert reply.has_error() and reply.error.code == client_app.DIVERGED
+
+
+def test_an_honest_round_replies_with_the_adapter(run) -> None:
+    train, _ = run
+    reply = train({"proximal-mu": 0.01})
+    assert not reply.has_error() and set(reply.content.metric_records["metrics"]) >= {"num-examples", "steps", "epsilon"}
