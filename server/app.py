@@ -1,7 +1,8 @@
 """The aggregation server's ServerApp: holds the global adapter, checkpoints it every round.
 
-A restarted server finds `<out_dir>/checkpoint` and resumes at the round after the last one
-saved; at the end it writes `<out_dir>/final_adapter` and `<out_dir>/summary.json`.
+A restarted server resumes from the newest usable checkpoint under `<out_dir>` (server/checkpoint.py)
+at the round after it, with the strategy's own state restored; at the end it writes
+`<out_dir>/final_adapter` and `<out_dir>/summary.json`.
 
 With federation.secagg the rounds run through Flower's legacy SecAgg+ workflow instead of
 `strategy.start` (see docs/secure-aggregation.md); client-level DP wraps the strategy inside
@@ -21,11 +22,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
+from server.checkpoint import StrategyState, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from server.secagg import SecAggAggregation, secagg_workflow
 from server.strategy import make_strategy
-from shared.adapter import adapter_bytes, adapter_shapes, adapter_state, backbone_bytes, load_adapter, load_adapter_state, save_adapter
+from shared.adapter import adapter_bytes, adapter_shapes, adapter_state, backbone_bytes, load_adapter_state, save_adapter
 from shared.config import Config, config_from_run
+from shared.model import Forecaster
 from shared.pipeline import ForecastPipeline
 
 log = logging.getLogger(__name__)
@@ -35,24 +39,19 @@ app = ServerApp()
 def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     """All rounds still to run for this config; returns the run summary."""
     out = Path(cfg.federation.out_dir)
-    checkpoint = out / "checkpoint"
     model = ForecastPipeline.from_config(cfg).model  # seeded: the same initial adapter as every merchant's
-    history: list[dict[str, Any]] = []
-    if (checkpoint / "meta.json").exists():
-        history = load_adapter(model, checkpoint)["history"]
-        log.info("resuming from %s after round %d", checkpoint, len(history))
-    strategy = make_strategy(cfg, adapter_shapes(model), history)
-    remaining = cfg.federation.num_rounds - len(history)
+    strategy = resumed_strategy(cfg, model, out)
+    remaining = cfg.federation.num_rounds - len(strategy.history)
     started = time.time()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             load_adapter_state(model, arrays.to_torch_state_dict())
-            save_adapter(model, checkpoint, {"round": len(strategy.history), "history": strategy.history})
+            save_checkpoint(out, model, strategy.history, strategy_state(strategy))
         return None
 
     if remaining > 0 and cfg.federation.secagg:
-        run_secagg(grid, cfg, model, strategy.history, remaining, checkpoint)
+        run_secagg(grid, cfg, model, strategy.history, remaining, out)
     elif remaining > 0:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=remaining,
@@ -80,7 +79,20 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], num_rounds: int, checkpoint: Path) -> None:
+def resumed_strategy(cfg: Config, model: Forecaster, out: Path) -> FedAvg:
+    """The config's strategy, carrying on from the newest usable checkpoint under `out` if there is one
+    (its adapter goes into `model`), so the next round is the one an uninterrupted run would have run."""
+    resumed = load_checkpoint(out, adapter_shapes(model))
+    if resumed is None:
+        return make_strategy(cfg, adapter_shapes(model))
+    load_adapter_state(model, resumed.adapter)
+    log.info("resuming from %s after round %d", resumed.directory, len(resumed.history))
+    strategy = make_strategy(cfg, adapter_shapes(model), resumed.history)
+    restore_strategy_state(strategy, resumed.strategy)
+    return strategy
+
+
+def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], num_rounds: int, out: Path) -> None:
     """`num_rounds` rounds through SecAggPlusWorkflow: the server only ever sees the merchants' mean adapter.
 
     Flower 1.41 has SecAgg+ for the legacy workflow API only (a `LegacyContext` around a legacy
@@ -89,7 +101,7 @@ def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], nu
 
     def after_round(server_round: int, arrays: dict[str, Any]) -> None:
         load_adapter_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
-        save_adapter(model, checkpoint, {"round": len(history), "history": history})
+        save_checkpoint(out, model, history, StrategyState())  # the legacy FedAvg keeps nothing across rounds
 
     initial = {k: v.numpy() for k, v in adapter_state(model).items()}
     strategy = SecAggAggregation(cfg, initial, history, after_round)

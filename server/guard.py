@@ -34,6 +34,7 @@ TRAIN_METRICS: dict[str, type] = {
 }
 EVALUATE_METRICS: dict[str, type] = {"mase": float, "wql": float, "coverage-80": float, "num-examples": int, "partition-id": int}
 REQUIRED_METRICS = ("num-examples",)
+FEDERATION_ROUND = "federation-round"  # the round number over the whole run, resumes included
 WEIGHT = "num-examples"  # the key Flower's mean is weighted by; the guard writes the server's weight into it
 
 
@@ -152,6 +153,7 @@ class GuardedAggregation:
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self._started = time.time()
         self._current = new_round(server_round + self.round_offset)
+        config[FEDERATION_ROUND] = self._current["round"]  # Flower's server-round restarts at 1 when a run resumes
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._current["asked"] = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -212,7 +214,8 @@ class GuardedAggregation:
         if len(accepted) < self.min_replies or sum(weights) <= 0:
             log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged", server_round, len(accepted), self.min_replies)
             return None, None
-        arrays, aggregated = super().aggregate_train(server_round, accepted)
+        # the run's round, not this start's: FedAdam corrects its moments' bias by it
+        arrays, aggregated = super().aggregate_train(server_round + self.round_offset, accepted)
         if arrays is not None and (reason := self._aggregate_rejection(arrays)) is not None:
             log.warning("round %d: aggregate rejected, global adapter unchanged: %s", server_round, reason)
             self._current["rejected"].append({"node": None, "reason": f"aggregate: {reason}"})

@@ -5,12 +5,18 @@ On disk an adapter is a directory:
   lora/                 the LoRA part as peft writes it; `PeftModel.from_pretrained(blocks, "lora")`
                         loads it onto the same truncated backbone (`shared.backbone.truncated_backbone`)
   meta.json             the model config and anything the caller adds (round number, metrics)
+
+Every part is written beside its final name, fsynced and renamed over it (meta.json last), so a
+crash while saving leaves each part whole, old or new, never truncated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +79,51 @@ def backbone_bytes(model: Forecaster) -> int:
     return sum(p.numel() * p.element_size() for p in full.parameters())
 
 
+def fsync_path(path: Path) -> None:
+    """Flushes a file, or a directory's entries, to disk: a rename survives a power cut only once its directory is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], previous: Path | None = None) -> None:
+    """`write(staged)` fills a sibling of `path` (a file or a directory), which is fsynced and then renamed
+    over `path`: readers see the old version or the complete new one. A directory, or any `path` whose
+    old version is kept as `previous`, takes two renames; a crash between them leaves `path` absent,
+    the old version complete at `previous` (or `.<name>.old`) and the new one under `.<name>.partial`."""
+    staged, old = path.with_name(f".{path.name}.partial"), previous or path.with_name(f".{path.name}.old")
+    _remove(staged)
+    write(staged)
+    for item in [*staged.rglob("*"), staged] if staged.is_dir() else [staged]:
+        fsync_path(item)
+    if path.exists() and (previous is not None or staged.is_dir()):
+        _remove(old)
+        os.replace(path, old)
+    os.replace(staged, path)
+    fsync_path(path.parent)
+    if previous is None:
+        _remove(old)
+
+
 def save_adapter(model: Forecaster, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Writes or replaces the adapter's parts; other files in `directory` (the CLI keeps its metrics and plots there) stay."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter_state(model).items()}, str(directory / "adapter.safetensors"))
+    state = {k: v.contiguous() for k, v in adapter_state(model).items()}
+    write_atomically(directory / "adapter.safetensors", lambda path: save_file(state, str(path)))
     if (lora := model.lora_model()) is not None:
-        lora.save_pretrained(str(directory / "lora"))
+        write_atomically(directory / "lora", lambda path: lora.save_pretrained(str(path)))
     info = {"model": dataclasses.asdict(model.cfg), "shape": dataclasses.asdict(model.shape), **(meta or {})}
-    (directory / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+    write_atomically(directory / "meta.json", lambda path: path.write_text(json.dumps(info, indent=2, default=str)))
     return directory
 
 

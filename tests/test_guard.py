@@ -15,6 +15,7 @@ import pytest
 from fed_helpers import FakeGrid, enter_task, float32_arrays
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from server.guard import FEDERATION_ROUND, new_round
 from server.strategy import make_strategy
 from shared.config import load_config
 
@@ -149,3 +150,10 @@ def test_a_rejected_reply_keeps_the_budget_it_says_it_spent() -> None:
     _round(strategy, [_reply(_update(0.2)), _reply(_update(100.0), epsilon=1.25, steps=7)])
     (rejected,) = strategy.history[-1]["rejected"]
     assert rejected["epsilon"] == 1.25 and rejected["steps"] == 7 and "exceeds the bound" in rejected["reason"]
+
+
+def test_a_resumed_run_tells_merchants_the_round_of_the_whole_run() -> None:
+    cfg = load_config(overrides={"federation.min_replies": 1})
+    strategy = make_strategy(cfg, SHAPES, history=[new_round(1), new_round(2)])  # resumed after two rounds
+    messages = list(strategy.configure_train(1, float32_arrays(_update(0.0)), ConfigRecord({}), FakeGrid(2)))
+    assert {m.content["config"][FEDERATION_ROUND] for m in messages} == {3} and strategy._current["round"] == 3
