@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,14 @@ from server.app import app as server_app
 from shared.config import Config
 
 
+def round_timeout(cfg: Config, num_merchants: int) -> float:
+    """The round timeout that fits the cohort on this machine: merchants run one per worker (one CPU
+    each), so a round takes up to ceil(merchants / workers) merchants' time one after another, where
+    deployed merchants, each on its own machine, would take one merchant's (round_timeout_s)."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cfg.federation.round_timeout_s * math.ceil(num_merchants / workers)
+
+
 def simulate(
     cfg: Config, config_path: str | Path | None, overrides: dict[str, Any], num_merchants: int, client_app: ClientApp = default_client_app
 ) -> dict[str, Any]:
@@ -26,7 +35,7 @@ def simulate(
     """
     saved = {k: os.environ.get(k) for k in ("SHOPCAST_CONFIG", "SHOPCAST_OVERRIDES")}
     os.environ["SHOPCAST_CONFIG"] = str(config_path or "")
-    os.environ["SHOPCAST_OVERRIDES"] = json.dumps(overrides)
+    os.environ["SHOPCAST_OVERRIDES"] = json.dumps(overrides | {"federation.round_timeout_s": round_timeout(cfg, num_merchants)})
     gpus = 1.0 / num_merchants if torch.cuda.is_available() else 0.0
     try:
         run_simulation(

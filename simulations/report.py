@@ -41,6 +41,16 @@ def federation_table(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def discarded_line(history: list[dict[str, Any]]) -> str:
+    """What the rounds could not use, and the DP steps merchants spent on rejected replies for nothing
+    (a late merchant's spending is on its own ledger only: the server never saw its reply)."""
+    rejected = [r for e in history for r in e["rejected"]]
+    wasted = sum(int(r.get("steps", 0)) for r in rejected)
+    return (f"Rejected replies: {len(rejected)} (carrying {wasted} DP steps spent for nothing); late replies (past the round "
+            f"timeout, merchant may have spent budget): {sum(len(e.get('late', [])) for e in history)}; failed or declining "
+            f"merchants: {sum(len(e['failures']) for e in history)}.")
+
+
 def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: dict[str, Any], history: pd.DataFrame) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     overall = accuracy_summary(contest)
@@ -86,8 +96,7 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
         "",
         to_markdown(per_round.reset_index()),
         "",
-        f"Rejected updates: {sum(len(e['rejected']) for e in summary['history'])}; "
-        f"failed or declining clients: {sum(len(e['failures']) for e in summary['history'])}.",
+        discarded_line(summary["history"]),
         "",
         "![accuracy](accuracy.png)",
         "",

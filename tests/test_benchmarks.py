@@ -56,7 +56,9 @@ def test_dataset_benchmark_runs_every_local_contender(dataset: str, extra: list[
     result = run_accuracy(CONFIGS / f"{dataset}.toml", tmp_path, ["benchmark.federated=false", *extra])
     ablations = {f"ablation_{a}" for a in (["no_llm", "attention", "random_llm"] if dataset == "synthetic" else ["no_llm"])}
     assert models(result) == {"shopcast_local_only", "shopcast_centralised", *ablations, *BASELINES}
-    assert all(np.isfinite(row["wql"]) and row["seconds"] >= 0 for row in result["summary"])
+    assert all(np.isfinite(row["wql"]) for row in result["summary"])
+    trained = [row for row in result["summary"] if row["model"].startswith(("shopcast", "ablation"))]
+    assert all(row["seconds"] > 0 for row in trained), "a trained row took no time: it was not trained"
     assert result["wall_s"] > 0
 
 
