@@ -24,7 +24,7 @@ from shared.adapter import AdapterMismatch, adapter_bytes, adapter_state, load_a
 from shared.config import Config, config_from_run
 from shared.pipeline import ForecastPipeline
 from shared.privacy import MerchantPins
-from shared.sources import load_table, merchant_of_partition
+from shared.sources import load_table, merchant_of_partition, one_merchant
 from shared.windows import Splits
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,26 @@ def _pipeline(cfg: Config) -> ForecastPipeline:
 
 
 @lru_cache(maxsize=None)
-def _merchant(cfg: Config, partition_id: int, data_path: str | None) -> tuple[str, Splits]:
-    """The merchant's validated windows; built once per process and merchant, kept in memory."""
-    if data_path is not None:
-        cfg = replace(cfg, data=replace(cfg.data, source="file", path=data_path))
-    table = load_table(cfg)
-    merchant = table.merchants()[0] if data_path is not None else merchant_of_partition(table.merchants(), partition_id)
+def _merchant(cfg: Config, partition_id: int, data_path: str | None, name: str | None) -> tuple[str, Splits]:
+    """The merchant's validated windows; built once per process and merchant, kept in memory.
+
+    With its own file (deployment) a merchant is the file's only merchant, or the one its node
+    config names: a file holding several is never trained on as if it held one.
+    """
+    if data_path is None:
+        table = load_table(cfg)
+        merchant = merchant_of_partition(table.merchants(), partition_id)
+    else:
+        merchant, table = one_merchant(load_table(replace(cfg, data=replace(cfg.data, source="file", path=data_path))), name)
     return merchant, _pipeline(cfg).splits(table.for_merchant(merchant))
 
 
 def _setup(msg: Message, context: Context) -> tuple[ForecastPipeline, str, Splits]:
     cfg = config_from_run(context.run_config)
-    data_path = context.node_config.get("data-path")
-    merchant, splits = _merchant(cfg, int(context.node_config.get("partition-id", 0)), None if data_path is None else str(data_path))
+    node = context.node_config
+    data_path, name = node.get("data-path"), node.get("merchant")
+    merchant, splits = _merchant(cfg, int(node.get("partition-id", 0)), None if data_path is None else str(data_path),
+                                 None if name is None else str(name))
     pipeline = _pipeline(cfg)
     load_adapter_state(pipeline.model, msg.content["arrays"].to_torch_state_dict())
     return pipeline, merchant, splits

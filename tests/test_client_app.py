@@ -14,8 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client import app as client_app
 from shared.adapter import adapter_state
-from shared.config import load_config
+from shared.config import ConfigError, load_config
 from shared.pipeline import ForecastPipeline
+from shared.synthetic import generate_merchants
 
 
 @pytest.fixture
@@ -24,13 +25,13 @@ def run(monkeypatch, tmp_path: Path):
     enter_task(monkeypatch)
     overrides = {"privacy.enabled": True, "privacy.ledger_dir": str(tmp_path / "ledgers"), "federation.local_steps": 2}
 
-    def train(config: dict, **more) -> Message:
+    def train(config: dict, node: dict | None = None, **more) -> Message:
         monkeypatch.setenv("SHOPCAST_CONFIG", str(TINY_CONFIG))
         monkeypatch.setenv("SHOPCAST_OVERRIDES", json.dumps(overrides | more))
         cfg = load_config(TINY_CONFIG, overrides | more)
         arrays = ArrayRecord(adapter_state(ForecastPipeline.from_config(cfg).model))
         msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        context = Context(run_id=1, node_id=1, node_config=node or {"partition-id": 0}, state=RecordDict(), run_config={})
         return client_app.train(msg, context)
 
     return train, tmp_path / "ledgers"
@@ -54,3 +55,14 @@ def test_an_honest_round_replies_with_the_adapter(run) -> None:
     train, _ = run
     reply = train({"proximal-mu": 0.01})
     assert not reply.has_error() and set(reply.content.metric_records["metrics"]) >= {"num-examples", "steps", "epsilon"}
+
+
+def test_a_file_of_several_merchants_needs_the_merchant_named(run, tmp_path: Path) -> None:
+    """A SuperNode's data-path holding two shops used to train silently on the first one."""
+    train, _ = run
+    path = tmp_path / "two_shops.csv"
+    generate_merchants(2, 200, 0).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="name the merchant"):
+        train({}, node={"data-path": str(path)})
+    named = train({}, node={"data-path": str(path), "merchant": "shop_01"})
+    assert not named.has_error()
