@@ -24,6 +24,7 @@ from shared.adapter import AdapterMismatch, adapter_bytes, adapter_state, load_a
 from shared.config import Config, config_from_run
 from shared.pipeline import ForecastPipeline
 from shared.privacy import MerchantPins
+from shared.schema import SeriesTable
 from shared.sources import load_table, merchant_of_partition, one_merchant
 from shared.windows import Splits
 
@@ -41,6 +42,13 @@ def _pipeline(cfg: Config) -> ForecastPipeline:
     return ForecastPipeline.from_config(cfg)
 
 
+@lru_cache(maxsize=1)
+def _simulated_table(cfg: Config) -> SeriesTable:
+    """Every simulated merchant's table, read once per process: a worker serves many merchants, and
+    building the whole table again for each of them cost seconds apiece (100 merchants: minutes)."""
+    return load_table(cfg)
+
+
 @lru_cache(maxsize=None)
 def _merchant(cfg: Config, partition_id: int, data_path: str | None, name: str | None) -> tuple[str, Splits]:
     """The merchant's validated windows; built once per process and merchant, kept in memory.
@@ -49,7 +57,7 @@ def _merchant(cfg: Config, partition_id: int, data_path: str | None, name: str |
     config names: a file holding several is never trained on as if it held one.
     """
     if data_path is None:
-        table = load_table(cfg)
+        table = _simulated_table(cfg)
         merchant = merchant_of_partition(table.merchants(), partition_id)
     else:
         merchant, table = one_merchant(load_table(replace(cfg, data=replace(cfg.data, source="file", path=data_path))), name)
