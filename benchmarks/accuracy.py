@@ -27,9 +27,8 @@ from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.plots import bar_chart, fan_chart
 from shared.presets import FILES
-from shared.sources import merchant_of_partition
 from simulations.compare import ContestRun, run_contest
-from simulations.report import accuracy_summary, merchant_wql
+from simulations.report import accuracy_summary, dp_spent, merchant_wql
 
 SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
 
@@ -76,18 +75,11 @@ def privacy_lines(run: ContestRun) -> list[str]:
         lines.append(f"{name}: adapter {summary['adapter_bytes']:,} bytes per message vs {summary['backbone_bytes']:,} bytes of backbone; "
                      f"{sum(bytes_up):,} bytes uploaded by all merchants over {len(summary['history'])} rounds.")
         if summary["privacy"]["enabled"]:
-            eps: dict[str, float] = {}
-            steps: dict[str, int] = {}
-            for entry in summary["history"]:
-                for pid, m in entry["merchants"].items():
-                    merchant = merchant_of_partition(run.table.merchants(), pid)
-                    if m.get("epsilon") is not None:
-                        eps[merchant] = max(eps.get(merchant, 0.0), m["epsilon"])
-                        steps[merchant] = steps.get(merchant, 0) + int(m.get("steps") or 0)
+            spent = dp_spent(summary, run.table.merchants())
             p = summary["privacy"]
             lines.append(f"{name}: protected unit {p['unit']}, δ = {p['delta']:g}, budget ε ≤ {p['target_epsilon']:g}; ε spent (DP steps "
                          f"trained of {run.steps} planned) per merchant: "
-                         + ", ".join(f"{k} {v:.2f} ({steps[k]})" for k, v in sorted(eps.items())) + ".")
+                         + ", ".join(f"{r.merchant} {r.epsilon:.2f} ({r.steps})" for r in spent.itertuples()) + ".")
     return lines
 
 

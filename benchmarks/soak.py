@@ -34,8 +34,9 @@ from server.guard import FEDERATION_ROUND
 from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.privacy import open_ledger
-from shared.sources import load_table, merchant_of_partition
+from shared.sources import load_table
 from simulations.federated import simulate
+from simulations.report import dp_spent
 
 TINY = PROJECT_ROOT / "configs" / "tiny.toml"
 
@@ -70,23 +71,14 @@ def federate(overrides: dict[str, Any], stops: list[int], merchants: int, dropou
 
 
 def ledger_check(summary: dict[str, Any], out: Path, overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per merchant: DP steps its replies reported (accepted or rejected) against the steps in its ledger."""
+    """Per merchant: the DP steps and ε its replies reported against what its own ledger holds."""
     cfg = load_config(TINY, overrides | {"privacy.ledger_dir": str(out / "ledgers")})
-    names = load_table(cfg).merchants()
-    reported: dict[str, int] = {}
-    last_epsilon: dict[str, float] = {}
-    for entry in summary["history"]:
-        for key, m in entry["merchants"].items():
-            if "steps" in m:
-                reported[key] = reported.get(key, 0) + int(m["steps"])
-                last_epsilon[key] = m["epsilon"]
     rows = []
-    for key in sorted(reported, key=int):
-        ledger = open_ledger(cfg.privacy, merchant_of_partition(names, key))
+    for r in dp_spent(summary, load_table(cfg).merchants()).itertuples():
+        ledger = open_ledger(cfg.privacy, r.merchant)
         steps = sum(entry[2] for entry in ledger.history)
-        rows.append({"merchant": merchant_of_partition(names, key), "steps reported": reported[key], "steps in ledger": steps,
-                     "ε last reply": last_epsilon[key], "ε ledger": ledger.epsilon(),
-                     "consistent": steps == reported[key] and abs(ledger.epsilon() - last_epsilon[key]) < 1e-9})
+        rows.append({"merchant": r.merchant, "steps reported": int(r.steps), "steps in ledger": steps, "ε last reply": r.epsilon,
+                     "ε ledger": ledger.epsilon(), "consistent": steps == r.steps and abs(ledger.epsilon() - r.epsilon) < 1e-9})
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,16 @@ def federation_table(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def dp_spent(summary: dict[str, Any], merchants: Sequence[str]) -> pd.DataFrame:
+    """Per merchant of a DP federation: the ε it reported last (its ledger's, cumulative, so the
+    largest), its DP steps summed over the rounds it trained in, and how many rounds that was."""
+    rounds = federation_table(summary)
+    if "epsilon" not in rounds:
+        return pd.DataFrame(columns=["merchant", "epsilon", "steps", "rounds"])
+    trained = rounds.dropna(subset=["epsilon"]).assign(merchant=lambda f: f["merchant"].map(lambda pid: merchant_of_partition(merchants, pid)))
+    return trained.groupby("merchant").agg(epsilon=("epsilon", "max"), steps=("steps", "sum"), rounds=("round", "nunique")).reset_index()
+
+
 def discarded_line(history: list[dict[str, Any]]) -> str:
     """What the rounds could not use, and the DP steps merchants spent on rejected replies for nothing
     (a late merchant's spending is on its own ledger only: the server never saw its reply)."""
@@ -75,15 +86,13 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
         "## Privacy",
     ]
     if privacy["enabled"]:
-        trained = rounds.dropna(subset=["epsilon"]) if "epsilon" in rounds else rounds.iloc[0:0]
-        eps = trained.groupby("merchant").agg(epsilon=("epsilon", "max"), steps=("steps", "sum"), rounds=("round", "nunique"))
         lines += [
             f"DP-SGD per merchant; protected unit: **{privacy['unit']}**; δ = {privacy['delta']:g}; "
             f"budget ε ≤ {privacy['target_epsilon']:g} per merchant (training stops when it is spent).",
             "",
             "ε spent by each merchant over the rounds it trained in (cumulative, from its own ledger):",
             "",
-            to_markdown(eps.reset_index()),
+            to_markdown(dp_spent(summary, context["merchants"])),
         ]
     else:
         lines.append("DP is **off** in this run: no ε guarantee (only raw data stays local).")
