@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, data_missing, maxrss_mib, quiet
+from benchmarks.scaffold import Run, arguments, command, data_missing, maxrss_mib, quiet
 from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.plots import bar_chart, fan_chart
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

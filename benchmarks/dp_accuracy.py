@@ -26,7 +26,6 @@ Writes benchmarks/results/dp_accuracy.md and .json.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import RESULTS, Run, arguments, data_missing, maxrss_mib, quiet
+from benchmarks.scaffold import RESULTS, Run, arguments, command, data_missing, maxrss_mib, quiet
 from benchmarks.speed import dp_vs_nondp
 
 WORK = Path(tempfile.gettempdir()) / "shopcast_bench_dp_accuracy"
@@ -139,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     from shared.metrics import per_merchant, to_markdown
     from shared.pipeline import ForecastPipeline
     from shared.privacy import noise_for, sample_rate
+    from shared.rundir import fresh_run_dir
     from shared.sources import load_table
     from simulations.compare import Contest, baselines, merchant_splits, model_forecast
     from simulations.federated import simulate
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                    "privacy.noise_multiplier": sigma},
                              {"epsilon_target": eps, "noise_multiplier": sigma, "sample_rate": q, "noise_search_s": time.time() - t}))
         for name, extra, meta in settings:
-            out = WORK / name
-            shutil.rmtree(out, ignore_errors=True)  # fresh: no resumed checkpoint, no spent ledgers
+            out = fresh_run_dir(WORK / name)  # no resumed checkpoint, no spent ledgers
             overrides = base | extra | {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
             t = time.time()
             summary = simulate(load_config(args.config, overrides), args.config, overrides, len(stores))
@@ -279,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

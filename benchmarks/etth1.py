@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, data_missing, maxrss_mib
+from benchmarks.scaffold import Run, arguments, command, data_missing, maxrss_mib
 from shared.config import Config, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
@@ -132,4 +132,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.scaffold import ChildFailed, Monitor, Run, arguments, header, reply, run_child, side_by_side, write
+from benchmarks.scaffold import ChildFailed, Monitor, Run, arguments, command, header, reply, run_child, side_by_side, write
 from shared.config import parse_overrides
 
 WORK = Path(tempfile.gettempdir()) / "shopcast_bench_federation"
@@ -51,11 +50,12 @@ def run_overrides(args: argparse.Namespace, n: int) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     """One simulation, in this process (a fresh Ray cluster per run)."""
     from shared.config import load_config
+    from shared.rundir import fresh_run_dir
     from simulations.federated import simulate
 
     n = int(args.child)
     overrides = run_overrides(args, n)
-    shutil.rmtree(WORK / f"n{n}", ignore_errors=True)  # fresh: no resumed checkpoint, no spent ledgers
+    fresh_run_dir(WORK / f"n{n}")  # no resumed checkpoint, no spent ledgers
     cfg = load_config(args.config, overrides)
     started = time.time()
     summary = simulate(cfg, args.config, overrides, n)
@@ -86,6 +86,7 @@ def digest(n: int, run: dict[str, Any], load: dict[str, Any], wall: float, break
         "replies_per_round": replies,
         "failures": sum(len(r.get("failures", [])) for r in history),
         "rejected": sum(len(r.get("rejected", [])) for r in history),
+        "late": sum(len(r.get("late", [])) for r in history),
         "bytes_per_client_round": float(np.mean(sent)) if sent else float("nan"),
         "bytes_per_round_all_clients_up": float(np.mean([sum(float(m["bytes-sent"]) for m in r["merchants"].values() if "bytes-sent" in m) for r in history])),
         "adapter_bytes": summary["adapter_bytes"],
@@ -106,7 +107,7 @@ def digest(n: int, run: dict[str, Any], load: dict[str, Any], wall: float, break
 
 ROWS = [
     ("rounds run / replies per round", lambda r: f"{r['rounds']} / {r['replies_per_round']}"),
-    ("failed or rejected replies", lambda r: f"{r['failures']} / {r['rejected']}"),
+    ("failed / rejected / late replies", lambda r: f"{r['failures']} / {r['rejected']} / {r.get('late', 'n/a')}"),
     ("upload per merchant per round (bytes-sent, MiB)", lambda r: f"{r['bytes_per_client_round'] / 2**20:.3f}"),
     ("download per merchant per round (same tensors, MiB)", lambda r: f"{r['adapter_bytes'] / 2**20:.3f}"),
     ("full backbone, fp32 (MiB; never travels)", lambda r: f"{r['backbone_bytes'] / 2**20:.1f}"),
@@ -204,4 +205,4 @@ def describe(args: argparse.Namespace, info: dict[str, Any], results: list[dict[
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

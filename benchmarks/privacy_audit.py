@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, maxrss_mib, quiet
+from benchmarks.scaffold import Run, arguments, command, maxrss_mib, quiet
 
 # (n_merchants pooled, days, training-window stride, steps, canaries, inserted, backbone, blocks, seeds)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -459,4 +459,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

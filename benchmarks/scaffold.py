@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import psutil
 import torch
 
 from shared import presets
-from shared.config import PROJECT_ROOT
+from shared.config import PROJECT_ROOT, ConfigError
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
@@ -364,3 +365,13 @@ def run_child(module: str, argv: list[str], child: str, *, log: Path | None = No
 def reply(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """A child's answer to run_child."""
     args.child_out.write_text(json.dumps(result, default=float))
+
+
+def command(main: Callable[[], Any]) -> None:
+    """Runs a benchmark's main as a shell command: a configuration mistake (a bad --set, an output
+    folder no run made) is one line and exit code 2, not a traceback."""
+    try:
+        main()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

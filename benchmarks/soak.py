@@ -27,7 +27,7 @@ import pandas as pd
 from flwr.app import Context, Message, MessageType
 from safetensors.numpy import load_file
 
-from benchmarks.scaffold import Run, arguments, quiet
+from benchmarks.scaffold import Run, arguments, command, quiet
 from client.app import make_app
 from client.mods import client_privacy_mod
 from server.guard import FEDERATION_ROUND
@@ -128,4 +128,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.scaffold import Run, arguments, maxrss_mib, reply, run_child, set_threads, side_by_side
+from benchmarks.scaffold import Run, arguments, command, maxrss_mib, reply, run_child, set_threads, side_by_side
 
 SMOLLM2_ARCH = {
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -323,4 +323,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from shared.adapter import AdapterMismatch
 from shared.config import Config, ConfigError, load_config, parse_overrides
+from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
@@ -32,7 +33,7 @@ from shared.windows import Splits
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_show_locals=False)
 
-USER_ERRORS = (DataValidationError, ConfigError, AdapterMismatch, FileNotFoundError)
+USER_ERRORS = (DataValidationError, ConfigError, AdapterMismatch, LedgerError, FileNotFoundError)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML file; keys it omits keep configs/default.toml's values")

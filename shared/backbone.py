@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedModel
 
+from shared.config import ConfigError
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -97,8 +99,8 @@ def truncated_backbone(name: str, n_layers: int, pretrained: bool = True, seed: 
     """
     full, tokenizer = load_pretrained(name)
     available = full.config.num_hidden_layers
-    if not 1 <= n_layers <= available:
-        raise ValueError(f"llm_layers = {n_layers}, but backbone {name!r} has {available} blocks")
+    if not 1 <= n_layers <= available:  # the one check of [model] llm_layers that needs the backbone loaded
+        raise ConfigError(f"[model] llm_layers = {n_layers}, but backbone {name!r} has {available} blocks; expected 1 to {available}")
     config = copy.deepcopy(full.config)
     config.num_hidden_layers = n_layers
     config.layer_types = None if getattr(config, "layer_types", None) is None else config.layer_types[:n_layers]

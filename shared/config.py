@@ -1,19 +1,24 @@
 """The one place configuration is read: TOML files in configs/ become typed, validated dataclasses.
 
 A file names only what differs from the defaults below; an unknown key is an error, so a typo
-cannot silently fall back to a default.
+cannot silently fall back to a default. Every key is checked against its field's type and against
+its rule in `RULES`, so a bad value is one line naming the key here, not a traceback deep in
+training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
@@ -158,42 +163,174 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
-_CHOICES = {
-    ("data", "source"): {"synthetic", "file", "walmart", "online_retail", "etth1"},
-    ("data", "negative"): {"keep", "flag", "clip", "error"},
-    ("data", "fill"): {"zero", "ffill", "error"},
-    ("data", "short_series"): {"error", "drop"},
-    ("model", "variant"): {"llm", "no_llm", "attention", "random_llm"},
-    ("train", "device"): {"auto", "cpu", "cuda"},
-    ("train", "precision"): {"fp32", "bf16", "fp16"},
-    ("privacy", "unit"): {"series", "day"},
-    ("federation", "strategy"): {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"},
-    ("federation", "weighting"): {"equal", "examples"},
-    ("federation", "client_dp"): {"off", "server_fixed", "server_adaptive", "client_fixed"},
-}
-
-
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
+@dataclass(frozen=True)
+class Rule:
+    """What a key allows beyond its type: the words an error shows, and the test behind them."""
+
+    allowed: str
+    test: Callable[[Any], bool]
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(f"one of {sorted(choices)}", lambda value: value in choices)
+
+
+_COUNT = Rule("at least 1", lambda value: value >= 1)
+_NON_NEGATIVE = Rule("at least 0", lambda value: value >= 0)
+_POSITIVE = Rule("above 0", lambda value: value > 0)
+_OPEN_UNIT = Rule("strictly between 0 and 1", lambda value: 0 < value < 1)
+_SHARE = Rule("above 0 and at most 1", lambda value: 0 < value <= 1)
+_NOT_EMPTY = Rule("not empty", lambda value: len(value) > 0)
+_VARIANTS = ("llm", "no_llm", "attention", "random_llm")
+
+# What each key allows beyond its type, dotted as on the command line. Every number has a rule
+# (tests/test_config.py checks), so no count, rate or budget is left to fail deep in a run.
+RULES: dict[str, Rule] = {
+    "data.source": _one_of("synthetic", "file", "walmart", "online_retail", "etth1"),
+    "data.freq": _NOT_EMPTY,
+    "data.horizon": _COUNT,
+    "data.context": _COUNT,
+    "data.stride": _COUNT,
+    "data.negative": _one_of("keep", "flag", "clip", "error"),
+    "data.fill": _one_of("zero", "ffill", "error"),
+    "data.short_series": _one_of("error", "drop"),
+    "data.max_series_per_merchant": _NON_NEGATIVE,
+    "data.columns.unique_id": _NOT_EMPTY,
+    "data.columns.ds": _NOT_EMPTY,
+    "data.columns.y": _NOT_EMPTY,
+    "data.synthetic.n_merchants": _COUNT,
+    "data.synthetic.n_days": _COUNT,
+    "data.synthetic.seed": _NON_NEGATIVE,
+    "model.backbone": _NOT_EMPTY,
+    "model.llm_layers": _COUNT,  # and at most the backbone's depth, known once it is loaded (shared/backbone.py)
+    "model.variant": _one_of(*_VARIANTS),
+    "model.patch_len": _COUNT,
+    "model.patch_stride": _COUNT,
+    "model.d_patch": _COUNT,
+    "model.n_prototypes": _COUNT,
+    "model.reprogram_heads": _COUNT,
+    "model.reprogram_dim": _COUNT,
+    "model.d_ff": _COUNT,
+    "model.prompt_max_tokens": _COUNT,
+    "model.quantiles": Rule("increasing, each strictly between 0 and 1, one of them 0.5",
+                            lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs)),
+    "model.seed": _NON_NEGATIVE,
+    "model.lora.r": _COUNT,
+    "model.lora.alpha": _POSITIVE,
+    "model.lora.dropout": Rule("at least 0 and below 1", lambda value: 0 <= value < 1),
+    "model.lora.targets": _NOT_EMPTY,
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.batch_size": _COUNT,
+    "train.max_steps": _COUNT,
+    "train.eval_every": _NON_NEGATIVE,  # 0 turns early stopping off
+    "train.patience": _COUNT,
+    "train.seed": _NON_NEGATIVE,
+    "train.device": _one_of("auto", "cpu", "cuda"),
+    "train.precision": _one_of("fp32", "bf16", "fp16"),
+    "privacy.unit": _one_of("series", "day"),
+    "privacy.target_epsilon": _POSITIVE,
+    "privacy.delta": _OPEN_UNIT,
+    "privacy.noise_multiplier": _POSITIVE,
+    "privacy.max_grad_norm": _POSITIVE,
+    "privacy.ledger_dir": _NOT_EMPTY,
+    "federation.num_merchants": _COUNT,
+    "federation.num_rounds": _COUNT,
+    "federation.local_steps": _COUNT,
+    "federation.strategy": _one_of("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
+    "federation.proximal_mu": _NON_NEGATIVE,
+    "federation.server_lr": _POSITIVE,
+    "federation.trim_beta": Rule("at least 0 and below 0.5", lambda value: 0 <= value < 0.5),
+    "federation.max_update_norm": _POSITIVE,
+    "federation.weighting": _one_of("equal", "examples"),
+    "federation.min_replies": _COUNT,
+    "federation.round_timeout_s": _POSITIVE,
+    "federation.out_dir": _NOT_EMPTY,
+    "federation.client_dp": _one_of("off", "server_fixed", "server_adaptive", "client_fixed"),
+    "federation.client_dp_noise": _NON_NEGATIVE,  # > 0 once client_dp is on (server/client_dp.py)
+    "federation.client_dp_clip": _POSITIVE,
+    "federation.client_dp_delta": _OPEN_UNIT,
+    "federation.client_dp_target_quantile": Rule("between 0 and 1", lambda value: 0 <= value <= 1),
+    "federation.client_dp_count_stddev": _NON_NEGATIVE,
+    "federation.secagg_shares": _SHARE,
+    "federation.secagg_threshold": _SHARE,
+    "federation.secagg_clipping_range": _POSITIVE,
+    "benchmark.name": _NOT_EMPTY,
+    "benchmark.ablations": Rule(f"each one of {list(_VARIANTS[1:])}", lambda value: set(value) <= set(_VARIANTS[1:])),
+    "benchmark.threads": _COUNT,
+    "benchmark.test_stride": _COUNT,
+}
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "nothing"}
+_NUMBERS = {int: numbers.Integral, float: numbers.Real}
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _is_a(hint: Any, value: Any) -> bool:
+    """Whether `value` has the annotated type. A bool is no number here (TOML's `true` is no count)
+    and a float must be finite (inf or nan would surface only as a diverged run)."""
+    if get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_is_a(get_args(hint)[0], item) for item in value)
+    if isinstance(hint, types.UnionType):
+        return any(_is_a(option, value) for option in get_args(hint))
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _kind(hint: Any) -> str:
+    if get_origin(hint) is tuple:
+        return f"a list, each item {_kind(get_args(hint)[0])}"
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_kind(option) for option in get_args(hint))
+    return _KINDS[hint]
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """Other spellings of a field's type: a TOML or JSON array for a tuple, an integer for a float,
+    a numpy scalar (a benchmark's computed override) for a Python number."""
+    if get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(_coerce(get_args(hint)[0], item) for item in value)
+    if hint in _NUMBERS and isinstance(value, _NUMBERS[hint]) and not isinstance(value, bool):
+        return hint(value)
+    return value
+
+
+def _build(cls: type, values: Any, section: str) -> Any:
+    """`cls` from one table of a config; `section` is its dotted name ("" for the whole config)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{section}] is a table of keys, not {values!r}")
+    hints = get_type_hints(cls)
+    unknown = set(values) - set(hints)
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [{where}]; allowed: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name] = float(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [{section or 'top level'}]; allowed: {sorted(hints)}")
+    return cls(**{
+        name: _build(hints[name], value, _key(section, name)) if dataclasses.is_dataclass(hints[name]) else _coerce(hints[name], value)
+        for name, value in values.items()
+    })
+
+
+def _check_keys(node: Any, section: str) -> None:
+    """Each key against its field's type and its rule: one line naming the first bad key, its value
+    and what is allowed."""
+    hints = get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        hint, value, key = hints[f.name], getattr(node, f.name), _key(section, f.name)
+        rule = RULES.get(key)
+        if dataclasses.is_dataclass(hint):
+            _check_keys(value, key)
+        elif not _is_a(hint, value) or (rule is not None and not rule.test(value)):
+            allowed = _kind(hint) + (f", {rule.allowed}" if rule else "")
+            raise ConfigError(f"[{section}] {f.name} = {value!r}: expected {allowed}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -216,26 +353,15 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> Config:
-    for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"[{section}] {key} = {value!r}; choose one of {sorted(allowed)}")
+    """Every key on its own, then the keys that constrain each other."""
+    _check_keys(cfg, "")
     m, d = cfg.model, cfg.data
-    if 0.5 not in m.quantiles or list(m.quantiles) != sorted(set(m.quantiles)):
-        raise ConfigError(f"[model] quantiles must be increasing and include 0.5, got {m.quantiles}")
-    if not all(0.0 < q < 1.0 for q in m.quantiles):
-        raise ConfigError(f"[model] quantiles must lie in (0, 1), got {m.quantiles}")
-    if d.context < m.patch_len or d.horizon < 1:
-        raise ConfigError(f"[data] context ({d.context}) must hold one patch ({m.patch_len}) and horizon must be >= 1")
+    if d.context < m.patch_len:
+        raise ConfigError(f"[data] context ({d.context}) must hold one patch ({m.patch_len})")
     if (d.context - m.patch_len) % m.patch_stride:
         raise ConfigError("[data] context - patch_len must be a multiple of patch_stride so patches tile the context")
     if d.horizon % m.patch_len:
         raise ConfigError(f"[data] horizon ({d.horizon}) must be a multiple of patch_len ({m.patch_len})")
-    unknown_ablations = set(cfg.benchmark.ablations) - _CHOICES[("model", "variant")] - {"llm"}
-    if unknown_ablations or "llm" in cfg.benchmark.ablations:
-        raise ConfigError(f"[benchmark] ablations {sorted(cfg.benchmark.ablations)}: choose among no_llm, attention, random_llm")
-    if not 0.0 < cfg.privacy.delta < 1.0 or cfg.privacy.target_epsilon <= 0:
-        raise ConfigError("[privacy] needs 0 < delta < 1 and target_epsilon > 0")
     return cfg
 
 
@@ -286,10 +412,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
         raw = _merge(raw, _read_layers(Path(path)))
     raw = _merge(raw, _dotted(overrides or {}))
-    return validate(_build(Config, raw, "config"))
+    return validate(_build(Config, raw, ""))
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """`cfg` with dotted `overrides` on top, validated like a loaded file: a variant of a run's config
     (an ablation, an adapter's own model settings) without going back to the files it came from."""
-    return validate(_build(Config, _merge(dataclasses.asdict(cfg), _dotted(overrides)), "config"))
+    return validate(_build(Config, _merge(dataclasses.asdict(cfg), _dotted(overrides)), ""))

@@ -74,10 +74,13 @@ class ForecastPipeline:
         meta_path = Path(directory) / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found; train an adapter first with `shopcast train`")
-        meta = json.loads(meta_path.read_text())
-        shape = meta["shape"]
-        cfg = with_overrides(cfg, {"model": meta["model"], "data.context": shape["context"], "data.horizon": shape["horizon"]})
-        pipeline = cls(cfg, SeriesShape(**shape))
+        try:  # a copy cut short or edited by hand is the merchant's to fix, not a crash
+            meta = json.loads(meta_path.read_text())
+            model, shape = meta["model"], SeriesShape(**meta["shape"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AdapterMismatch(f"{meta_path} is not a readable adapter meta.json ({exc!r}); copy or train the adapter again") from exc
+        cfg = with_overrides(cfg, {"model": model, "data.context": shape.context, "data.horizon": shape.horizon})
+        pipeline = cls(cfg, shape)
         load_adapter(pipeline.model, directory)
         return pipeline
 

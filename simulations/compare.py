@@ -9,7 +9,6 @@ research harness: unlike the ClientApp it sees every merchant's data at once.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from shared.baselines import lightgbm, seasonal_naive, statistical
 from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
 from shared.pipeline import ForecastPipeline
+from shared.rundir import fresh_run_dir
 from shared.schema import DS, ID, MERCHANT, SeriesTable
 from shared.sources import load_table
 from shared.windows import Splits, Windows
@@ -128,9 +128,10 @@ def run_contest(
 ) -> ContestRun:
     """Every contender on one config's data: federated through Flower's simulation (without DP, then
     with it when privacy.enabled), local-only, centralised, each ablation trained like centralised,
-    and the baselines. `out` is emptied first: a run never resumes another's checkpoint or ledger.
-    Every shopcast row gets the same data budget: rounds x local steps per merchant."""
-    shutil.rmtree(out, ignore_errors=True)
+    and the baselines. `out` is emptied first (only if a run made it: shared.rundir): a run never
+    resumes another's checkpoint or ledger. Every shopcast row gets the same data budget: rounds x
+    local steps per merchant."""
+    out = fresh_run_dir(out)
     overrides = overrides | {"privacy.ledger_dir": str(out / "ledgers")}
     cfg = load_config(config, overrides)
     table = load_table(cfg)

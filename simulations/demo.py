@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from client.cli import user_errors
 from shared.config import load_config, parse_overrides
 from simulations.compare import run_contest
 from simulations.report import write_report
@@ -21,12 +23,13 @@ from simulations.report import write_report
 log = logging.getLogger("shopcast.demo")
 
 
+@user_errors
 def main(
-    config: Path = typer.Option(Path("configs/default.toml"), help="TOML config; keys not set fall back to configs/default.toml"),
-    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set federation.num_rounds=2"),
+    config: Annotated[Path, typer.Option(help="TOML config; keys not set fall back to configs/default.toml")] = Path("configs/default.toml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set federation.num_rounds=2")] = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)  # Ray's import set a handler
-    overrides = parse_overrides(set_)
+    overrides = parse_overrides(set_ or [])
     out = Path(load_config(config, overrides).federation.out_dir)
     run = run_contest(config, overrides, out)
     cfg, merchants, steps = run.cfg, run.table.merchants(), run.steps

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from client.cli import app
 from shared.config import ModelConfig
@@ -82,9 +82,38 @@ def test_unknown_merchant_exits_2_listing_merchants() -> None:
     assert "shop_99" in result.output and "shop_00" in result.output and "shop_01" in result.output
 
 
-def test_bad_set_exits_2() -> None:
-    result = runner.invoke(app, ["train", "--set", "data.horizon=10"])
-    assert result.exit_code == 2 and "horizon" in result.output
+def one_error_line(result: Result) -> str:
+    """A user error's whole output: exit code 2 and one line, no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (result.exit_code, result.output)
+    return lines[0]
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("data.horizon", "10", "horizon (10)"),
+    ("train.lr", "abc", "[train] lr = 'abc'"),
+    ("train.batch_size", "0", "[train] batch_size = 0"),
+    ("privacy.noise_multiplier", "nan", "[privacy] noise_multiplier = nan"),
+    ("model.llm_layers", "9", "[model] llm_layers = 9, but backbone 'tiny' has 4 blocks"),  # known once the backbone loads
+])
+def test_bad_set_is_one_line_and_exit_2(key: str, value: str, shown: str) -> None:
+    assert shown in one_error_line(invoke("train", "--merchant", "shop_00", **{key: value}))
+
+
+def test_corrupt_ledger_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledgers" / "shop_00.json"
+    ledger.parent.mkdir()
+    ledger.write_text('{"version": 1, "history": [[1.5, 0.1')
+    line = one_error_line(invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "out"),
+                                 **{"privacy.enabled": "true", "privacy.ledger_dir": str(ledger.parent)}))
+    assert str(ledger) in line and "unreadable" in line
+
+
+def test_truncated_adapter_meta_is_one_line_and_exit_2(local_run: Path, tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_text((local_run / "meta.json").read_text()[:40])
+    line = one_error_line(invoke("forecast", "--merchant", "shop_01", "--adapter", str(tmp_path)))
+    assert str(meta) in line and "JSONDecodeError" in line
 
 
 def test_bar_chart_writes_a_png(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
 """Config files layer over default.toml and over the file they name as `base`; mistakes are errors."""
 
+import dataclasses
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import pytest
 
-from shared.config import PROJECT_ROOT, ConfigError, load_config
+from shared.backbone import truncated_backbone
+from shared.config import PROJECT_ROOT, RULES, Config, ConfigError, load_config, parse_overrides
 
 
 def test_benchmark_config_inherits_its_dataset_config() -> None:
@@ -43,3 +46,72 @@ def test_an_ablation_must_be_a_known_variant_other_than_llm() -> None:
         load_config(overrides={"benchmark.ablations": ["no_llm", "llm"]})
     with pytest.raises(ConfigError, match="ablations"):
         load_config(overrides={"benchmark.ablations": ["bigger_llm"]})
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs").rglob("*.toml")), ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("train.lr=abc", "[train] lr = 'abc'"),
+    ("train.lr=0", "[train] lr = 0.0"),
+    ("train.lr=true", "[train] lr = True"),
+    ("train.batch_size=0", "[train] batch_size = 0"),
+    ("train.batch_size=2.5", "[train] batch_size = 2.5"),
+    ("train.weight_decay=-0.1", "[train] weight_decay = -0.1"),
+    ("privacy.noise_multiplier=0", "[privacy] noise_multiplier = 0.0"),
+    ("privacy.noise_multiplier=inf", "[privacy] noise_multiplier = inf"),
+    ("privacy.noise_multiplier=nan", "[privacy] noise_multiplier = nan"),
+    ("privacy.max_grad_norm=0", "[privacy] max_grad_norm = 0.0"),
+    ("privacy.delta=1", "[privacy] delta = 1.0"),
+    ("privacy.target_epsilon=inf", "[privacy] target_epsilon = inf"),
+    ("federation.num_rounds=0", "[federation] num_rounds = 0"),
+    ("federation.local_steps=0", "[federation] local_steps = 0"),
+    ("federation.min_replies=0", "[federation] min_replies = 0"),
+    ("federation.round_timeout_s=0", "[federation] round_timeout_s = 0.0"),
+    ("federation.max_update_norm=-1", "[federation] max_update_norm = -1.0"),
+    ("federation.secagg=1", "[federation] secagg = 1"),
+    ("federation.strategy='fedsgd'", "[federation] strategy = 'fedsgd'"),
+    ("model.llm_layers=0", "[model] llm_layers = 0"),
+    ("model.quantiles=[0.1, 0.9]", "[model] quantiles = (0.1, 0.9)"),
+    ("model.lora.r=0", "[model.lora] r = 0"),
+    ("model.lora.targets=[]", "[model.lora] targets = ()"),
+    ("data.columns.known=[1]", "[data.columns] known = (1,)"),
+    ("data.synthetic.n_days=-5", "[data.synthetic] n_days = -5"),
+    ("data.horizon=0", "[data] horizon = 0"),
+])
+def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(override: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=parse_overrides([override]))
+    message = str(error.value)
+    assert message.startswith(f"{shown}: expected ") and "\n" not in message, message
+
+
+def test_a_value_where_a_table_belongs_and_an_unknown_key_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"^\[train\] is a table of keys, not 5$"):
+        load_config(overrides={"train": 5})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\] in \[top level\]"):
+        load_config(overrides={"lr": 0.1})
+
+
+def _leaves(cls: type, section: str = "") -> dict[str, Any]:
+    """Every key of the config, dotted, with its annotation."""
+    hints = get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for name, hint in hints.items():
+        key = f"{section}.{name}" if section else name
+        keys.update(_leaves(hint, key) if dataclasses.is_dataclass(hint) else {key: hint})
+    return keys
+
+
+def test_every_number_has_a_rule_and_every_rule_a_key() -> None:
+    keys = _leaves(Config)
+    assert set(RULES) <= set(keys), sorted(set(RULES) - set(keys))
+    numbers = {key for key, hint in keys.items() if hint in (int, float)}
+    assert numbers <= set(RULES), f"give these keys a range in shared.config.RULES: {sorted(numbers - set(RULES))}"
+
+
+def test_llm_layers_deeper_than_the_backbone_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^\[model\] llm_layers = 5, but backbone 'tiny' has 4 blocks; expected 1 to 4$"):
+        truncated_backbone("tiny", 5)
