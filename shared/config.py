@@ -8,6 +8,7 @@ training.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -26,7 +27,8 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
 
 @dataclass(frozen=True)
 class Columns:
-    """Maps a merchant file's own column names onto the long schema."""
+    """Maps a merchant file's own column names onto the long schema. A covariate `Column=level` is the
+    0/1 indicator of one level of a categorical column (e.g. "StateHoliday=a"); unmapped columns are ignored."""
 
     merchant_id: str | None = "merchant_id"
     unique_id: str = "unique_id"
@@ -54,6 +56,10 @@ class DataConfig:
     negative: str = "clip"
     fill: str = "zero"
     short_series: str = "error"
+    sep: str = ","  # CSV only, as are decimal and encoding: ";" and "," for a European spreadsheet export
+    decimal: str = "."
+    encoding: str = "utf-8"
+    max_abs_value: float = 1e9  # a sale or covariate beyond it is an error naming its cell, never trained on
     columns: Columns = field(default_factory=Columns)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_series_per_merchant: int = 0  # 0 keeps all; presets use it to bound benchmark time
@@ -185,7 +191,17 @@ _POSITIVE = Rule("above 0", lambda value: value > 0)
 _OPEN_UNIT = Rule("strictly between 0 and 1", lambda value: 0 < value < 1)
 _SHARE = Rule("above 0 and at most 1", lambda value: 0 < value <= 1)
 _NOT_EMPTY = Rule("not empty", lambda value: len(value) > 0)
+_CHARACTER = Rule("one character", lambda value: len(value) == 1)
 _VARIANTS = ("llm", "no_llm", "attention", "random_llm")
+
+
+def _is_encoding(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
 
 # What each key allows beyond its type, dotted as on the command line. Every number has a rule
 # (tests/test_config.py checks), so no count, rate or budget is left to fail deep in a run.
@@ -199,6 +215,10 @@ RULES: dict[str, Rule] = {
     "data.fill": _one_of("zero", "ffill", "error"),
     "data.short_series": _one_of("error", "drop"),
     "data.max_series_per_merchant": _NON_NEGATIVE,
+    "data.sep": _CHARACTER,
+    "data.decimal": _CHARACTER,
+    "data.encoding": Rule('a text encoding Python knows, e.g. "utf-8", "latin-1" or "cp1252"', _is_encoding),
+    "data.max_abs_value": _POSITIVE,
     "data.columns.unique_id": _NOT_EMPTY,
     "data.columns.ds": _NOT_EMPTY,
     "data.columns.y": _NOT_EMPTY,
@@ -362,6 +382,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("[data] context - patch_len must be a multiple of patch_stride so patches tile the context")
     if d.horizon % m.patch_len:
         raise ConfigError(f"[data] horizon ({d.horizon}) must be a multiple of patch_len ({m.patch_len})")
+    if d.decimal == d.sep:
+        raise ConfigError(f'[data] decimal = {d.decimal!r} is also sep; a ";"-separated export has decimal = ","')
     return cfg
 
 

@@ -8,7 +8,10 @@ export instead of guessing; nothing is silently dropped.
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from shared.config import Columns, DataConfig
 
 MERCHANT, ID, DS, Y = "merchant_id", "unique_id", "ds", "y"
 NEGATIVE_FLAG = "y_was_negative"
+_FILL_IT = "fill it in the export or drop the row"
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +59,128 @@ class SeriesTable:
         return SeriesTable(self.frame[self.frame[MERCHANT] == merchant].reset_index(drop=True), self.known, self.observed, self.freq)
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Reads CSV or Parquet; a file that cannot be parsed raises an error naming it."""
-    path = Path(path)
+def read_table(path: str | Path, data: DataConfig | None = None) -> pd.DataFrame:
+    """Reads CSV (as `data` says it is written) or Parquet; a file that cannot be parsed raises an error naming it."""
+    path, data = Path(path), data or DataConfig()
     if not path.exists():
         raise DataValidationError("file does not exist", file=path)
     try:
         if path.suffix.lower() in {".parquet", ".pq"}:
             return pd.read_parquet(path)
         if path.suffix.lower() in {".csv", ".txt", ".gz"}:
-            return pd.read_csv(path)
+            return _read_csv(path, data)
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"byte {exc.object[exc.start]:#04x} is not {data.encoding} text; set [data] encoding to the file's, "
+            'e.g. "latin-1" or "cp1252" for an older Windows export', file=path, row=_undecodable_row(path, data.encoding),
+        ) from exc
     except Exception as exc:  # pandas raises many types for a malformed file; all mean the same here
         raise DataValidationError(f"cannot be read as {path.suffix.lstrip('.')}: {exc}", file=path) from exc
     raise DataValidationError("unsupported format; use .csv or .parquet", file=path)
 
 
-def _spreadsheet_row(frame: pd.DataFrame, mask: np.ndarray | pd.Series) -> int:
-    return int(frame.index[np.asarray(mask)][0]) + 2
+def _spellings(*words: str) -> list[str]:
+    return [spelling for word in words for spelling in (word, word.upper(), word.title())]
 
 
-def to_long(raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>", negative: str = "clip") -> pd.DataFrame:
-    """Renames a merchant's columns onto the schema and checks every value."""
+def _read_csv(path: Path, data: DataConfig) -> pd.DataFrame:
+    """A spreadsheet export as it is written: separator, decimal mark and encoding from [data]. Yes/no and
+    Y/N flags become booleans as TRUE/FALSE already do in pandas; the column behind a `Column=level`
+    indicator stays text, so its codes ("0", "Y") are compared as written, not as numbers or booleans."""
+    categorical = {column: str for column, level in map(_indicator, (*data.columns.known, *data.columns.observed)) if level}
+    return pd.read_csv(
+        path, sep=data.sep, decimal=data.decimal, encoding=data.encoding, dtype=categorical,
+        true_values=_spellings("yes", "y"), false_values=_spellings("no", "n"),
+    )
+
+
+def _undecodable_row(path: Path, encoding: str) -> int | None:
+    """The spreadsheet row of the first byte `encoding` cannot decode; pandas reports only an offset
+    into its own buffer."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as lines:
+        for row, line in enumerate(lines, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError:
+                return row
+    return None
+
+
+def _spreadsheet_row(mask: np.ndarray | pd.Series) -> int:
+    """The first flagged data row as a spreadsheet numbers it: by position, whatever the frame's index."""
+    return int(np.flatnonzero(np.asarray(mask))[0]) + 2
+
+
+def _indicator(name: str) -> tuple[str, str]:
+    """`Column=level` -> (column, level): the 0/1 indicator of one level of a categorical column;
+    a plain covariate name -> (name, "")."""
+    column, _, level = name.partition("=")
+    return (column, level) if level else (name, "")
+
+
+def add_indicators(raw: pd.DataFrame, names: Iterable[str], source: str | Path = "<frame>") -> pd.DataFrame:
+    """`raw` plus a 0/1 column for each `Column=level` name it lacks, e.g. "StateHoliday=a" for a holiday
+    code. A categorical is listed level by level in [data.columns] known/observed, so the model's width
+    follows from the config alone (the server sizes it without data) and every merchant has the same
+    columns, also for a level it never saw. A value without a listed level is an error, not a row of zeros."""
+    levels: dict[str, dict[str, str]] = {}
+    for name in names:
+        column, level = _indicator(name)
+        if level and name not in raw and column in raw:
+            levels.setdefault(column, {})[level] = name
+    for column, named in levels.items():
+        missing = raw[column].isna().to_numpy()
+        if missing.any():
+            raise DataValidationError(f"missing value; {_FILL_IT}", file=source, row=_spreadsheet_row(missing), column=column)
+        codes = raw[column].astype(str)
+        unlisted = ~codes.isin(named).to_numpy()
+        if unlisted.any():
+            value = codes[unlisted].iloc[0]
+            raise DataValidationError(
+                f'level {value!r} is not listed; add "{column}={value}" to [data.columns] known or observed (listed: {sorted(named)})',
+                file=source, row=_spreadsheet_row(unlisted), column=column,
+            )
+        raw = raw.assign(**{name: (codes == level).astype(float) for level, name in named.items()})
+    return raw
+
+
+def _numbers(values: pd.Series, source: str | Path, column: str, max_abs_value: float, covariate: bool) -> pd.Series:
+    """`values` as floats; text, gaps, inf and magnitudes beyond max_abs_value (1e30 from a broken export
+    overflows the prompt statistics and makes every metric meaningless) are errors naming the cell."""
+    parsed = pd.to_numeric(values, errors="coerce")
+    non_numeric = (parsed.isna() & values.notna()).to_numpy()
+    if non_numeric.any():
+        value = values[non_numeric].iloc[0]
+        hint = f'; list a categorical column level by level in [data.columns] known or observed, e.g. "{column}={value}"'
+        raise DataValidationError(
+            f"non-numeric value {value!r}" + (hint if covariate else ""), file=source, row=_spreadsheet_row(non_numeric), column=column,
+        )
+    numbers = parsed.to_numpy(dtype=float)
+    not_finite = ~np.isfinite(numbers)
+    if not_finite.any():
+        raise DataValidationError(
+            f"missing, NaN or infinite value; {_FILL_IT}", file=source, row=_spreadsheet_row(not_finite), column=column,
+        )
+    absurd = np.abs(numbers) > max_abs_value
+    if absurd.any():
+        raise DataValidationError(
+            f"value {numbers[absurd][0]:g} is beyond [data] max_abs_value = {max_abs_value:g}; fix the export or raise the limit",
+            file=source, row=_spreadsheet_row(absurd), column=column,
+        )
+    return pd.Series(numbers, index=values.index)
+
+
+def to_long(
+    raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>", negative: str = "clip",
+    max_abs_value: float = DataConfig.max_abs_value,
+) -> pd.DataFrame:
+    """Renames a merchant's columns onto the schema and checks every value; columns it does not map
+    (a second target, notes) are left out."""
+    if raw.empty:
+        raise DataValidationError("no data rows, only a header", file=source)
     covariates = list(columns.known) + list(columns.observed)
+    raw = add_indicators(raw.reset_index(drop=True), covariates, source)
     wanted = {columns.unique_id: ID, columns.ds: DS, columns.y: Y, **{c: c for c in covariates}}
     if columns.merchant_id:
         wanted[columns.merchant_id] = MERCHANT
@@ -93,26 +197,15 @@ def to_long(raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>",
     bad = dates.isna()
     if bad.any():
         value = frame.loc[bad, DS].iloc[0]
-        raise DataValidationError(f"unparseable date {value!r}", file=source, row=_spreadsheet_row(frame, bad), column=columns.ds)
+        raise DataValidationError(f"unparseable date {value!r}", file=source, row=_spreadsheet_row(bad), column=columns.ds)
     frame[DS] = dates
 
     for name, original in [(Y, columns.y)] + [(c, c) for c in covariates]:
-        values = pd.to_numeric(frame[name], errors="coerce")
-        non_numeric = values.isna() & frame[name].notna()
-        if non_numeric.any():
-            value = frame.loc[non_numeric, name].iloc[0]
-            raise DataValidationError(f"non-numeric value {value!r}", file=source, row=_spreadsheet_row(frame, non_numeric), column=original)
-        not_finite = ~np.isfinite(values.to_numpy(dtype=float))
-        if not_finite.any():
-            raise DataValidationError(
-                "missing, NaN or infinite value; fill it in the export or drop the row", file=source,
-                row=_spreadsheet_row(frame, not_finite), column=original,
-            )
-        frame[name] = values.astype(float)
+        frame[name] = _numbers(frame[name], source, original, max_abs_value, covariate=name != Y)
 
     duplicated = frame.duplicated([ID, DS], keep="first")
     if duplicated.any():
-        row = _spreadsheet_row(frame, duplicated)
+        row = _spreadsheet_row(duplicated)
         key = frame.loc[duplicated, [ID, DS]].iloc[0]
         raise DataValidationError(
             f"duplicate timestamp {key[DS].date()} for series {key[ID]!r}", file=source, row=row, column=columns.ds
@@ -129,7 +222,7 @@ def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path,
     if policy == "error":
         raise DataValidationError(
             f"negative value {frame.loc[negative, Y].iloc[0]} (returns?); set [data] negative to keep, flag or clip",
-            file=source, row=_spreadsheet_row(frame, negative), column=y_name,
+            file=source, row=_spreadsheet_row(negative), column=y_name,
         )
     log.warning("%s: %d negative values in %r handled by policy %r", source, int(negative.sum()), y_name, policy)
     if policy == "clip":
@@ -195,7 +288,7 @@ def drop_or_reject_short(frame: pd.DataFrame, min_length: int, policy: str, sour
 
 def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
     """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
-    frame = to_long(raw, cfg.columns, source, cfg.negative)
+    frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value)
     frame = regularise(frame, cfg.freq, cfg.fill, source)
     frame = drop_or_reject_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, source)
     if frame.empty:
@@ -207,4 +300,4 @@ def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") 
 
 
 def load_file(path: str | Path, cfg: DataConfig) -> SeriesTable:
-    return prepare(read_table(path), cfg, path)
+    return prepare(read_table(path, cfg), cfg, path)

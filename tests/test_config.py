@@ -80,12 +80,22 @@ def test_every_shipped_config_loads(path: Path) -> None:
     ("data.columns.known=[1]", "[data.columns] known = (1,)"),
     ("data.synthetic.n_days=-5", "[data.synthetic] n_days = -5"),
     ("data.horizon=0", "[data] horizon = 0"),
+    ("data.sep=';;'", "[data] sep = ';;'"),
+    ("data.decimal=''", "[data] decimal = ''"),
+    ("data.encoding='klingon'", "[data] encoding = 'klingon'"),
+    ("data.max_abs_value=0", "[data] max_abs_value = 0.0"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(override: str, shown: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(overrides=parse_overrides([override]))
     message = str(error.value)
     assert message.startswith(f"{shown}: expected ") and "\n" not in message, message
+
+
+def test_a_decimal_mark_that_is_also_the_separator_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^\[data\] decimal = ';' is also sep; [^\n]*$"):
+        load_config(overrides={"data.sep": ";", "data.decimal": ";"})
+    assert load_config(overrides={"data.sep": ";", "data.decimal": ","}).data.decimal == ","
 
 
 def test_a_value_where_a_table_belongs_and_an_unknown_key_are_config_errors() -> None:

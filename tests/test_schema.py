@@ -3,13 +3,15 @@ and the column, so a merchant can fix the export; every policy does exactly what
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from shared.config import Columns, load_config
+from shared.config import Columns, DataConfig, load_config
+from shared.pipeline import ForecastPipeline
 from shared.schema import (
     DS,
     ID,
@@ -24,6 +26,7 @@ from shared.schema import (
     regularise,
     to_long,
 )
+from shared.sources import load_table
 
 COLUMNS = Columns()  # merchant_id, unique_id, ds, y; no covariates
 SOURCE = "shop.csv"
@@ -109,9 +112,10 @@ def test_non_numeric_value():
 
 
 def test_non_numeric_covariate_names_its_column():
-    raw = _frame(promo=["0", "1", "yes", "0", "1"])
+    raw = _frame(promo=["0", "1", "n/a?", "0", "1"])
     error = _error(to_long, raw, Columns(known=("promo",)), SOURCE)
     _where(error, SOURCE, row=4, column="promo")
+    assert 'level by level in [data.columns] known or observed, e.g. "promo=n/a?"' in str(error)  # the way out for a code
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
@@ -254,9 +258,13 @@ def test_prepare_applies_the_short_series_policy():
 # --- files ----------------------------------------------------------------------------------------
 
 
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
     return path
+
+
+def _days(n: int = 40) -> list[str]:
+    return pd.date_range("2024-01-01", periods=n, freq="D").strftime("%Y-%m-%d").tolist()
 
 
 def test_nonexistent_file(tmp_path):
@@ -336,3 +344,147 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
     raw.loc[5, "Sales"] = "n/a?"
     raw.to_csv(csv, index=False)
     _where(_error(load_file, csv, cfg), csv, row=7, column="Sales")
+
+
+# --- real exports: codes, European spreadsheets, encodings, absurd values, flags, several targets --
+
+
+def _mapped(**overrides) -> DataConfig:
+    """A file without a merchant column (the merchant is the file's name) and no covariates unless given."""
+    return _config(**{"data.columns.merchant_id": "", **overrides}).data
+
+
+def _shop_csv(tmp_path: Path, header: str, rows: list[str], encoding: str = "utf-8") -> Path:
+    """tmp_path/shop.csv as a spreadsheet exports it: the header, then row i on line i + 2."""
+    return _write(tmp_path / "shop.csv", "\n".join([header, *rows]) + "\n", encoding)
+
+
+HOLIDAYS = ["StateHoliday=0", "StateHoliday=a", "StateHoliday=b", "StateHoliday=c"]
+
+
+def test_categorical_codes_become_one_indicator_per_listed_level(tmp_path):
+    codes = ["0", "a", "0", "b", "0"] * 8  # this shop never had a "c" holiday
+    path = _shop_csv(tmp_path, "unique_id,ds,y,StateHoliday", [f"s,{day},{i},{codes[i]}" for i, day in enumerate(_days())])
+    table = load_file(path, _mapped(**{"data.columns.known": HOLIDAYS}))
+    assert table.known == tuple(HOLIDAYS) and table.observed == ()
+    assert table.frame["StateHoliday=a"].tolist() == [float(code == "a") for code in codes]
+    assert table.frame["StateHoliday=c"].eq(0).all()  # listed but never seen: the column exists all the same
+    assert table.frame[HOLIDAYS].sum(axis=1).eq(1).all()
+    assert load_file(path, _mapped(**{"data.columns.observed": HOLIDAYS})).observed == tuple(HOLIDAYS)
+    error = _error(load_file, path, _mapped(**{"data.columns.known": HOLIDAYS[:2]}))
+    _where(error, path, row=5, column="StateHoliday")  # the first "b"
+    assert "level 'b' is not listed" in str(error) and '"StateHoliday=b"' in str(error)
+
+
+def test_semicolon_separated_file_with_decimal_commas(tmp_path):
+    path = _shop_csv(tmp_path, "unique_id;ds;y;price", [f"s;{day};{i},5;{i % 3},25" for i, day in enumerate(_days())])
+    european = _mapped(**{"data.sep": ";", "data.decimal": ",", "data.columns.observed": ["price"]})
+    frame = load_file(path, european).frame
+    assert frame[Y].tolist() == [i + 0.5 for i in range(40)] and frame["price"].tolist() == [i % 3 + 0.25 for i in range(40)]
+    error = _error(load_file, path, _mapped(**{"data.columns.observed": ["price"]}))  # read with the default ","
+    _where(error, path)
+    assert "'unique_id;ds;y;price'" in str(error)
+
+
+def test_latin1_file_reads_by_config_and_is_one_error_naming_the_option_otherwise(tmp_path):
+    rows = [f"s,{day},{i},ok" for i, day in enumerate(_days())]
+    rows[5] = rows[5].replace("ok", "Lieferung Müller")  # spreadsheet row 7
+    path = _shop_csv(tmp_path, "unique_id,ds,y,note", rows, encoding="latin-1")
+    error = _error(load_file, path, _mapped())
+    _where(error, path, row=7)
+    assert "byte 0xfc is not utf-8 text; set [data] encoding" in str(error) and "\n" not in str(error)
+    latin1 = _mapped(**{"data.encoding": "latin-1"})
+    assert read_table(path, latin1)["note"][5] == "Lieferung Müller"
+    assert load_file(path, latin1).frame[Y].tolist() == list(range(40))
+
+
+def test_header_only_file_is_one_line_naming_it(tmp_path):
+    path = _shop_csv(tmp_path, "merchant_id,unique_id,ds,y", [])
+    error = _error(load_file, path, _config().data)
+    _where(error, path)
+    assert "no data rows" in str(error)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("y", "1e30", "value 1e+30 is beyond [data] max_abs_value = 1e+09"),
+    ("y", "-1e30", "value -1e+30 is beyond [data] max_abs_value = 1e+09"),
+    ("visits", "1e30", "value 1e+30 is beyond [data] max_abs_value = 1e+09"),
+    ("visits", "inf", "infinite"),
+])
+def test_absurd_values_are_errors_naming_their_cell(tmp_path, column, value, message):
+    cells = [{"y": str(i), "visits": str(10 * i)} for i in range(40)]
+    cells[4][column] = value  # spreadsheet row 6
+    rows = [f"s,{day},{cell['y']},{cell['visits']}" for day, cell in zip(_days(), cells, strict=True)]
+    path = _shop_csv(tmp_path, "unique_id,ds,y,visits", rows)
+    error = _error(load_file, path, _mapped(**{"data.columns.observed": ["visits"]}))
+    _where(error, path, row=6, column=column)
+    assert message in str(error)
+
+
+def test_max_abs_value_is_the_limit(tmp_path):
+    path = _shop_csv(tmp_path, "unique_id,ds,y", [f"s,{day},{1e12 if i == 4 else i}" for i, day in enumerate(_days())])
+    assert "1e+12 is beyond" in str(_error(load_file, path, _mapped()))
+    assert load_file(path, _mapped(**{"data.max_abs_value": 1e13})).frame[Y][4] == 1e12
+
+
+def test_boolean_words_read_as_one_and_zero(tmp_path):
+    words = {"promo": ("TRUE", "false"), "open": ("yes", "No"), "holiday": ("Y", "n"), "shipped": ("YES", "N")}
+    on = [i % 3 == 0 for i in range(40)]
+    path = _shop_csv(tmp_path, "unique_id,ds,y," + ",".join(words), [
+        f"s,{day},{i}," + ",".join(yes if on[i] else no for yes, no in words.values()) for i, day in enumerate(_days())
+    ])
+    frame = load_file(path, _mapped(**{"data.columns.known": list(words)})).frame
+    for column in words:
+        assert frame[column].tolist() == [float(flag) for flag in on], column
+
+
+def test_a_second_target_can_be_an_observed_covariate_and_unmapped_columns_are_ignored(tmp_path):
+    path = _shop_csv(tmp_path, "Store,Date,Sales,Customers,Notes", [
+        f"1,{day},{100 + i},{20 + i},{'stocktake?' if i == 3 else ''}" for i, day in enumerate(_days())
+    ])
+    columns = {"data.columns.unique_id": "Store", "data.columns.ds": "Date", "data.columns.y": "Sales"}
+    table = load_file(path, _mapped(**columns, **{"data.columns.observed": ["Customers"]}))
+    assert list(table.frame.columns) == [MERCHANT, ID, DS, Y, "Customers"] and table.observed == ("Customers",)
+    assert table.frame[Y].tolist() == [100.0 + i for i in range(40)]
+    assert table.frame["Customers"].tolist() == [20.0 + i for i in range(40)]
+    assert list(load_file(path, _mapped(**columns)).frame.columns) == [MERCHANT, ID, DS, Y]
+
+
+def test_rossmann_like_export_loads_and_server_and_merchant_agree_on_the_width(tmp_path):
+    """A Rossmann-style European export (";" and decimal commas, newest day first, holiday codes 0/a/b/c,
+    a static store type) through the configured source; the server sizes the model from the config
+    alone, the merchant from its table, and both get the same input width."""
+    csv = tmp_path / "rossmann.csv"
+    lines = ["Store;Date;Sales;Customers;Open;Promo;StateHoliday;SchoolHoliday;StoreType"]
+    for store, store_type in (("1", "c"), ("2", "a")):
+        for i, day in reversed(list(enumerate(_days(42)))):
+            is_open, promo, school, holiday = int(i % 7 != 6), int(i % 3 == 0), int(i < 5), {0: "a", 14: "b", 30: "c"}.get(i, "0")
+            lines.append(f"{store};{day};{is_open * (5000 + i)},5;{is_open * (500 + i)};{is_open};{promo};{holiday};{school};{store_type}")
+    _write(csv, "\n".join(lines) + "\n")
+    known = ["Open", "Promo", "SchoolHoliday", *HOLIDAYS, "StoreType=a", "StoreType=b", "StoreType=c", "StoreType=d"]
+    config = _write(tmp_path / "rossmann.toml", f"""
+[data]
+source = "file"
+path = '{csv}'
+sep = ";"
+decimal = ","
+context = 14
+horizon = 7
+[data.columns]
+merchant_id = ""
+unique_id = "Store"
+ds = "Date"
+y = "Sales"
+known = {json.dumps(known)}
+observed = ["Customers"]
+[model]
+backbone = "tiny"
+llm_layers = 2
+""")
+    cfg = load_config(config)
+    table = load_table(cfg)
+    assert table.merchants() == ["rossmann"] and table.known == tuple(known) and table.observed == ("Customers",)
+    store_1 = table.frame[table.frame[ID] == "1"]
+    assert store_1[DS].is_monotonic_increasing and store_1[Y].iloc[:2].tolist() == [5000.5, 5001.5]
+    assert store_1["StateHoliday=b"].sum() == 1 and store_1["StoreType=c"].eq(1).all() and store_1["StoreType=a"].eq(0).all()
+    assert ForecastPipeline.from_config(cfg).model.shape == ForecastPipeline.from_config(cfg, table).model.shape
