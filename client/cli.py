@@ -1,8 +1,14 @@
 """`shopcast`: one merchant trains, and forecasts with, its own adapter on its own machine.
 
-    shopcast train    --config configs/default.toml --merchant shop_00 --out runs/local/shop_00
-    shopcast forecast --config configs/default.toml --merchant shop_00 --adapter runs/local/shop_00 [--future planned.csv]
-    shopcast local    --config configs/default.toml --merchant shop_00 --out runs/local/shop_00
+    shopcast train     --config configs/default.toml --merchant shop_00 --out runs/local/shop_00
+    shopcast forecast  --config configs/default.toml --merchant shop_00 --adapter runs/local/shop_00 [--future planned.csv]
+    shopcast local     --config configs/default.toml --merchant shop_00 --out runs/local/shop_00
+    shopcast anomalies --merchant shop_00 --adapter runs/local/shop_00 --windows 4
+    shopcast stock     --merchant shop_00 --adapter runs/local/shop_00 --service-level 0.95 --lead-time 7
+
+Intervals are calibrated (shared/calibration.py) on the merchant's own latest holdout: `train` and
+`local` save calibration.json beside the adapter, and the other commands use it, or calibrate an
+adapter that has none (a federated one) on the merchant's data before forecasting.
 
 Any config key can be changed with `--set section.key=value` (the value is read as TOML, else as a
 string). Bad input or configuration prints one red line and exits with code 2, so a merchant sees
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -22,6 +29,9 @@ import typer
 from tqdm import tqdm
 
 from shared.adapter import AdapterMismatch
+from shared.anomalies import find_anomalies
+from shared.calibration import FILE as CALIBRATION_FILE
+from shared.calibration import Calibration
 from shared.config import Config, ConfigError, load_config, parse_overrides
 from shared.ledger import LedgerError
 from shared.metrics import METRICS
@@ -29,6 +39,7 @@ from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
 from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, read_table
 from shared.sources import load_table, one_merchant
+from shared.stock import stock_levels
 from shared.windows import Splits
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -41,6 +52,8 @@ ConfigOption = Annotated[
 MerchantOption = Annotated[str | None, typer.Option("--merchant", "-m", help="merchant id; optional if the data holds one")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key, e.g. --set train.max_steps=50")]
 FutureOption = Annotated[Path | None, typer.Option("--future", help="CSV of known covariates (unique_id, ds, ...) for the horizon")]
+AdapterOption = Annotated[Path | None, typer.Option(help="adapter directory (default: runs/local/<merchant>)")]
+OutOption = Annotated[Path | None, typer.Option(help="output directory (default: the adapter directory)")]
 
 
 def user_errors(command: Callable[..., None]) -> Callable[..., None]:
@@ -80,8 +93,13 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     return raw
 
 
-def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path) -> None:
-    """Early-stopped local training (fixed length under DP), then test-split scores and the adapter."""
+def mean_scores(scores: pd.DataFrame) -> dict[str, float]:
+    return scores[list(METRICS)].mean().round(4).to_dict()
+
+
+def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path) -> Calibration:
+    """Early-stopped local training (fixed length under DP), then the calibration, test-split scores
+    before and after it, and the adapter with its calibration.json."""
     cfg = pipeline.cfg
     privacy = pipeline.private_training(merchant, splits.train)
     with tqdm(total=cfg.train.max_steps, desc=f"training {merchant}", unit="step") as bar:
@@ -91,28 +109,69 @@ def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: 
     if result.status != "ok":
         typer.secho(f"warning: training stopped early: {result.status}", fg=typer.colors.YELLOW, err=True)
 
-    test = pipeline.predict_frame(splits, splits.test)
-    scores = pipeline.score(splits, test)
+    scores = pipeline.score(splits)
     out.mkdir(parents=True, exist_ok=True)
     scores.to_csv(out / "metrics.csv", index=False)
-    means = scores[list(METRICS)].mean().round(4).to_dict()
+    means = mean_scores(scores)
     typer.echo("test: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    calibration = pipeline.calibrate(splits)
+    test = pipeline.predict_frame(splits, splits.test, calibration)
+    calibrated = mean_scores(pipeline.score(splits, test))
+    typer.echo(f"test coverage, raw -> calibrated ({calibration.points} validation points): "
+               + ", ".join(f"{k[-2:]}% band {means[k]:.3f} -> {calibrated[k]:.3f}" for k in ("coverage_80", "coverage_90")))
     test = test.merge(splits.test_actuals()[[ID, DS, Y]], on=[ID, DS], how="left")
-    fan_chart(splits.frame, test, out / "test.png", f"{merchant}: test split (dashed = actual)")
+    fan_chart(splits.frame, test, out / "test.png", f"{merchant}: test split, calibrated (dashed = actual)")
 
     meta = {"merchant": merchant, "freq": splits.freq, "steps": result.steps, "train_loss": result.train_loss,
-            "val_loss": result.val_loss, "epsilon": result.epsilon, "test": means}
+            "val_loss": result.val_loss, "epsilon": result.epsilon, "test": means, "test_calibrated": calibrated}
     pipeline.save(out, meta)
-    typer.echo(f"adapter, metrics.csv and test.png written to {out}")
+    calibration.save(out)
+    typer.echo(f"adapter, {CALIBRATION_FILE}, metrics.csv and test.png written to {out}")
+    return calibration
 
 
-def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path) -> None:
+def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path, calibration: Calibration) -> None:
     """The horizon after the last date: forecast.csv and a fan chart under `out`."""
-    frame = pipeline.predict_frame(splits, splits.future)
+    frame = pipeline.predict_frame(splits, splits.future, calibration)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
-    fan_chart(splits.frame, frame, out / "forecast.png", f"{merchant}: forecast from {frame[DS].min().date()} (median, 80% band)")
+    fan_chart(splits.frame, frame, out / "forecast.png", f"{merchant}: forecast from {frame[DS].min().date()} (median, calibrated 80% band)")
     typer.echo(f"forecast of {frame[ID].nunique()} series x {pipeline.cfg.data.horizon} steps written to {out / 'forecast.csv'}")
+
+
+@dataclass
+class Trained:
+    """What the commands after training start from: a merchant's data cut for a saved adapter, its calibration."""
+
+    merchant: str
+    pipeline: ForecastPipeline
+    splits: Splits
+    calibration: Calibration
+    out: Path
+
+
+def load_trained(config: Path | None, merchant: str | None, adapter: Path | None, out: Path | None,
+                 future: Path | None, sets: list[str] | None) -> Trained:
+    """The adapter (with the model settings of its meta.json, so they match the weights), the merchant's
+    splits, and the adapter's calibration.json; an adapter without one (a federated adapter) is
+    calibrated here on the merchant's own validation windows and the result saved under `out`."""
+    cfg = load_config(config, parse_overrides(sets or []))
+    merchant, table = merchant_table(cfg, merchant)
+    adapter = adapter or Path("runs/local") / merchant
+    out = out or adapter
+    pipeline = ForecastPipeline.from_adapter(adapter, cfg)
+    splits = pipeline.splits(table, read_future(future, pipeline.cfg, table))
+    calibration = Calibration.load(adapter)
+    if calibration is None:
+        calibration = pipeline.calibrate(splits)
+        typer.echo(f"no {CALIBRATION_FILE} beside the adapter: calibrated on {calibration.points} validation points "
+                   f"of {merchant}, saved to {calibration.save(out)}")
+    return Trained(merchant, pipeline, splits, calibration, out)
+
+
+def option_error(option: str, exc: ValueError) -> typer.BadParameter:
+    """A value the model cannot serve (a band it lacks, a lead time past its horizon), as a usage error."""
+    return typer.BadParameter(str(exc), param_hint=option)
 
 
 @app.callback()
@@ -120,7 +179,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log data
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-@app.command()
+@app.command(epilog="Example: shopcast train --merchant shop_00 --out runs/local/shop_00 --set train.max_steps=100")
 @user_errors
 def train(
     config: ConfigOption = None,
@@ -128,36 +187,32 @@ def train(
     out: Annotated[Path | None, typer.Option(help="adapter directory (default: runs/local/<merchant>)")] = None,
     sets: SetOption = None,
 ) -> None:
-    """Train an adapter on one merchant's data; writes the adapter and its test-split scores."""
+    """Train an adapter on one merchant's data; writes the adapter, its calibration and its test-split scores."""
     cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
     pipeline = ForecastPipeline.from_config(cfg, table)
     train_model(pipeline, merchant, pipeline.splits(table), out or Path("runs/local") / merchant)
 
 
-@app.command()
+@app.command(epilog="Example: shopcast forecast --merchant shop_00 --adapter runs/local/shop_00 --future planned_promotions.csv")
 @user_errors
 def forecast(
     config: ConfigOption = None,
     merchant: MerchantOption = None,
-    adapter: Annotated[Path | None, typer.Option(help="adapter directory (default: runs/local/<merchant>)")] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory (default: the adapter directory)")] = None,
+    adapter: AdapterOption = None,
+    out: OutOption = None,
     future: FutureOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Forecast the horizon after the last date with a trained adapter.
+    """Forecast the horizon after the last date with a trained adapter, with calibrated bands.
 
     The model settings come from the adapter's meta.json, so they always match the trained weights.
     """
-    cfg = load_config(config, parse_overrides(sets or []))
-    merchant, table = merchant_table(cfg, merchant)
-    adapter = adapter or Path("runs/local") / merchant
-    pipeline = ForecastPipeline.from_adapter(adapter, cfg)
-    splits = pipeline.splits(table, read_future(future, pipeline.cfg, table))
-    write_forecast(pipeline, merchant, splits, out or adapter)
+    run = load_trained(config, merchant, adapter, out, future, sets)
+    write_forecast(run.pipeline, run.merchant, run.splits, run.out, run.calibration)
 
 
-@app.command()
+@app.command(epilog="Example: shopcast local --merchant shop_00 --out runs/local/shop_00")
 @user_errors
 def local(
     config: ConfigOption = None,
@@ -172,8 +227,67 @@ def local(
     pipeline = ForecastPipeline.from_config(cfg, table)
     splits = pipeline.splits(table, read_future(future, cfg, table))
     out = out or Path("runs/local") / merchant
-    train_model(pipeline, merchant, splits, out)
-    write_forecast(pipeline, merchant, splits, out)
+    calibration = train_model(pipeline, merchant, splits, out)
+    write_forecast(pipeline, merchant, splits, out, calibration)
+
+
+@app.command(epilog="Example: shopcast anomalies --merchant shop_00 --adapter runs/local/shop_00 --windows 8 --min-score 1")
+@user_errors
+def anomalies(
+    config: ConfigOption = None,
+    merchant: MerchantOption = None,
+    adapter: AdapterOption = None,
+    out: OutOption = None,
+    windows: Annotated[int, typer.Option(min=1, help="horizons of recent history to check, each forecast from the context before it")] = 4,
+    band: Annotated[float, typer.Option(min=0.0, max=1.0, help="the calibrated central band a day must fall outside")] = 0.9,
+    min_score: Annotated[float, typer.Option(min=0.0, help="how far outside, in band widths, a day must fall to be listed")] = 0.5,
+    sets: SetOption = None,
+) -> None:
+    """Find the recent days that fell far outside the calibrated band: spikes, stock-outs, tracking breaks.
+
+    Writes anomalies.csv (highest score first) and anomalies.png (the back-test, anomalies ringed).
+    """
+    run = load_trained(config, merchant, adapter, out, None, sets)
+    backtest = run.pipeline.backtest(run.splits, windows, run.calibration)
+    try:
+        found = find_anomalies(backtest, run.pipeline.cfg.model.quantiles, band, min_score)
+    except ValueError as exc:
+        raise option_error("--band", exc) from None
+    run.out.mkdir(parents=True, exist_ok=True)
+    found.to_csv(run.out / "anomalies.csv", index=False, date_format="%Y-%m-%d")
+    fan_chart(run.splits.frame, backtest, run.out / "anomalies.png", f"{run.merchant}: anomalies (ringed), calibrated {band:.0%} band",
+              coverage=band, marks=found, first=list(dict.fromkeys(found[ID])))
+    typer.echo(f"{len(found)} anomalies in {len(backtest)} days of {backtest[ID].nunique()} series; "
+               f"anomalies.csv and anomalies.png written to {run.out}")
+
+
+@app.command(epilog="Example: shopcast stock --merchant shop_00 --adapter runs/local/shop_00 --service-level 0.95 --lead-time 7")
+@user_errors
+def stock(
+    config: ConfigOption = None,
+    merchant: MerchantOption = None,
+    adapter: AdapterOption = None,
+    out: OutOption = None,
+    future: FutureOption = None,
+    service_level: Annotated[float, typer.Option(help="chance of not running out before the delivery, 0.5 to the model's top level")] = 0.95,
+    lead_time: Annotated[int, typer.Option(min=1, help="steps the stock must last: the supplier's lead time (+ days to the next order)")] = 7,
+    sets: SetOption = None,
+) -> None:
+    """Suggest an order-up-to level and safety stock per series from the calibrated forecast (shared/stock.py).
+
+    Sums the daily quantiles over the lead time, which over-covers the service level (the conservative
+    choice); order the order-up-to level less the stock on hand and on order.
+    """
+    run = load_trained(config, merchant, adapter, out, future, sets)
+    frame = run.pipeline.predict_frame(run.splits, run.splits.future, run.calibration)
+    try:
+        levels = stock_levels(frame, run.pipeline.cfg.model.quantiles, service_level, lead_time)
+    except ValueError as exc:
+        raise option_error("--service-level / --lead-time", exc) from None
+    run.out.mkdir(parents=True, exist_ok=True)
+    levels.to_csv(run.out / "stock.csv", index=False, date_format="%Y-%m-%d")
+    typer.echo(f"order-up-to levels of {len(levels)} series for {lead_time} steps at service level {service_level} "
+               f"written to {run.out / 'stock.csv'}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One object from a merchant's table to a scored forecast: build or load, fit, predict, score.
+"""One object from a merchant's table to a scored forecast: build or load, fit, calibrate, predict, score.
 
 As Chronos' pipeline does for its users, `ForecastPipeline` holds the config and the forecaster
 together, so the model's input shape is derived in one place (`input_shape`), every caller cuts
@@ -17,11 +17,12 @@ import pandas as pd
 import torch
 
 from shared.adapter import AdapterMismatch, load_adapter, save_adapter
+from shared.calibration import Calibration
 from shared.config import Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
 from shared.privacy import MerchantPins, PrivateTraining
-from shared.schema import DS, ID, MERCHANT, SeriesTable, quantile_column
+from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
 from shared.windows import Splits, Windows, build_splits, calendar_features
 
@@ -52,6 +53,26 @@ def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, leve
         block.insert(0, MERCHANT, splits.merchant_of[sid])
         rows.append(block)
     return pd.concat(rows, ignore_index=True)
+
+
+def recent_windows(splits: Splits, count: int, include_test: bool = True) -> Windows:
+    """Each series' `count` latest windows whose targets do not overlap, the last being its test window
+    (or, without it, its validation window): a back-test in which every window is forecast from its own
+    context. Fewer when the series' history (or the training stride) offers fewer."""
+    parts = [splits.train, splits.val, *([splits.test] if include_test else [])]
+    pool = Windows(*(np.concatenate([getattr(w, f) for w in parts]) for f in Windows.__dataclass_fields__))
+    horizon = pool.target.shape[1]
+    keep: list[int] = []
+    for sid in np.unique(pool.series):
+        mine = np.flatnonzero(pool.series == sid)
+        picked: list[int] = []
+        for i in mine[np.argsort(-pool.offset[mine], kind="stable")]:
+            if len(picked) == count:
+                break
+            if not picked or pool.offset[i] <= pool.offset[picked[-1]] - horizon:
+                picked.append(int(i))
+        keep.extend(reversed(picked))
+    return pool.subset(np.array(keep, dtype=int))
 
 
 class ForecastPipeline:
@@ -104,9 +125,30 @@ class ForecastPipeline:
         pins = pins or MerchantPins()
         return PrivateTraining.for_merchant(self.cfg, merchant, train, pins) if self.cfg.privacy.enabled or pins.require_dp else None
 
-    def predict_frame(self, splits: Splits, windows: Windows) -> pd.DataFrame:
-        """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame."""
-        return forecast_frame(splits, windows, predict(self.model, windows, self.device), self.cfg.model.quantiles)
+    def predict_frame(self, splits: Splits, windows: Windows, calibration: Calibration | None = None) -> pd.DataFrame:
+        """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame, with
+        conformalised bands when a `calibration` (from `calibrate`) is given."""
+        quantiles = predict(self.model, windows, self.device)
+        if calibration is not None:
+            if calibration.levels != tuple(self.cfg.model.quantiles):
+                raise AdapterMismatch(f"the calibration is for levels {list(calibration.levels)}, but the model forecasts "
+                                      f"{list(self.cfg.model.quantiles)}; delete calibration.json to calibrate again")
+            quantiles = calibration.apply(quantiles, windows.context)
+        return forecast_frame(splits, windows, quantiles, self.cfg.model.quantiles)
+
+    def calibrate(self, splits: Splits, holdout_windows: int = 1) -> Calibration:
+        """Conformal offsets (shared.calibration) from each series' `holdout_windows` latest windows before
+        its test window. The default 1 is the validation window, on which the adapter never took a
+        step; more add the latest training windows: more points, but ones the adapter was fitted to,
+        whose smaller errors leave the calibrated band too narrow."""
+        holdout = recent_windows(splits, holdout_windows, include_test=False)
+        return Calibration.fit(predict(self.model, holdout, self.device), holdout.target, holdout.context, self.cfg.model.quantiles)
+
+    def backtest(self, splits: Splits, windows: int, calibration: Calibration | None = None) -> pd.DataFrame:
+        """Forecasts of each series' `windows` latest non-overlapping windows (the test window last),
+        beside what was sold (column y)."""
+        frame = self.predict_frame(splits, recent_windows(splits, windows), calibration)
+        return frame.merge(splits.frame[[ID, DS, Y]], on=[ID, DS], how="left", validate="one_to_one")
 
     def score(self, splits: Splits, forecast: pd.DataFrame | None = None) -> pd.DataFrame:
         """Per-series MASE, sMAPE, WQL and coverage of the test-split forecast (made here unless given)."""

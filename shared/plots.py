@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from shared.schema import DS, ID, Y, quantile_column
 
-MEDIAN, LOW, HIGH = quantile_column(0.5), quantile_column(0.1), quantile_column(0.9)
+MEDIAN = quantile_column(0.5)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -28,15 +28,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def fan_chart(
-    history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, title: str, n_history: int = 56, max_series: int = 6
+    history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, title: str, n_history: int = 56, max_series: int = 6,
+    coverage: float = 0.8, marks: pd.DataFrame | None = None, first: list[str] | None = None,
 ) -> Path:
-    """One panel per series (the first `max_series` by id): recent history, median, 80% band.
+    """One panel per series (the first `max_series`, by id after those in `first`): recent history, median, band.
 
     `history` is long (unique_id, ds, y); only the `n_history` points before each series' first
     forecast date are drawn, so a full frame can be passed with a test-window forecast. A `y` column
-    in `forecast` (the actuals of a back-test) is drawn dashed.
+    in `forecast` (the actuals of a back-test) is drawn dashed. `coverage` picks the band drawn;
+    `marks` (unique_id, ds, y) are ringed in red on their series, e.g. anomalies, and `first` puts
+    series ahead of the others (e.g. those the marks are on).
     """
-    every = sorted(forecast[ID].unique())
+    low, high = quantile_column((1 - coverage) / 2), quantile_column((1 + coverage) / 2)
+    every = list(dict.fromkeys([*(first or []), *sorted(forecast[ID].unique())]))
     series = every[:max_series]
     if len(every) > len(series):
         title = f"{title}; {len(series)} of {len(every)} series"
@@ -44,15 +48,17 @@ def fan_chart(
     nrows = math.ceil(len(series) / ncols)
     fig = Figure(figsize=(4.5 * ncols, 3.0 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, uid in zip(axes, series):
+    for ax, uid in zip(axes, series, strict=False):  # axes may outnumber series
         fc = forecast[forecast[ID] == uid].sort_values(DS)
         past = history[(history[ID] == uid) & (history[DS] < fc[DS].min())].sort_values(DS).tail(n_history)
         ax.plot(past[DS], past[Y], color="0.3", lw=1, label="history")
-        if LOW in fc and HIGH in fc:
-            ax.fill_between(fc[DS], fc[LOW], fc[HIGH], color="tab:blue", alpha=0.25, lw=0, label="80% band")
+        if low in fc and high in fc:
+            ax.fill_between(fc[DS], fc[low], fc[high], color="tab:blue", alpha=0.25, lw=0, label=f"{coverage:.0%} band")
         ax.plot(fc[DS], fc[MEDIAN], color="tab:blue", lw=1.5, label="median")
         if Y in fc:
             ax.plot(fc[DS], fc[Y], color="black", lw=1, ls="--", label="actual")
+        if marks is not None and len(marked := marks[marks[ID] == uid]):
+            ax.scatter(marked[DS], marked[Y], s=40, facecolors="none", edgecolors="tab:red", lw=1.5, zorder=3, label="anomaly")
         ax.set_title(uid, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,12 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from client.cli import app
+from shared.anomalies import COLUMNS as ANOMALY_COLUMNS
+from shared.calibration import Calibration
 from shared.config import ModelConfig
 from shared.plots import bar_chart
 from shared.schema import quantile_column
+from shared.stock import COLUMNS as STOCK_COLUMNS
 from shared.synthetic import generate_merchants
 
 QUANTILES = [quantile_column(q) for q in ModelConfig().quantiles]
@@ -123,3 +128,54 @@ def test_bar_chart_writes_a_png(tmp_path: Path) -> None:
     for path, group in ((tmp_path / "flat.png", None), (tmp_path / "grouped.png", "merchant_id")):
         bar_chart(scores.drop_duplicates("model") if group is None else scores, "mase", path, "MASE", group=group, reference=1.0)
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_local_saves_a_calibration_and_scores_the_test_split_before_and_after_it(local_run: Path) -> None:
+    calibration = Calibration.load(local_run)
+    assert calibration is not None and calibration.levels == ModelConfig().quantiles
+    meta = json.loads((local_run / "meta.json").read_text())
+    assert set(meta["test_calibrated"]) == set(meta["test"])
+
+
+def test_anomalies_calibrates_a_bare_adapter_and_finds_an_injected_spike(local_run: Path, tmp_path: Path) -> None:
+    """A federated adapter comes without calibration.json: the merchant's own validation windows calibrate it."""
+    bare = tmp_path / "adapter"
+    shutil.copytree(local_run, bare, ignore=shutil.ignore_patterns("calibration.json"))
+    data = generate_merchants(n_merchants=2, n_days=240)
+    spike = data.index[(data["unique_id"] == "shop_01/p03") & (data["ds"] == data["ds"].max() - pd.Timedelta(days=5))]
+    data.loc[spike, "y"] = 40 * data.loc[data["unique_id"] == "shop_01/p03", "y"].max()
+    data.to_csv(tmp_path / "sales.csv", index=False)
+    out = tmp_path / "out"
+    result = invoke("anomalies", "--merchant", "shop_01", "--adapter", str(bare), "--out", str(out), "--windows", "2",
+                    **{"data.source": '"file"', "data.path": f'"{tmp_path / "sales.csv"}"'})
+    assert result.exit_code == 0, result.output
+    assert "no calibration.json" in result.output and result.output.strip().endswith(str(out))
+    assert (out / "calibration.json").exists() and (out / "anomalies.png").read_bytes()[:4] == b"\x89PNG"
+    found = pd.read_csv(out / "anomalies.csv", parse_dates=["ds"])
+    assert list(found.columns) == ANOMALY_COLUMNS
+    top = found.iloc[0]
+    assert (top["unique_id"], top["ds"], top["direction"]) == ("shop_01/p03", data.loc[spike[0], "ds"], "above")
+
+
+def test_stock_writes_order_up_to_levels_above_lead_time_demand(local_run: Path, tmp_path: Path) -> None:
+    result = invoke("stock", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                    "--service-level", "0.9", "--lead-time", "7")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(str(tmp_path / "stock.csv"))
+    stock = pd.read_csv(tmp_path / "stock.csv", parse_dates=["from", "to"])
+    assert list(stock.columns) == STOCK_COLUMNS
+    assert stock["unique_id"].nunique() == len(stock) == pd.read_csv(local_run / "forecast.csv")["unique_id"].nunique()
+    assert (stock["order_up_to"] >= stock["lead_time_demand"]).all() and (stock["safety_stock"] >= 0).all()
+    assert ((stock["to"] - stock["from"]).dt.days == 6).all()
+
+
+def test_stock_past_the_horizon_is_a_usage_error(local_run: Path, tmp_path: Path) -> None:
+    result = invoke("stock", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path), "--lead-time", "15")
+    assert result.exit_code == 2 and "lead time 15" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "stock.csv").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "forecast", "local", "anomalies", "stock"])
+def test_every_command_has_an_example_in_its_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and f"Example: shopcast {command}" in result.output
