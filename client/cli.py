@@ -37,7 +37,7 @@ from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, read_table
+from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, add_indicators, read_table
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.windows import Splits
@@ -79,7 +79,7 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     if path is None:
         return None
     columns = cfg.data.columns
-    raw = read_table(path).rename(columns={columns.unique_id: ID, columns.ds: DS})
+    raw = add_indicators(read_table(path, cfg.data), table.known, path).rename(columns={columns.unique_id: ID, columns.ds: DS})
     missing = [c for c in (ID, DS, *table.known) if c not in raw]
     if missing:
         raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=path)
