@@ -190,7 +190,7 @@ class GuardedAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record_late(server_round, replies)
-        accepted, rows, weights = [], [], []
+        accepted: dict[str, tuple[Message, dict[str, int | float], float]] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -204,18 +204,20 @@ class GuardedAggregation:
                 continue
             weight = 1.0 if self.equal_weights else float(metrics["num-examples"])
             msg.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}), "metrics": MetricRecord({WEIGHT: weight})})
-            self._current["merchants"][merchant_key(metrics, node)] = {"node": node, **metrics}
-            accepted.append(msg)
-            rows.append(metrics)
-            weights.append(weight)
-        self._current["accepted"] = len(accepted)
+            key = merchant_key(metrics, node)
+            self._current["merchants"][key] = {"node": node, **metrics}
+            accepted[key] = (msg, metrics, weight)
+        # summed in the merchants' order, not in the order they answered: the same replies give the same mean, bit for bit
+        ordered = [accepted[key] for key in sorted(accepted)]
+        messages, rows, weights = [m for m, _, _ in ordered], [r for _, r, _ in ordered], [w for _, _, w in ordered]
+        self._current["accepted"] = len(messages)
         self._current["wall_s"] = time.time() - self._started
         self.history.append(self._current)
-        if len(accepted) < self.min_replies or sum(weights) <= 0:
-            log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged", server_round, len(accepted), self.min_replies)
+        if len(messages) < self.min_replies or sum(weights) <= 0:
+            log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged", server_round, len(messages), self.min_replies)
             return None, None
         # the run's round, not this start's: FedAdam corrects its moments' bias by it
-        arrays, aggregated = super().aggregate_train(server_round + self.round_offset, accepted)
+        arrays, aggregated = super().aggregate_train(server_round + self.round_offset, messages)
         if arrays is not None and (reason := self._aggregate_rejection(arrays)) is not None:
             log.warning("round %d: aggregate rejected, global adapter unchanged: %s", server_round, reason)
             self._current["rejected"].append({"node": None, "reason": f"aggregate: {reason}"})
