@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 from shared.adapter import adapter_shapes, adapter_state
 from shared.config import load_config
 from shared.pipeline import ForecastPipeline
+from simulations.federated import round_timeout
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +260,10 @@ def test_fedmedian_outlier_under_the_bound_does_not_dominate(faults):
     # under a mean the shift would have moved every coordinate by shift / 3 (so this test can tell)
     n = sum(v.size for v in final.values())
     assert mean_gap / n > faults["shift"] / 4
+
+
+def test_a_simulated_round_gives_every_queued_merchant_its_time(monkeypatch) -> None:
+    """100 merchants on 2 CPUs queue 50 deep; a fixed 600 s round cut a third of them off (issue 14)."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1})
+    cfg = load_config(TINY_CONFIG, {"federation.round_timeout_s": 600})
+    assert round_timeout(cfg, 100) == 600 * 50 and round_timeout(cfg, 2) == 600 and round_timeout(cfg, 3) == 1200
