@@ -184,7 +184,7 @@ def describe(args: argparse.Namespace, info: dict[str, Any], results: list[dict[
     """The header's extra lines and the table: the concurrent load is per run, as each child was monitored alone."""
     from shared.config import load_config
 
-    cfg = load_config(args.config, run_overrides(args, 0))
+    cfg = load_config(args.config, run_overrides(args, 1))  # the settings shown do not depend on the merchant count
     priv = cfg.privacy
     load_lines = "; ".join(
         f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average (max {r['load_other_processes_cores_max']})"

@@ -159,3 +159,12 @@ def test_accuracy_tables_lead_with_the_best_and_keep_every_column() -> None:
     assert summary.loc[0, "wql_gmean_rel"] == pytest.approx(np.sqrt(0.5 * 0.75)) and summary.loc[0, "seconds"] == 5.0
     merchants = merchant_wql(contest, summary["model"])
     assert list(merchants.columns) == ["model", "WQL a", "WQL b"] and merchants.loc[0].tolist() == ["shopcast", 0.1, 0.3]
+
+
+def test_a_federation_result_renders_again_from_its_json(tmp_path: Path) -> None:
+    """--render rewrites the Markdown from the committed JSON alone (it once sized a config for 0 merchants and failed)."""
+    from benchmarks.federation import rerender
+
+    rerender(PROJECT_ROOT / "benchmarks" / "results" / "federation_100.json", tmp_path)
+    text = (tmp_path / "federation_100.md").read_text()
+    assert "| | 100 merchants |" in text and "| rounds run / replies per round | 3 / [100, 100, 95] |" in text
