@@ -49,11 +49,14 @@ def channel_arrays(cfg: Config) -> tuple[pd.DatetimeIndex, np.ndarray, list[str]
 
 
 def windows(values: np.ndarray, dates: pd.DatetimeIndex, starts: list[int], cfg: Config, encode_prompts: PromptEncoder) -> Windows:
-    """Windows of every channel starting at `starts` (calendar features as the only known covariates)."""
+    """Windows of every channel starting at `starts` (calendar features and an always-open flag as the
+    only known covariates)."""
     L, H = cfg.data.context, cfg.data.horizon
-    known = calendar_features(dates, cfg.data.freq)
+    is_open = np.ones(len(dates), dtype=np.float32)
+    known = np.concatenate([calendar_features(dates, cfg.data.freq), is_open[:, None]], axis=1)
     no_observed = np.zeros((len(dates), 0), dtype=np.float32)
-    stacked = stack_windows([series_windows(values[:, c], no_observed, known, dates, starts, L, H, c) for c in range(values.shape[1])])
+    stacked = stack_windows([series_windows(values[:, c], no_observed, known, is_open, dates, starts, L, H, c)
+                             for c in range(values.shape[1])])
     stacked.prompt_ids, stacked.prompt_mask = encode_prompts(stacked.context)
     return stacked
 

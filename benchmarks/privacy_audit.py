@@ -122,7 +122,7 @@ def canary_frame(n: int, dates: pd.DatetimeIndex, seed: int, level: float = 20.0
         y = np.full(len(dates), level)
         y[rng.random(len(dates)) < rate] = level * spike
         frames.append(pd.DataFrame({MERCHANT: POOLED_MERCHANT, ID: f"{CANARY_PREFIX}c{i:03d}", DS: dates, Y: y, "promo": 0.0,
-                                    "holiday": holiday.astype(float), "visits": 1000.0}))
+                                    "holiday": holiday.astype(float), "open": 1.0, "visits": 1000.0}))
     return pd.concat(frames, ignore_index=True)
 
 

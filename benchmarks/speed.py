@@ -97,7 +97,7 @@ def timed_steps(step_model, optimizer, train, batches: list[np.ndarray], levels,
         step_model.train()
         optimizer.zero_grad(set_to_none=True)
         quantiles, scale = step_model(**inputs)
-        pinball_loss(quantiles, target / scale, levels).mean().backward()
+        pinball_loss(quantiles, target / scale, levels, inputs["open"][:, -target.shape[1] :]).mean().backward()
         optimizer.step()
         _sync(device)
         if i >= warmup:

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.mods import client_privacy_mod
-from shared.adapter import AdapterMismatch, adapter_bytes, adapter_state, load_adapter_state
+from shared.adapter import FEDERATION_ROUND, AdapterMismatch, adapter_bytes, adapter_state, load_adapter_state
 from shared.config import Config, config_from_run
 from shared.pipeline import ForecastPipeline
 from shared.privacy import MerchantPins
@@ -96,6 +96,15 @@ def _proximal_mu(msg: Message, lr: float) -> float:
     return float(mu)
 
 
+def _round_seed(msg: Message, base: int) -> int:
+    """The config's seed plus the round's number, so each round draws fresh batches."""
+    config = msg.content["config"]
+    number = config.get(FEDERATION_ROUND, config.get("server-round", 0))
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(f"round number {number!r} must be a non-negative integer")
+    return base + number
+
+
 def _decline(msg: Message, code: int, reason: str) -> Message:
     log.warning(reason)
     return Message(Error(code=code, reason=reason), reply_to=msg)
@@ -108,11 +117,11 @@ def train(msg: Message, context: Context) -> Message:
         return _decline(msg, ADAPTER_REJECTED, f"received adapter rejected: {exc}")
     cfg = pipeline.cfg
     try:
-        mu = _proximal_mu(msg, cfg.train.lr)
+        mu, round_seed = _proximal_mu(msg, cfg.train.lr), _round_seed(msg, cfg.train.seed)
     except ValueError as exc:
         return _decline(msg, BAD_INSTRUCTION, f"merchant {merchant}: {exc}")
     privacy = pipeline.private_training(merchant, splits.train, MerchantPins.from_node_config(context.node_config))
-    result = pipeline.fit(splits.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu)
+    result = pipeline.fit(splits.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu, seed=round_seed)
     if result.status == "budget_exhausted":
         return _decline(msg, BUDGET_EXHAUSTED, f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of "
                                                f"{privacy.ledger.target_epsilon}); declining to train")

@@ -37,7 +37,7 @@ from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.schema import DS, ID, DataValidationError, SeriesTable, Y, add_indicators, read_table
+from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, add_indicators, read_table
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.windows import Splits
@@ -79,7 +79,8 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     if path is None:
         return None
     columns = cfg.data.columns
-    raw = add_indicators(read_table(path, cfg.data), table.known, path).rename(columns={columns.unique_id: ID, columns.ds: DS})
+    names = {columns.unique_id: ID, columns.ds: DS} | ({columns.open: OPEN} if columns.open else {})  # no open column: open every day
+    raw = add_indicators(read_table(path, cfg.data), table.known, path).rename(columns=names)
     missing = [c for c in (ID, DS, *table.known) if c not in raw]
     if missing:
         raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=path)
@@ -154,7 +155,8 @@ def load_trained(config: Path | None, merchant: str | None, adapter: Path | None
                  future: Path | None, sets: list[str] | None) -> Trained:
     """The adapter (with the model settings of its meta.json, so they match the weights), the merchant's
     splits, and the adapter's calibration.json; an adapter without one (a federated adapter) is
-    calibrated here on the merchant's own validation windows and the result saved under `out`."""
+    personalised (train.personalise) and calibrated here on the merchant's own windows, and the result
+    saved under `out`."""
     cfg = load_config(config, parse_overrides(sets or []))
     merchant, table = merchant_table(cfg, merchant)
     adapter = adapter or Path("runs/local") / merchant
@@ -163,6 +165,11 @@ def load_trained(config: Path | None, merchant: str | None, adapter: Path | None
     splits = pipeline.splits(table, read_future(future, pipeline.cfg, table))
     calibration = Calibration.load(adapter)
     if calibration is None:
+        if pipeline.cfg.train.personalise != "none":
+            before, after, _ = pipeline.personalise(splits)
+            saved = pipeline.save(out, {"merchant": merchant, "personalised_from": str(adapter)})
+            typer.echo(f"output layers refitted on {merchant}'s own windows (validation loss {before:.4f} -> {after:.4f}); "
+                       f"this personal adapter stays here: {saved}")
         calibration = pipeline.calibrate(splits)
         typer.echo(f"no {CALIBRATION_FILE} beside the adapter: calibrated on {calibration.points} validation points "
                    f"of {merchant}, saved to {calibration.save(out)}")

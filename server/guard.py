@@ -23,7 +23,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from shared.adapter import AdapterMismatch, check_update
+from shared.adapter import FEDERATION_ROUND, AdapterMismatch, check_update
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ TRAIN_METRICS: dict[str, type] = {
 }
 EVALUATE_METRICS: dict[str, type] = {"mase": float, "wql": float, "coverage-80": float, "num-examples": int, "partition-id": int}
 REQUIRED_METRICS = ("num-examples",)
-FEDERATION_ROUND = "federation-round"  # the round number over the whole run, resumes included
 WEIGHT = "num-examples"  # the key Flower's mean is weighted by; the guard writes the server's weight into it
 
 

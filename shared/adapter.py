@@ -28,6 +28,7 @@ from shared.backbone import load_pretrained
 from shared.model import Forecaster
 
 OPACUS_PREFIX = "_module."
+FEDERATION_ROUND = "federation-round"  # the round number over the whole run, resumes included (train config)
 ADAPTER_KEYS = "adapter-keys"  # SecAgg+'s legacy messages carry an unnamed list; the names travel in their config
 
 

@@ -7,15 +7,15 @@ of levels (lo, hi) = (α/2, 1 - α/2), each holdout point's nonconformity is how
 the band, E = max(q_lo - y, y - q_hi) (negative inside it); the ⌈(n + 1)(1 - α)⌉-th smallest of the
 n scores, Q̂, then moves q_lo down and q_hi up by Q̂ (up and down when Q̂ < 0, a band too wide).
 
-Scores are in units of each window's scale, the mean |y| of its context that the model itself
-normalises by, so a shop selling 3 units a day and one selling 300 pool into one Q̂, and the
+Scores are in units of each window's scale, the mean |y| of its context's open days that the
+model itself normalises by, so a shop selling 3 units a day and one selling 300 pool into one Q̂, and the
 offset a window gets follows its own size. Every point of a holdout window counts, so the coverage
 guarantee is marginal over horizon steps, not per step; and it assumes the recent holdout is like the
 days forecast, which a change of regime breaks, as for any calibration.
 
 After the shift the median is kept as it was, the quantiles are made monotone outwards from it, and
-a window whose context holds no negative value (sales) never gets a negative quantile: a closed day
-forecast at 0 keeps its lower band at 0.
+a window whose context holds no negative value (sales) never gets a negative quantile. A closed day
+scores nothing (it is 0 by rule, not by skill) and stays exactly 0 after calibration.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from shared.model import mean_abs_scale
 FILE = "calibration.json"
 
 
-def window_scale(context: np.ndarray) -> np.ndarray:
-    """[N] the scale the model divides each window by (its context's mean |y|, 1 when all zero)."""
-    return mean_abs_scale(torch.as_tensor(np.asarray(context, dtype=np.float64))).numpy()[:, 0]
+def window_scale(context: np.ndarray, is_open: np.ndarray) -> np.ndarray:
+    """[N] the scale the model divides each window by (its context's mean |y| over open days, 1 when all zero)."""
+    context = np.asarray(context, dtype=np.float64)
+    mask = torch.as_tensor(np.asarray(is_open, dtype=np.float64)[:, : context.shape[1]])
+    return mean_abs_scale(torch.as_tensor(context), mask).numpy()[:, 0]
 
 
 def symmetric_pairs(levels: tuple[float, ...]) -> list[tuple[int, int]]:
@@ -70,26 +72,32 @@ class Calibration:
     points: int  # holdout points per pair (windows x horizon steps)
 
     @classmethod
-    def fit(cls, quantiles: np.ndarray, target: np.ndarray, context: np.ndarray, levels: tuple[float, ...]) -> Calibration:
-        """From holdout forecasts [N, H, Q], their actuals [N, H] and the contexts [N, L] they came from."""
-        scale = window_scale(context)[:, None]
+    def fit(cls, quantiles: np.ndarray, target: np.ndarray, context: np.ndarray, is_open: np.ndarray,
+            levels: tuple[float, ...]) -> Calibration:
+        """From holdout forecasts [N, H, Q], their actuals [N, H], the contexts [N, L] they came from and
+        the windows' open flags [N, L + H]."""
+        scale = window_scale(context, is_open)[:, None]
+        scored = np.asarray(is_open)[:, -target.shape[1] :] > 0
+        if not scored.any():
+            raise ValueError("the holdout has no open day to calibrate on")
         offsets = []
         for i, j in symmetric_pairs(levels):
             scores = np.maximum(quantiles[..., i] - target, target - quantiles[..., j]) / scale
-            offsets.append((levels[i], levels[j], conformal_quantile(scores, levels[j] - levels[i])))
-        return cls(tuple(levels), tuple(offsets), int(np.size(target)))
+            offsets.append((levels[i], levels[j], conformal_quantile(scores[scored], levels[j] - levels[i])))
+        return cls(tuple(levels), tuple(offsets), int(scored.sum()))
 
-    def apply(self, quantiles: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """Calibrated copy of forecasts [N, H, Q] made from contexts [N, L]."""
+    def apply(self, quantiles: np.ndarray, context: np.ndarray, is_open: np.ndarray) -> np.ndarray:
+        """Calibrated copy of forecasts [N, H, Q] made from contexts [N, L], with open flags [N, L + H]."""
         levels = self.levels
         out = np.array(quantiles, dtype=np.float64)
-        shift = window_scale(context)[:, None]
+        shift = window_scale(context, is_open)[:, None]
         for lo, hi, offset in self.offsets:
             out[..., levels.index(lo)] -= offset * shift
             out[..., levels.index(hi)] += offset * shift
         out = _monotone_from_median(out, levels.index(0.5))
         nonnegative = (np.asarray(context) >= 0).all(axis=1)
         out[nonnegative] = np.maximum(out[nonnegative], 0.0)
+        out *= np.asarray(is_open)[:, -out.shape[1] :, None]
         return out.astype(np.asarray(quantiles).dtype)
 
     def save(self, directory: str | Path) -> Path:

@@ -36,6 +36,7 @@ class Columns:
     y: str = "y"
     known: tuple[str, ...] = ()
     observed: tuple[str, ...] = ()
+    open: str = ""  # a 0/1 column, 1 = the shop sold that day; "" = always open
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    personalise: str = "none"  # "output": refit the output layers on the merchant's own windows (shared.personal), never sent
+    personal_steps: int = 400
+    personal_lr: float = 1e-3
+    personal_windows: int = 1024  # the most training windows it is refitted on (their features are computed once)
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ RULES: dict[str, Rule] = {
     "data.stride": _COUNT,
     "data.negative": _one_of("keep", "flag", "clip", "error"),
     "data.fill": _one_of("zero", "ffill", "error"),
-    "data.short_series": _one_of("error", "drop"),
+    "data.short_series": _one_of("error", "drop", "pad"),
     "data.max_series_per_merchant": _NON_NEGATIVE,
     "data.sep": _CHARACTER,
     "data.decimal": _CHARACTER,
@@ -252,6 +257,10 @@ RULES: dict[str, Rule] = {
     "train.seed": _NON_NEGATIVE,
     "train.device": _one_of("auto", "cpu", "cuda"),
     "train.precision": _one_of("fp32", "bf16", "fp16"),
+    "train.personalise": _one_of("none", "output"),
+    "train.personal_steps": _COUNT,
+    "train.personal_lr": _POSITIVE,
+    "train.personal_windows": _COUNT,
     "privacy.unit": _one_of("series", "day"),
     "privacy.target_epsilon": _POSITIVE,
     "privacy.delta": _OPEN_UNIT,

@@ -1,10 +1,10 @@
 """The forecaster: a frozen LLM reprogrammed for time series (Time-LLM), with a quantile head.
 
 Read top to bottom, one window's path is:
-  scale by the context's mean |y|  ->  patches of (y, observed, known covariates)  ->  patch embedding
+  scale by the mean |y| of the context's open days  ->  patches of (y, observed, known covariates)  ->  patch embedding
   ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
   tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head (+ a linear path from context and covariates)
-  ->  non-crossing quantiles  ->  rescale.
+  ->  non-crossing quantiles  ->  rescale, and 0 on the horizon's closed days.
 Only LoRA and the small layers defined here train; they are the adapter that federation moves.
 Every trainable layer is an nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute
 per-sample gradients for it.
@@ -34,13 +34,18 @@ class SeriesShape:
 
     context: int
     horizon: int
-    n_known: int  # calendar + known-ahead covariates
+    n_known: int  # calendar + the open flag + known-ahead covariates
     n_observed: int
 
 
-def mean_abs_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-window mean |x| over time; 1 for an all-zero window so intermittent series stay finite."""
-    scale = x.abs().mean(dim=1, keepdim=True)
+def mean_abs_scale(x: torch.Tensor, is_open: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-window mean |x| over time (over open days only, given `is_open` [B, T]: a closed day's 0 is
+    not a slow day); 1 for an all-zero window so intermittent series stay finite."""
+    if is_open is None:
+        scale = x.abs().mean(dim=1, keepdim=True)
+    else:
+        weight = is_open.reshape(*is_open.shape, *([1] * (x.dim() - 2)))
+        scale = (x.abs() * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -52,10 +57,14 @@ def monotone_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
     return torch.cat([lower, median, upper], dim=-1)
 
 
-def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Mean pinball loss per window ([B]); per-window so DP can clip each window's gradient."""
+def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor, is_open: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean pinball loss per window ([B]) over its open horizon steps (`is_open` [B, H]; all when None):
+    a closed day is forecast 0 by rule, so it teaches nothing. Per window so DP can clip each window's gradient."""
     diff = target.unsqueeze(-1) - pred
-    return torch.maximum(levels * diff, (levels - 1) * diff).mean(dim=(1, 2))
+    loss = torch.maximum(levels * diff, (levels - 1) * diff).mean(dim=2)
+    if is_open is None:
+        return loss.mean(dim=1)
+    return (loss * is_open).sum(dim=1) / is_open.sum(dim=1).clamp_min(1.0)
 
 
 class Reprogramming(nn.Module):
@@ -172,12 +181,24 @@ class Forecaster(nn.Module):
         return tokenize_left_padded(self.tokenizer, texts, self.cfg.prompt_max_tokens)
 
     def forward(
-        self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, open: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantiles in scaled units [B, H, Q] and the scale [B, 1] that maps them back to sales."""
+        """Quantiles in scaled units [B, H, Q] and the scale [B, 1] that maps them back to sales.
+        `open` [B, L + H] (also a channel of `known`) keeps closed context days out of the scale."""
+        tokens, linear_input, scale = self.encode(context, observed, known, open, prompt_ids, prompt_mask)
+        return self.decode(tokens, linear_input), scale
+
+    def encode(
+        self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, open: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before the output layers: the LLM path's token features [B, T * d_ff], the linear
+        path's input [B, L + H * n_known] and the scale. A merchant refitting only the output layers
+        (shared.personal) computes these once per window instead of once per step."""
         batch, L = context.shape
         P, S = self.cfg.patch_len, self.cfg.patch_stride
-        scale = mean_abs_scale(context)
+        scale = mean_abs_scale(context, open[:, :L])
         series = (context / scale).clamp(-MAX_SCALED, MAX_SCALED).unsqueeze(-1)
         observed = (observed / mean_abs_scale(observed)).clamp(-MAX_SCALED, MAX_SCALED)
         channels = torch.cat([series, observed, known[:, :L]], dim=-1)
@@ -191,9 +212,12 @@ class Forecaster(nn.Module):
             tokens = torch.cat([self.embed_tokens(prompt_ids).to(tokens.dtype), tokens], dim=1)
             mask = torch.cat([prompt_mask, mask], dim=1)
         hidden = self._mix(tokens, mask)[:, -(self.n_patches + self.n_future) :]
-        linear = self.linear(torch.cat([series.squeeze(-1), known[:, L:].flatten(1)], dim=1))
-        raw = (self.head(self.to_ff(hidden).flatten(1)) + linear).view(batch, self.shape.horizon, -1)
-        return monotone_quantiles(raw.float(), self.mid), scale
+        return self.to_ff(hidden).flatten(1), torch.cat([series.squeeze(-1), known[:, L:].flatten(1)], dim=1), scale
+
+    def decode(self, tokens: torch.Tensor, linear_input: torch.Tensor) -> torch.Tensor:
+        """The output layers (the flatten head and the linear path): non-crossing quantiles [B, H, Q]."""
+        raw = (self.head(tokens) + self.linear(linear_input)).view(len(tokens), self.shape.horizon, -1)
+        return monotone_quantiles(raw.float(), self.mid)
 
     def _positions(self, batch: int, count: int) -> torch.Tensor:
         """Position ids with a batch dimension, which Opacus needs to attribute gradients per window."""
@@ -208,15 +232,15 @@ class Forecaster(nn.Module):
         return self.llm(inputs_embeds=tokens, attention_mask=mask, position_ids=positions).last_hidden_state
 
     def loss(self, target: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        """Per-window pinball loss in scaled units, so shops of any size weigh the same."""
+        """Per-window pinball loss in scaled units over open days, so shops of any size weigh the same."""
         quantiles, scale = self(**inputs)
-        return pinball_loss(quantiles, target / scale, self.levels)
+        return pinball_loss(quantiles, target / scale, self.levels, inputs["open"][:, -target.shape[1] :])
 
     @torch.no_grad()
     def predict(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Quantiles in the series' own units [B, H, Q]."""
+        """Quantiles in the series' own units [B, H, Q]; exactly 0 on a closed day."""
         quantiles, scale = self(**inputs)
-        quantiles = quantiles * scale.unsqueeze(-1)
+        quantiles = quantiles * scale.unsqueeze(-1) * inputs["open"][:, -self.shape.horizon :, None]
         return quantiles.clamp_min(0.0) if self.cfg.nonnegative else quantiles
 
     def lora_model(self) -> PeftModel | None:

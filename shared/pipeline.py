@@ -21,6 +21,7 @@ from shared.calibration import Calibration
 from shared.config import Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
+from shared.personal import personalise
 from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
@@ -38,7 +39,7 @@ def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
     else:  # prepare emits exactly the configured covariates, plus the negative-sales flag under negative = "flag"
         freq, n_known, n_observed = data.freq, len(data.columns.known), len(data.columns.observed) + (data.negative == "flag")
     n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
-    return SeriesShape(data.context, data.horizon, n_known=n_calendar + n_known, n_observed=n_observed)
+    return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed)  # + the open flag
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
@@ -120,6 +121,11 @@ class ForecastPipeline:
         """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""
         return fit(self.model, train, val, self.cfg.train, **options)
 
+    def personalise(self, splits: Splits) -> tuple[float, float, int]:
+        """Refits the output layers on this merchant's own windows (shared.personal), in place; they stay
+        here. (validation loss before, after, steps kept)."""
+        return personalise(self.model, splits.train, splits.val, self.cfg.train)
+
     def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None) -> PrivateTraining | None:
         """The merchant's DP-SGD session when the config (or the merchant's own pins) turn privacy on."""
         pins = pins or MerchantPins()
@@ -133,7 +139,7 @@ class ForecastPipeline:
             if calibration.levels != tuple(self.cfg.model.quantiles):
                 raise AdapterMismatch(f"the calibration is for levels {list(calibration.levels)}, but the model forecasts "
                                       f"{list(self.cfg.model.quantiles)}; delete calibration.json to calibrate again")
-            quantiles = calibration.apply(quantiles, windows.context)
+            quantiles = calibration.apply(quantiles, windows.context, windows.open)
         return forecast_frame(splits, windows, quantiles, self.cfg.model.quantiles)
 
     def calibrate(self, splits: Splits, holdout_windows: int = 1) -> Calibration:
@@ -142,7 +148,8 @@ class ForecastPipeline:
         step; more add the latest training windows: more points, but ones the adapter was fitted to,
         whose smaller errors leave the calibrated band too narrow."""
         holdout = recent_windows(splits, holdout_windows, include_test=False)
-        return Calibration.fit(predict(self.model, holdout, self.device), holdout.target, holdout.context, self.cfg.model.quantiles)
+        forecast = predict(self.model, holdout, self.device)
+        return Calibration.fit(forecast, holdout.target, holdout.context, holdout.open, self.cfg.model.quantiles)
 
     def backtest(self, splits: Splits, windows: int, calibration: Calibration | None = None) -> pd.DataFrame:
         """Forecasts of each series' `windows` latest non-overlapping windows (the test window last),

@@ -73,7 +73,7 @@ def load_online_retail(countries: tuple[str, ...] = RETAIL_COUNTRIES, products_p
     tx = pd.read_parquet(_path("online_retail", "transactions.parquet"), columns=["InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "Country"])
     tx["day"] = tx["InvoiceDate"].dt.normalize().astype("datetime64[ns]")
     days = pd.date_range(tx["day"].min(), tx["day"].max(), freq="D", name=DS)
-    closed = pd.Series((~days.isin(tx["day"].unique())).astype(float), index=days, name="closed")  # Saturdays, Christmas
+    is_open = pd.Series(days.isin(tx["day"].unique()).astype(float), index=days, name="open")  # closed: Saturdays, Christmas
     frames = []
     for country in countries:
         shop = tx[tx["Country"] == country]
@@ -86,7 +86,7 @@ def load_online_retail(countries: tuple[str, ...] = RETAIL_COUNTRIES, products_p
         units = units.reindex(index=days, columns=top).fillna(0.0)
         n_invoices = shop.groupby("day")["InvoiceNo"].nunique().reindex(days, fill_value=0).astype(float).rename("n_invoices")
         merchant = country.replace(" ", "_")
-        long = units.stack().rename(Y).reset_index().join(closed, on=DS).join(n_invoices, on=DS)
+        long = units.stack().rename(Y).reset_index().join(is_open, on=DS).join(n_invoices, on=DS)
         long.insert(0, MERCHANT, merchant)
         long.insert(1, ID, merchant + "/" + long.pop("StockCode"))
         frames.append(long.sort_values([ID, DS], ignore_index=True))

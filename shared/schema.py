@@ -21,6 +21,7 @@ import pandas as pd
 from shared.config import Columns, DataConfig
 
 MERCHANT, ID, DS, Y = "merchant_id", "unique_id", "ds", "y"
+OPEN = "is_open"  # 1 on a day the shop sold, 0 when closed (or before the series began): never scored, never learnt
 NEGATIVE_FLAG = "y_was_negative"
 _FILL_IT = "fill it in the export or drop the row"
 
@@ -182,11 +183,14 @@ def to_long(
     covariates = list(columns.known) + list(columns.observed)
     raw = add_indicators(raw.reset_index(drop=True), covariates, source)
     wanted = {columns.unique_id: ID, columns.ds: DS, columns.y: Y, **{c: c for c in covariates}}
+    if columns.open:
+        wanted[columns.open] = OPEN
     if columns.merchant_id:
         wanted[columns.merchant_id] = MERCHANT
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
-        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=source)
+        hint = '; set [data.columns] open = "" when the file has no open/closed flag' if columns.open in missing else ""
+        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}{hint}", file=source)
     frame = raw[list(wanted)].rename(columns=wanted).reset_index(drop=True)
     if MERCHANT not in frame:
         frame[MERCHANT] = Path(str(source)).stem
@@ -200,8 +204,13 @@ def to_long(
         raise DataValidationError(f"unparseable date {value!r}", file=source, row=_spreadsheet_row(bad), column=columns.ds)
     frame[DS] = dates
 
-    for name, original in [(Y, columns.y)] + [(c, c) for c in covariates]:
+    for name, original in [(Y, columns.y)] + [(c, c) for c in covariates] + ([(OPEN, columns.open)] if columns.open else []):
         frame[name] = _numbers(frame[name], source, original, max_abs_value, covariate=name != Y)
+    if columns.open:
+        not_flag = ~frame[OPEN].isin((0.0, 1.0)).to_numpy()
+        if not_flag.any():
+            raise DataValidationError(f"value {frame.loc[not_flag, OPEN].iloc[0]:g} is not an open flag; write 1 (open) or 0 (closed)",
+                                      file=source, row=_spreadsheet_row(not_flag), column=columns.open)
 
     duplicated = frame.duplicated([ID, DS], keep="first")
     if duplicated.any():
@@ -269,7 +278,10 @@ def regularise(frame: pd.DataFrame, freq: str, fill: str, source: str | Path = "
     return pd.concat(pieces, ignore_index=True)
 
 
-def drop_or_reject_short(frame: pd.DataFrame, min_length: int, policy: str, source: str | Path = "<frame>") -> pd.DataFrame:
+def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, source: str | Path = "<frame>") -> pd.DataFrame:
+    """Series shorter than one training window, a validation and a test horizon: an error, dropped, or
+    (`pad`, a shop or product that is new) preceded by closed days, which the model neither scales by
+    nor learns from, so the forecast rests on the days that exist and on what the federation learnt."""
     lengths = frame.groupby(ID).size()
     short = lengths[lengths < min_length]
     if short.empty:
@@ -279,23 +291,34 @@ def drop_or_reject_short(frame: pd.DataFrame, min_length: int, policy: str, sour
         raise DataValidationError(
             f"series {uid!r} has {n} timestamps, fewer than context + 3 x horizon = {min_length} "
             f"(one training window, a validation and a test horizon); {len(short)} series are this short. "
-            "Shorten [data] context or set short_series = \"drop\"",
+            "Shorten [data] context or set short_series = \"drop\" (or \"pad\" for a new shop or product)",
             file=source,
         )
-    log.warning("%s: dropping %d series shorter than %d: %s", source, len(short), min_length, list(short.index[:5]))
-    return frame[~frame[ID].isin(short.index)].reset_index(drop=True)
+    if policy == "drop":
+        log.warning("%s: dropping %d series shorter than %d: %s", source, len(short), min_length, list(short.index[:5]))
+        return frame[~frame[ID].isin(short.index)].reset_index(drop=True)
+    log.info("%s: %d series shorter than %d padded with closed days before their first date", source, len(short), min_length)
+    pads = []
+    for uid, n in short.items():
+        first = frame.loc[frame[ID] == uid].iloc[0]
+        dates = pd.date_range(end=first[DS], periods=min_length - n + 1, freq=freq)[:-1]
+        pad = pd.DataFrame({c: 0.0 for c in frame.columns if c not in (MERCHANT, ID, DS)}, index=range(len(dates)))
+        pads.append(pad.assign(**{MERCHANT: first[MERCHANT], ID: uid, DS: dates}))
+    return pd.concat([*pads, frame], ignore_index=True).sort_values([ID, DS], kind="stable").reset_index(drop=True)
 
 
 def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
     """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
     frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value)
     frame = regularise(frame, cfg.freq, cfg.fill, source)
-    frame = drop_or_reject_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, source)
+    if OPEN not in frame:  # after regularising: without an open column, a filled gap is a day without sales, not a closed one
+        frame[OPEN] = 1.0
+    freq = cfg.freq if cfg.freq != "auto" else infer_step(frame[DS].drop_duplicates())
+    frame = fit_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, freq, source)
     if frame.empty:
         raise DataValidationError("no series left after validation", file=source)
     observed = tuple(cfg.columns.observed) + ((NEGATIVE_FLAG,) if NEGATIVE_FLAG in frame else ())
-    ordered = [MERCHANT, ID, DS, Y, *cfg.columns.known, *observed]
-    freq = cfg.freq if cfg.freq != "auto" else infer_step(frame[DS].drop_duplicates())
+    ordered = [MERCHANT, ID, DS, Y, OPEN, *cfg.columns.known, *observed]
     return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq)
 
 

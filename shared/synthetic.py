@@ -4,7 +4,8 @@ No data file ships with shopcast, so the demo, the tests and the benchmarks run 
 a forecaster should learn is put in on purpose and strongly enough to be measured: weekly and yearly
 seasonality, trend, promotions, holidays on which some shops close and others spike, intermittent
 products, scales from a few units a day to hundreds, and merchants that joined late (short history).
-Sales are visits x conversion, so the observed `visits` covariate carries real signal.
+Sales are visits x conversion, so the observed `visits` covariate carries real signal; `open` is 0 on
+the days a shop closes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _merchant(rng: np.random.Generator, merchant: str, ds: pd.DatetimeIndex, lev
         Y: sales[:, first:].ravel(),
         "promo": promo[:, first:].ravel(),
         "holiday": np.tile(holiday[first:].astype(float), n_products),
+        "open": np.tile((~closed[first:]).astype(float), n_products),
         "visits": np.tile(visits[first:], n_products),
     })
 

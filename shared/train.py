@@ -105,7 +105,7 @@ def _train_step(step_model: torch.nn.Module, model: Forecaster, batch: dict[str,
     target = batch.pop("target")
     with autocast(target.device, precision):
         quantiles, scale = step_model(**batch)  # through Opacus' wrapper under DP
-        losses = pinball_loss(quantiles, target / scale, model.levels)
+        losses = pinball_loss(quantiles, target / scale, model.levels, batch["open"][:, -target.shape[1] :])
     scaler.scale(losses.mean()).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -121,14 +121,17 @@ def fit(
     privacy: PrivateTraining | None = None,
     proximal_mu: float = 0.0,
     on_step: Callable[[int], None] | None = None,
+    seed: int | None = None,
 ) -> TrainResult:
     """Trains the adapter in place; `steps` fixes the length (federated rounds), else early stopping.
+    `seed` (default cfg.seed) fixes which windows are drawn: a federated round passes its own, or every
+    round would redraw the same batches.
 
     FedProx's pull towards the round's starting adapter is applied after each optimiser step, as a
     data-independent correction, so it composes with DP-SGD without touching per-sample gradients.
     """
     device = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

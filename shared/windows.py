@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.config import DataConfig
-from shared.schema import DS, ID, MERCHANT, SeriesTable, Y
+from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable, Y
 
 PromptEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -56,7 +56,8 @@ class Windows:
     context: np.ndarray  # [N, L] target history
     target: np.ndarray  # [N, H] what to forecast (zeros for the future window)
     observed: np.ndarray  # [N, L, Co] past-only covariates
-    known: np.ndarray  # [N, L + H, Ck] calendar + known-ahead covariates
+    known: np.ndarray  # [N, L + H, Ck] calendar, the open flag, known-ahead covariates
+    open: np.ndarray  # [N, L + H] 1 where the shop sold, 0 on a closed (or padded) day: out of the scale and the loss
     series: np.ndarray  # [N] index into Splits.series_ids: the series each window belongs to
     target_start: np.ndarray  # [N] first timestamp of the target
     offset: np.ndarray  # [N] position of the window's first step in its series
@@ -76,6 +77,7 @@ class Windows:
             "context": torch.as_tensor(self.context[sel], dtype=torch.float32),
             "observed": torch.as_tensor(self.observed[sel], dtype=torch.float32),
             "known": torch.as_tensor(self.known[sel], dtype=torch.float32),
+            "open": torch.as_tensor(self.open[sel], dtype=torch.float32),
             "prompt_ids": torch.as_tensor(self.prompt_ids[sel], dtype=torch.long),
             "prompt_mask": torch.as_tensor(self.prompt_mask[sel], dtype=torch.long),
         }
@@ -106,7 +108,8 @@ def stack_windows(pieces: list[dict[str, np.ndarray]]) -> Windows:
 
 
 def series_windows(
-    y: np.ndarray, observed: np.ndarray, known: np.ndarray, dates: pd.DatetimeIndex, starts: list[int], L: int, H: int, sid: int
+    y: np.ndarray, observed: np.ndarray, known: np.ndarray, is_open: np.ndarray, dates: pd.DatetimeIndex, starts: list[int], L: int, H: int,
+    sid: int,
 ) -> dict[str, np.ndarray]:
     """The windows of one series starting at `starts` (fields of `Windows`, prompts not yet attached)."""
     idx = np.asarray(starts)
@@ -118,6 +121,7 @@ def series_windows(
         "target": y[tgt],
         "observed": observed[ctx],
         "known": known[full],
+        "open": is_open[full],
         "series": np.full(len(idx), sid),
         "target_start": dates[idx + L].to_numpy(),
         "offset": idx,
@@ -127,8 +131,9 @@ def series_windows(
 def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEncoder, future_known: pd.DataFrame | None = None) -> Splits:
     """Cuts every series of `table` into train/val/test/future windows and attaches prompt tokens.
 
-    `future_known` holds known covariates for the H dates after the last one (promotions planned);
-    without it they are taken as zero, i.e. no promotion and no holiday.
+    `future_known` holds known covariates for the H dates after the last one (promotions planned,
+    and the open flag: days the shop will be closed); without it they are taken as zero, i.e. no
+    promotion and no holiday, and the shop as open.
     """
     L, H = cfg.context, cfg.horizon
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "test": [], "future": []}
@@ -140,12 +145,15 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         dates = pd.DatetimeIndex(g[DS])
         future_dates = pd.date_range(dates[-1], periods=H + 1, freq=table.freq)[1:]
         all_dates = dates.append(future_dates)
-        future_cov = np.zeros((H, len(table.known)), dtype=np.float64)
-        if future_known is not None and table.known:
+        future_cov, future_open = np.zeros((H, len(table.known)), dtype=np.float64), np.ones(H, dtype=np.float32)
+        if future_known is not None:
             rows = future_known[future_known[ID] == uid].set_index(DS).reindex(future_dates)
             future_cov = rows[list(table.known)].fillna(0.0).to_numpy(dtype=np.float64)
+            if OPEN in rows:
+                future_open = rows[OPEN].fillna(1.0).to_numpy(dtype=np.float32)
+        is_open = np.concatenate([g[OPEN].to_numpy(dtype=np.float32), future_open])
         raw_known = np.concatenate([g[list(table.known)].to_numpy(dtype=np.float64), future_cov])
-        known = np.concatenate([calendar_features(all_dates, table.freq), _standardise_known(raw_known)], axis=1)
+        known = np.concatenate([calendar_features(all_dates, table.freq), is_open[:, None], _standardise_known(raw_known)], axis=1)
         y = np.concatenate([g[Y].to_numpy(dtype=np.float32), np.zeros(H, dtype=np.float32)])
         observed = np.concatenate(
             [g[list(table.observed)].to_numpy(dtype=np.float32), np.zeros((H, len(table.observed)), dtype=np.float32)]
@@ -153,7 +161,7 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         last_train_start = T - 2 * H - (L + H)
         train_starts = sorted(set(range(0, last_train_start + 1, cfg.stride)) | {last_train_start})
         for name, starts in (("train", train_starts), ("val", [T - 2 * H - L]), ("test", [T - H - L]), ("future", [T - L])):
-            parts[name].append(series_windows(y, observed, known, all_dates, starts, L, H, sid))
+            parts[name].append(series_windows(y, observed, known, is_open, all_dates, starts, L, H, sid))
     windows = {name: stack_windows(pieces) for name, pieces in parts.items()}
     for w in windows.values():
         w.prompt_ids, w.prompt_mask = encode_prompts(w.context)

@@ -23,7 +23,7 @@ from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
 from shared.pipeline import ForecastPipeline
 from shared.rundir import fresh_run_dir
-from shared.schema import DS, ID, MERCHANT, SeriesTable
+from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable
 from shared.sources import load_table
 from shared.windows import Splits, Windows
 from simulations.federated import simulate
@@ -76,6 +76,18 @@ def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int
     return pd.concat(forecasts, ignore_index=True)
 
 
+def personalised(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
+    """The pipeline's adapter with each merchant's own output layers refitted on its windows (shared.personal)."""
+    shared_state = adapter_state(pipeline.model)
+    forecasts = []
+    for merchant, s in splits.items():
+        load_adapter_state(pipeline.model, shared_state)
+        pipeline.personalise(s)
+        forecasts.append(model_forecast(pipeline, {merchant: s}))
+    load_adapter_state(pipeline.model, shared_state)
+    return pd.concat(forecasts, ignore_index=True)
+
+
 def centralised(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
     """All merchants' windows pooled in one place: the non-private upper bound."""
     initial = adapter_state(pipeline.model)
@@ -111,6 +123,7 @@ def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: t
     started = time.time()
     for name, forecast in statistical(history, h, m, levels, freq=freq).items():
         contest.add(name, forecast, splits, cfg, (time.time() - started) / 2)
+    known = (*known, OPEN)  # told which days the shop is closed, as shopcast is
     planned = future_known(splits, known)
     gbm_variants = {"lightgbm_per_merchant": False} | ({"lightgbm_pooled": True} if pooled_lightgbm else {})
     for name, pooled in gbm_variants.items():
@@ -136,7 +149,8 @@ def run_contest(
 ) -> ContestRun:
     """Every contender on one config's data: federated through Flower's simulation (without DP, then
     with it when privacy.enabled), local-only, centralised, each ablation trained like centralised,
-    and the baselines. `out` is emptied first (only if a run made it: shared.rundir): a run never
+    and the baselines; with train.personalise, also each federated adapter with every merchant's own
+    output layers refitted (the `_personal` rows). `out` is emptied first (only if a run made it: shared.rundir): a run never
     resumes another's checkpoint or ledger. Every shopcast row gets the same data budget: rounds x
     local steps per merchant."""
     out = fresh_run_dir(out)
@@ -161,6 +175,9 @@ def run_contest(
     for name in runs:
         load_adapter(pipeline.model, out / name / "final_adapter")
         contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds[name])
+        if cfg.train.personalise != "none":
+            started = time.time()
+            contest.add(f"{name}_personal", personalised(pipeline, splits), splits, cfg, seconds[name] + time.time() - started)
     steps = cfg.federation.num_rounds * cfg.federation.local_steps
     for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
         started = time.time()

@@ -95,6 +95,7 @@ ds = "week_ending"
 y = "units_sold"
 known = ["on_promo"]
 observed = ["footfall"]
+open = ""
 [model]
 patch_len = 4
 patch_stride = 4

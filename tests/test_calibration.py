@@ -25,15 +25,16 @@ BANDS = {0.8: (LEVELS.index(0.1), LEVELS.index(0.9)), 0.9: (LEVELS.index(0.05), 
 
 
 def gaussian_windows(n: int, spread: float, seed: int, levels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-    """(quantiles [n, 14, Q], target [n, 14], context [n, 28]): y ~ level + level/5 N(0, 1) with a level per
-    window from 2 to 2000, forecast with a band `spread` times the true one (< 1: over-confident)."""
+    """(quantiles [n, 14, Q], target [n, 14], context [n, 28], open flags [n, 42]): y ~ level + level/5 N(0, 1)
+    with a level per window from 2 to 2000, forecast with a band `spread` times the true one (< 1:
+    over-confident), every day open."""
     rng = np.random.default_rng(seed)
     level = np.exp(rng.uniform(np.log(2), np.log(2000), n)) if levels is None else levels
     sigma = level / 5
     context = level[:, None] + sigma[:, None] * rng.standard_normal((n, 28))
     target = level[:, None] + sigma[:, None] * rng.standard_normal((n, 14))
     quantiles = level[:, None, None] + spread * sigma[:, None, None] * Z[None, None, :]
-    return np.broadcast_to(quantiles, (n, 14, len(LEVELS))).copy(), target, context
+    return np.broadcast_to(quantiles, (n, 14, len(LEVELS))).copy(), target, context, np.ones((n, 42))
 
 
 def coverage(quantiles: np.ndarray, target: np.ndarray, band: float) -> float:
@@ -45,7 +46,7 @@ def coverage(quantiles: np.ndarray, target: np.ndarray, band: float) -> float:
 def test_calibration_brings_coverage_to_nominal(spread: float) -> None:
     holdout, fresh = gaussian_windows(60, spread, seed=0), gaussian_windows(300, spread, seed=1)
     calibration = Calibration.fit(*holdout, LEVELS)
-    calibrated = calibration.apply(fresh[0], fresh[2])
+    calibrated = calibration.apply(fresh[0], fresh[2], fresh[3])
     for band in BANDS:
         before, after = coverage(fresh[0], fresh[1], band), coverage(calibrated, fresh[1], band)
         assert abs(before - band) > 0.08, "the raw band should be off for the test to mean anything"
@@ -56,30 +57,36 @@ def test_one_calibration_serves_small_and_large_shops() -> None:
     """Scores in units of each window's scale pool a 3-unit shop with a 3000-unit one."""
     calibration = Calibration.fit(*gaussian_windows(80, 0.4, seed=2), LEVELS)
     for level in (3.0, 3000.0):
-        quantiles, target, context = gaussian_windows(200, 0.4, seed=3, levels=np.full(200, level))
-        assert abs(coverage(calibration.apply(quantiles, context), target, 0.8) - 0.8) < 0.04
+        quantiles, target, context, is_open = gaussian_windows(200, 0.4, seed=3, levels=np.full(200, level))
+        assert abs(coverage(calibration.apply(quantiles, context, is_open), target, 0.8) - 0.8) < 0.04
 
 
 def test_quantiles_stay_monotone_and_the_median_stays() -> None:
-    quantiles, _, context = gaussian_windows(20, 1.0, seed=4)
+    quantiles, _, context, is_open = gaussian_windows(20, 1.0, seed=4)
     # narrowing the inner pair past the median, widening the outer ones: crossings a sort would not undo cleanly
     crossing = Calibration(LEVELS, ((0.05, 0.95, 0.3), (0.1, 0.9, 0.5), (0.4, 0.6, -2.0)), 1)
     for calibration in (crossing, Calibration.fit(*gaussian_windows(50, 2.5, seed=5), LEVELS)):
-        out = calibration.apply(quantiles, context)
+        out = calibration.apply(quantiles, context, is_open)
         assert np.all(np.diff(out, axis=-1) >= 0)
         np.testing.assert_array_equal(out[..., MID], quantiles[..., MID])
 
 
-def test_non_negative_sales_stay_non_negative_and_a_closed_day_keeps_its_zero() -> None:
+def test_non_negative_sales_stay_non_negative_and_a_closed_day_stays_zero() -> None:
     rng = np.random.default_rng(6)
     context = rng.poisson(0.5, (30, 28)).astype(float)
     target = rng.poisson(0.5, (30, 14)).astype(float)
     quantiles = np.broadcast_to(np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1.0]), (30, 14, len(LEVELS))).copy()
-    quantiles[:, 3] = 0.0  # day 3: the shop is closed, every quantile 0
-    calibration = Calibration.fit(quantiles, target, context, LEVELS)
-    out = calibration.apply(quantiles, context)
-    assert out.min() >= 0.0
-    np.testing.assert_array_equal(out[:, 3, : MID + 1], 0.0)
+    is_open = np.ones((30, 42))
+    is_open[:, 28 + 3] = 0.0  # horizon day 3: the shop is closed, every quantile 0, nothing sold
+    quantiles[:, 3], target[:, 3] = 0.0, 0.0
+    calibration = Calibration.fit(quantiles, target, context, is_open, LEVELS)
+    assert calibration.points == 30 * 13, "a closed day is not a calibration point"
+    widened = Calibration(LEVELS, tuple((lo, hi, 2.0) for lo, hi, _ in calibration.offsets), calibration.points)
+    for fitted in (calibration, widened):
+        out = fitted.apply(quantiles, context, is_open)
+        assert out.min() >= 0.0
+        np.testing.assert_array_equal(out[:, 3], 0.0)
+    assert widened.apply(quantiles, context, is_open)[:, 4, -1].min() > 1.0, "open days do widen"
 
 
 def test_conformal_rank_and_pairs() -> None:
@@ -132,6 +139,21 @@ def test_pipeline_calibrates_on_validation_and_keeps_the_median(pipeline_and_spl
         pipeline.predict_frame(splits, splits.test, other)
     backtest = pipeline.backtest(splits, 2, calibration)
     assert len(backtest) == 2 * splits.test.target.size and backtest[Y].notna().all()
+
+
+def test_a_closed_day_is_forecast_exactly_zero_raw_and_calibrated(pipeline_and_splits) -> None:
+    pipeline, splits = pipeline_and_splits
+    test = splits.test.subset(np.arange(len(splits.test)))  # a copy whose horizon day 3 is planned closed
+    horizon = test.target.shape[1]
+    test.open[:, -horizon + 2] = 0.0
+    widened = Calibration(LEVELS, tuple((lo, hi, 1.0) for lo, hi, _ in pipeline.calibrate(splits).offsets), 1)
+    columns = [quantile_column(q) for q in LEVELS]
+    for calibration in (None, widened):
+        frame = pipeline.predict_frame(splits, test, calibration)
+        day = frame[DS] == frame.groupby(ID)[DS].transform("min") + pd.Timedelta(days=2)
+        assert day.sum() == len(splits.series_ids)
+        assert (frame.loc[day, columns].to_numpy() == 0.0).all()
+        assert (frame.loc[~day, quantile_column(0.95)] > 0).mean() > 0.9
 
 
 def backtest_frame(y: np.ndarray, median: float, sigma: float) -> pd.DataFrame:

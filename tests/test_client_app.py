@@ -45,6 +45,36 @@ def test_a_bad_proximal_mu_is_declined_before_any_budget_is_spent(run, mu) -> No
     assert not ledgers.exists() or not any(ledgers.glob("*.json"))
 
 
+@pytest.mark.parametrize("number", [-1, 1.5, "2", True])
+def test_a_bad_round_number_is_declined_before_any_budget_is_spent(run, number) -> None:
+    train, ledgers = run
+    reply = train({"federation-round": number})
+    assert reply.has_error() and reply.error.code == client_app.BAD_INSTRUCTION and "round number" in reply.error.reason
+    assert not ledgers.exists() or not any(ledgers.glob("*.json"))
+
+
+def test_each_round_draws_its_own_batches(run) -> None:
+    """fit used to reseed with the config's seed, so every round of a run trained on the same windows."""
+    train, _ = run
+
+    def adapter(config: dict) -> dict:
+        reply = train(config, **{"privacy.enabled": False})
+        return reply.content.array_records["arrays"].to_torch_state_dict()
+
+    first, again, second = adapter({"federation-round": 1}), adapter({"federation-round": 1}), adapter({"federation-round": 2})
+    assert all((first[k] == again[k]).all() for k in first), "a round is reproducible"
+    assert any((first[k] != second[k]).any() for k in first), "the next round draws other windows"
+
+
+def test_what_a_merchant_sends_does_not_depend_on_its_personal_part(run) -> None:
+    """The personal part is refitted at forecast time only (client.cli), never in a round: a reply is
+    the same with personalisation on and off."""
+    train, _ = run
+    replies = [train({"federation-round": 1}, **{"privacy.enabled": False, "train.personalise": mode}) for mode in ("none", "output")]
+    sent = [reply.content.array_records["arrays"].to_torch_state_dict() for reply in replies]
+    assert sent[0].keys() == sent[1].keys() and all((sent[0][k] == sent[1][k]).all() for k in sent[0])
+
+
 def test_a_diverged_adapter_is_not_sent(run) -> None:
     train, _ = run
     reply = train({}, **{"train.lr": 1e30, "privacy.enabled": False})

@@ -61,9 +61,12 @@ def test_forward_and_predict_shapes(tiny_model_and_splits, tiny_cfg):
     quantiles, scale = model(**_batch(splits.train, B))
     assert quantiles.shape == (B, H, Q) and quantiles.dtype == torch.float32
     assert scale.shape == (B, 1) and (scale > 0).all()
-    sales = model.predict(**_batch(splits.train, B))
+    batch = _batch(splits.train, B)
+    sales = model.predict(**batch)
     assert sales.shape == (B, H, Q) and (sales >= 0).all()
-    torch.testing.assert_close(sales, (quantiles * scale.unsqueeze(-1)).clamp_min(0))
+    is_open = batch["open"][:, -H:, None]
+    assert (is_open == 0).any(), "the batch should hold a closed day (Easter at a shop that closes)"
+    torch.testing.assert_close(sales, (quantiles * scale.unsqueeze(-1) * is_open).clamp_min(0))
     for windows in (splits.test, splits.future):
         out = predict(model, windows, CPU, batch_size=4)  # several batches
         assert isinstance(out, np.ndarray) and out.shape == (len(windows), H, Q)
@@ -233,7 +236,7 @@ def test_load_adapter_state_checks_everything_before_copying(tiny_model_and_spli
 
 def test_loss_falls_on_a_weekly_seasonal_series(seasonal_table, make_forecaster):
     pinned = {"train.batch_size": 16, "train.lr": 2e-3, "train.weight_decay": 0.0, "train.seed": 0, "model.seed": 0}
-    model, splits, cfg = make_forecaster(seasonal_table, **{"data.columns.known": [], "data.columns.observed": [], **pinned})
+    model, splits, cfg = make_forecaster(seasonal_table, **{"data.columns.known": [], "data.columns.observed": [], "data.columns.open": "", **pinned})
     initial = evaluate_loss(model, splits.val, CPU)
     fit(model, splits.train, None, cfg.train, steps=80)
     final = evaluate_loss(model, splits.val, CPU)

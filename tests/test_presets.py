@@ -60,16 +60,17 @@ def test_walmart_preset_narrows_by_config():
 
 @needs_retail
 def test_online_retail(retail):
-    assert list(retail.columns) == ["merchant_id", "unique_id", "ds", "y", "closed", "n_invoices"]
+    assert list(retail.columns) == ["merchant_id", "unique_id", "ds", "y", "open", "n_invoices"]
     assert sorted(retail["merchant_id"].unique()) == ["EIRE", "France", "Germany", "United_Kingdom"]
     assert retail.groupby("merchant_id")["unique_id"].nunique().eq(8).all()
     assert retail.groupby("unique_id").size().eq(374).all()  # every calendar day 2010-12-01 .. 2011-12-09
-    closed = retail[retail["closed"] == 1]
+    closed = retail[retail["open"] == 0]
     assert (closed["y"] == 0).all() and (closed["n_invoices"] == 0).all()
     assert closed["ds"].dt.dayofweek.eq(5).mean() > 0.7  # mostly Saturdays
     cfg = load_config(PROJECT_ROOT / "configs" / "online_retail.toml")
     table = prepare(retail, cfg.data, "online_retail")
     assert len(table.frame) == len(retail) and (table.frame["y"] >= 0).all()
+    assert (table.frame["is_open"] == retail["open"]).all()
 
 
 @needs_retail

@@ -17,9 +17,10 @@ from shared.schema import (
     ID,
     MERCHANT,
     NEGATIVE_FLAG,
+    OPEN,
     DataValidationError,
     Y,
-    drop_or_reject_short,
+    fit_short,
     load_file,
     prepare,
     read_table,
@@ -40,7 +41,7 @@ def _frame(n: int = 5, uid: str = "a", start: str = "2024-01-01", **extra) -> pd
 
 
 def _config(**overrides):
-    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.known": [], "data.columns.observed": [], **overrides})
+    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.known": [], "data.columns.observed": [], "data.columns.open": "", **overrides})
 
 
 def _error(call, *args, **kwargs) -> DataValidationError:
@@ -237,13 +238,24 @@ def test_auto_frequency_fills_gaps():
 # --- short series ---------------------------------------------------------------------------------
 
 
-def test_short_series_error_and_drop():
+def test_short_series_error_drop_and_pad():
     frame = to_long(pd.concat([_frame(40), _frame(20, uid="b")], ignore_index=True), COLUMNS, SOURCE)
-    error = _error(drop_or_reject_short, frame, 35, "error", SOURCE)
+    error = _error(fit_short, frame, 35, "error", "D", SOURCE)
     _where(error, SOURCE)
     assert "series 'b' has 20 timestamps, fewer than context + 3 x horizon = 35" in str(error)
-    kept = drop_or_reject_short(frame, 35, "drop", SOURCE)
+    kept = fit_short(frame, 35, "drop", "D", SOURCE)
     assert kept[ID].unique().tolist() == ["a"] and len(kept) == 40
+
+
+def test_a_new_series_is_padded_with_closed_days_before_its_first():
+    raw = pd.concat([_frame(40), _frame(20, uid="b", start="2024-01-21")], ignore_index=True)
+    table = prepare(raw, _config(**{"data.short_series": "pad"}).data, SOURCE)
+    b = table.frame[table.frame[ID] == "b"]
+    assert len(b) == 35 and b[DS].is_monotonic_increasing and (b[DS].diff().dropna() == pd.Timedelta(days=1)).all()
+    assert b[DS].iloc[-1] == pd.Timestamp("2024-02-09") and b[MERCHANT].eq("m").all()
+    np.testing.assert_array_equal(b[OPEN].to_numpy(), np.r_[np.zeros(15), np.ones(20)])
+    np.testing.assert_array_equal(b[Y].to_numpy()[:15], 0.0)
+    assert len(table.frame[table.frame[ID] == "a"]) == 40
 
 
 def test_prepare_applies_the_short_series_policy():
@@ -314,17 +326,18 @@ def test_empty_cell_in_a_csv_names_its_spreadsheet_row(tmp_path):
 
 
 def test_column_mapping_from_arbitrary_names(tmp_path):
-    """Store/Date/Sales plus a Promo flag, as a CSV and as a Parquet file, through load_file."""
+    """Store/Date/Sales plus a Promo flag and an Open flag, as a CSV and as a Parquet file, through load_file."""
     n = 40
     dates = pd.date_range("2024-03-01", periods=n, freq="D")
     raw = pd.concat(
-        [pd.DataFrame({"Store": store, "Date": dates.strftime("%d %b %Y"), "Sales": np.arange(n) + 100.0 * k, "Promo": (np.arange(n) % 7 == 0) * 1})
+        [pd.DataFrame({"Store": store, "Date": dates.strftime("%d %b %Y"), "Sales": np.arange(n) + 100.0 * k, "Promo": (np.arange(n) % 7 == 0) * 1,
+                       "Open": (np.arange(n) % 7 != 6) * 1})
          for k, store in enumerate(["s1", "s2"])],
         ignore_index=True,
     )
     cfg = _config(**{
         "data.columns.merchant_id": "", "data.columns.unique_id": "Store", "data.columns.ds": "Date",
-        "data.columns.y": "Sales", "data.columns.known": ["Promo"],
+        "data.columns.y": "Sales", "data.columns.known": ["Promo"], "data.columns.open": "Open",
     }).data
     csv = tmp_path / "corner_shop.csv"
     raw.to_csv(csv, index=False)
@@ -333,13 +346,20 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
     for path in (csv, parquet):
         table = load_file(path, cfg)
         frame = table.frame
-        assert list(frame.columns) == [MERCHANT, ID, DS, Y, "Promo"] and table.known == ("Promo",) and table.observed == ()
+        assert list(frame.columns) == [MERCHANT, ID, DS, Y, OPEN, "Promo"] and table.known == ("Promo",) and table.observed == ()
+        assert frame[OPEN].sum() == 2 * (n - len(range(6, n, 7)))
         assert (frame[MERCHANT] == "corner_shop").all()  # no merchant column: the file's name
         assert sorted(frame[ID].unique()) == ["s1", "s2"]
         s2 = frame[frame[ID] == "s2"]
         assert s2[DS].tolist() == list(dates) and s2[Y].tolist() == list(np.arange(n) + 100.0)
         assert frame["Promo"].sum() == 2 * len(range(0, n, 7))
     # an error in a mapped file names the merchant's own column
+    raw.loc[3, "Open"] = 2
+    raw.to_csv(csv, index=False)
+    error = _error(load_file, csv, cfg)
+    _where(error, csv, row=5, column="Open")
+    assert "not an open flag" in str(error)
+    raw.loc[3, "Open"] = 1
     raw["Sales"] = raw["Sales"].astype(object)
     raw.loc[5, "Sales"] = "n/a?"
     raw.to_csv(csv, index=False)
@@ -351,7 +371,7 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
 
 def _mapped(**overrides) -> DataConfig:
     """A file without a merchant column (the merchant is the file's name) and no covariates unless given."""
-    return _config(**{"data.columns.merchant_id": "", **overrides}).data
+    return _config(**{"data.columns.merchant_id": "", "data.columns.open": "", **overrides}).data
 
 
 def _shop_csv(tmp_path: Path, header: str, rows: list[str], encoding: str = "utf-8") -> Path:
@@ -444,10 +464,10 @@ def test_a_second_target_can_be_an_observed_covariate_and_unmapped_columns_are_i
     ])
     columns = {"data.columns.unique_id": "Store", "data.columns.ds": "Date", "data.columns.y": "Sales"}
     table = load_file(path, _mapped(**columns, **{"data.columns.observed": ["Customers"]}))
-    assert list(table.frame.columns) == [MERCHANT, ID, DS, Y, "Customers"] and table.observed == ("Customers",)
+    assert list(table.frame.columns) == [MERCHANT, ID, DS, Y, OPEN, "Customers"] and table.observed == ("Customers",)
     assert table.frame[Y].tolist() == [100.0 + i for i in range(40)]
     assert table.frame["Customers"].tolist() == [20.0 + i for i in range(40)]
-    assert list(load_file(path, _mapped(**columns)).frame.columns) == [MERCHANT, ID, DS, Y]
+    assert list(load_file(path, _mapped(**columns)).frame.columns) == [MERCHANT, ID, DS, Y, OPEN]
 
 
 def test_rossmann_like_export_loads_and_server_and_merchant_agree_on_the_width(tmp_path):
@@ -461,7 +481,7 @@ def test_rossmann_like_export_loads_and_server_and_merchant_agree_on_the_width(t
             is_open, promo, school, holiday = int(i % 7 != 6), int(i % 3 == 0), int(i < 5), {0: "a", 14: "b", 30: "c"}.get(i, "0")
             lines.append(f"{store};{day};{is_open * (5000 + i)},5;{is_open * (500 + i)};{is_open};{promo};{holiday};{school};{store_type}")
     _write(csv, "\n".join(lines) + "\n")
-    known = ["Open", "Promo", "SchoolHoliday", *HOLIDAYS, "StoreType=a", "StoreType=b", "StoreType=c", "StoreType=d"]
+    known = ["Promo", "SchoolHoliday", *HOLIDAYS, "StoreType=a", "StoreType=b", "StoreType=c", "StoreType=d"]
     config = _write(tmp_path / "rossmann.toml", f"""
 [data]
 source = "file"
@@ -477,6 +497,7 @@ ds = "Date"
 y = "Sales"
 known = {json.dumps(known)}
 observed = ["Customers"]
+open = "Open"
 [model]
 backbone = "tiny"
 llm_layers = 2
@@ -487,4 +508,5 @@ llm_layers = 2
     store_1 = table.frame[table.frame[ID] == "1"]
     assert store_1[DS].is_monotonic_increasing and store_1[Y].iloc[:2].tolist() == [5000.5, 5001.5]
     assert store_1["StateHoliday=b"].sum() == 1 and store_1["StoreType=c"].eq(1).all() and store_1["StoreType=a"].eq(0).all()
+    assert (store_1[OPEN] == (store_1[Y] >= 5000)).all() and store_1[OPEN].sum() == 36
     assert ForecastPipeline.from_config(cfg).model.shape == ForecastPipeline.from_config(cfg, table).model.shape

@@ -8,7 +8,7 @@ from shared.config import load_config
 from shared.schema import prepare
 from shared.synthetic import generate_merchants, holidays
 
-COLUMNS = ["merchant_id", "unique_id", "ds", "y", "promo", "holiday", "visits"]
+COLUMNS = ["merchant_id", "unique_id", "ds", "y", "promo", "holiday", "open", "visits"]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def frame() -> pd.DataFrame:
 def test_columns_dtypes_and_grid(frame):
     assert list(frame.columns) == COLUMNS
     assert frame["ds"].dtype == "datetime64[ns]"
-    assert all(frame[c].dtype == np.float64 for c in ["y", "promo", "holiday", "visits"])
+    assert all(frame[c].dtype == np.float64 for c in ["y", "promo", "holiday", "open", "visits"])
     assert (frame["y"] >= 0).all() and (frame["y"] == frame["y"].round()).all()
     assert set(frame["promo"].unique()) == {0.0, 1.0} and set(frame["holiday"].unique()) == {0.0, 1.0}
     assert frame.groupby("unique_id")["merchant_id"].nunique().eq(1).all()
@@ -52,8 +52,9 @@ def test_holidays_close_some_shops_and_lift_others(frame):
         lambda m: m.loc[m["holiday"] == 1, "y"].mean() / m.loc[m["holiday"] == 0, "y"].mean(), include_groups=False
     )
     assert ratio.min() < 0.5 and ratio.max() > 1.3
-    christmas = frame[frame["ds"] == "2023-12-25"].groupby("merchant_id")["y"].sum()
-    assert (christmas == 0).any()
+    christmas = frame[frame["ds"] == "2023-12-25"].groupby("merchant_id")[["y", "open"]].sum()
+    assert (christmas["y"] == 0).any() and (christmas["open"] == 0).any() and (christmas["open"] > 0).any()
+    assert (frame.loc[frame["open"] == 0, "y"] == 0).all(), "a closed shop sells nothing"
 
 
 def test_holiday_calendar():

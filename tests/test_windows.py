@@ -26,7 +26,7 @@ def no_prompt(context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _config(**overrides):
     return load_config(overrides={
         "model.backbone": "tiny", "data.context": L, "data.horizon": H, "data.stride": STRIDE,
-        "data.columns.known": ["promo"], "data.columns.observed": ["visits"], **overrides,
+        "data.columns.known": ["promo"], "data.columns.observed": ["visits"], "data.columns.open": "", **overrides,
     })
 
 
@@ -103,7 +103,7 @@ def test_tokenize_left_padded_keeps_the_end():
 
 def test_splits_shapes(splits, ramp_table):
     n_series = len(LENGTHS)
-    n_known = 4 + 1  # sin/cos day of week, sin/cos day of year, promo
+    n_known = 4 + 1 + 1  # sin/cos day of week, sin/cos day of year, the open flag, promo
     assert splits.series_ids == ["a", "b"] and splits.merchant_of == ["m", "m"]
     for windows in (splits.train, splits.val, splits.test, splits.future):
         n = len(windows)
@@ -177,14 +177,14 @@ def test_known_covariates_reach_into_the_horizon(splits, ramp_table):
     frame = ramp_table.frame
     y_a = frame[frame[ID] == "a"]
     test = splits.test.subset(splits.test.series == 0)
-    np.testing.assert_array_equal(test.known[0, :, 4], y_a["promo"].to_numpy()[-(L + H) :])  # flag kept 0/1
+    np.testing.assert_array_equal(test.known[0, :, 5], y_a["promo"].to_numpy()[-(L + H) :])  # flag kept 0/1
     np.testing.assert_array_equal(test.observed[0, :, 0], y_a["visits"].to_numpy()[-(L + H) : -H])
     # future covariates: zero unless planned
-    assert (splits.future.known[:, L:, 4] == 0).all()
+    assert (splits.future.known[:, L:, 5] == 0).all() and (splits.future.known[:, :, 4] == 1).all()
     last = frame.groupby(ID)[DS].max()
     planned = pd.DataFrame({ID: "a", DS: pd.date_range(last["a"] + pd.Timedelta(days=1), periods=H, freq="D"), "promo": 1.0})
     with_plan = build_splits(ramp_table, _config().data, no_prompt, future_known=planned)
-    assert (with_plan.future.known[0, L:, 4] == 1).all() and (with_plan.future.known[1, L:, 4] == 0).all()
+    assert (with_plan.future.known[0, L:, 5] == 1).all() and (with_plan.future.known[1, L:, 5] == 0).all()
 
 
 def test_prompts_are_attached_to_every_window(ramp_table):
@@ -216,7 +216,7 @@ def test_window_dataset_items_and_privacy_units(splits):
     dataset = WindowDataset(splits.train)
     assert len(dataset) == len(splits.train)
     item = dataset[3]
-    assert set(item) == {"context", "observed", "known", "prompt_ids", "prompt_mask", "target"}
+    assert set(item) == {"context", "observed", "known", "open", "prompt_ids", "prompt_mask", "target"}
     np.testing.assert_array_equal(item["target"].numpy(), splits.train.target[3])
     assert item["context"].shape == (L,) and item["known"].dtype == torch.float32
     # under DP an item is a random window of one unit (a whole series)

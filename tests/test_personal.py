@@ -1,0 +1,45 @@
+"""The personal part: only the output layers move, a refit that does not help on validation is not
+kept, and what a merchant sends in a round does not depend on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared.adapter import adapter_state
+from shared.personal import PERSONAL_LAYERS, personal_state
+from shared.pipeline import ForecastPipeline
+from shared.train import evaluate_loss
+
+
+def _is_personal(name: str) -> bool:
+    return name.split(".")[0] in PERSONAL_LAYERS
+
+
+def test_personalise_moves_only_the_output_layers_and_keeps_what_helps(tiny_cfg, synthetic_table) -> None:
+    pipeline = ForecastPipeline.from_config(tiny_cfg, synthetic_table)
+    splits = pipeline.splits(synthetic_table)
+    pipeline.fit(splits.train, steps=5)
+    shared_before, device = adapter_state(pipeline.model), pipeline.device
+    before, after, kept = pipeline.personalise(splits)
+    shared_after = adapter_state(pipeline.model)
+    moved = {k for k in shared_before if not torch.equal(shared_before[k], shared_after[k])}
+    assert moved and all(_is_personal(k) for k in moved), moved
+    assert kept > 0 and after < before
+    assert np.isclose(evaluate_loss(pipeline.model, splits.val, device), after, rtol=1e-4)
+    assert set(personal_state(pipeline.model)) == {f"{layer}.{p}" for layer in PERSONAL_LAYERS for p in ("weight", "bias")}
+
+
+def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> None:
+    """With a learning rate that wrecks the output layers, validation never improves on step 0: the
+    global adapter comes back unchanged."""
+    from shared.config import with_overrides
+
+    cfg = with_overrides(tiny_cfg, {"train.personal_lr": 1e3, "train.personal_steps": 40})
+    pipeline = ForecastPipeline.from_config(cfg, synthetic_table)
+    splits = pipeline.splits(synthetic_table)
+    start = adapter_state(pipeline.model)
+    before, after, kept = pipeline.personalise(splits)
+    assert kept == 0 and after == before
+    end = adapter_state(pipeline.model)
+    assert all(torch.equal(start[k], end[k]) for k in start)
