@@ -1,6 +1,6 @@
 """The accuracy benchmark of one dataset, driven by its config: every contender on the same splits.
 
-    .venv/bin/python -m benchmarks.accuracy configs/benchmarks/walmart.toml [--set key=value ...]
+    .venv/bin/python -m benchmarks.accuracy configs/benchmarks/walmart.toml [--seeds 0,1,2] [--set key=value ...]
 
 Contenders (simulations.compare.run_contest): shopcast federated through Flower's simulation engine
 without and with DP-SGD, local-only (each merchant alone, the same steps), centralised (all data
@@ -9,6 +9,8 @@ centralised (`no_llm`: the LLM removed; `attention`: one attention layer instead
 same blocks with random weights), seasonal naive, AutoETS, AutoTheta, LightGBM per merchant and
 pooled. Any CSV is benchmarkable with a config only (`[data] source = "file"`, its column mapping,
 frequency and horizon). A preset whose files are absent is skipped with a message (exit 0).
+With several --seeds (model and train seeds; the data stay the same) the whole contest runs once per
+seed: the tables are the first seed's, and a "Seeds" table gives every trained row's mean and spread.
 
 Writes <results>/<name>.md, .json, <name>_accuracy.png and <name>_forecasts.png, where <name> is
 [benchmark] name and <results> is benchmarks/results unless --results says otherwise.
@@ -31,6 +33,7 @@ from simulations.compare import ContestRun, run_contest
 from simulations.report import accuracy_summary, dp_spent, merchant_wql
 
 SHOPCAST_ROWS = ("shopcast_federated_dp", "shopcast_federated", "shopcast_local_only", "shopcast_centralised")
+BASELINE_ROWS = ("seasonal_naive", "AutoETS", "AutoTheta", "lightgbm_per_merchant", "lightgbm_pooled")
 
 
 def head_to_head(scores: dict[str, pd.DataFrame], model: str, others: list[str], metric: str = "wql") -> pd.DataFrame:
@@ -67,6 +70,19 @@ def where_shopcast_loses(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def seed_table(summaries: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each row's gmean ratios to seasonal naive (rows that
+    do not train, the baselines, are the same for every seed and left out)."""
+    stacked = pd.concat([s.assign(seed=seed) for seed, s in summaries.items()])
+    trained = stacked[~stacked["model"].isin(BASELINE_ROWS)]
+    table = trained.groupby("model", sort=False).agg(
+        wql_gmean_rel=("wql_gmean_rel", "mean"), wql_gmean_rel_sd=("wql_gmean_rel", "std"),
+        mase_gmean_rel=("mase_gmean_rel", "mean"), mase_gmean_rel_sd=("mase_gmean_rel", "std"),
+        wql=("wql", "mean"), seeds=("seed", "count"),
+    )
+    return table.sort_values("wql_gmean_rel").reset_index()
+
+
 def privacy_lines(run: ContestRun) -> list[str]:
     """ε spent per merchant in the DP federation (from each merchant's ledger via the server summary) and traffic."""
     lines = []
@@ -83,7 +99,7 @@ def privacy_lines(run: ContestRun) -> list[str]:
     return lines
 
 
-def describe(run: ContestRun, config: str, overrides: dict[str, Any]) -> list[str]:
+def describe(run: ContestRun, config: str, overrides: dict[str, Any], seeds: list[int]) -> list[str]:
     cfg, table = run.cfg, run.table
     frame = table.frame
     series = frame.groupby("merchant_id")["unique_id"].nunique()
@@ -91,7 +107,9 @@ def describe(run: ContestRun, config: str, overrides: dict[str, Any]) -> list[st
     merchants = len(series)
     return [
         f"config: `{config}`, overrides {overrides}; seeds: model {cfg.model.seed}, train {cfg.train.seed}, data {cfg.data.synthetic.seed} "
-        "(DP sampling and noise draw fresh secret randomness; one seed, so differences of a few percent are noise)",
+        "(DP sampling and noise draw fresh secret randomness)"
+        + (f"; the contest ran once per model/train seed {seeds}, see Seeds" if len(seeds) > 1 else
+           "; one seed, so differences of a few percent are noise"),
         f"data: source `{cfg.data.source}`{f' ({cfg.data.path})' if cfg.data.path else ''}, frequency {table.freq}, {merchants} merchants, "
         f"{int(series.sum())} series ({', '.join(f'{m}: {n}' for m, n in series.items())}), {lengths.min()}-{lengths.max()} steps each",
         f"task: context {cfg.data.context}, horizon {cfg.data.horizon}; test = the last {cfg.data.horizon} steps of every series, "
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser = arguments(__doc__)
     parser.add_argument("config", help="dataset config, e.g. configs/benchmarks/walmart.toml")
     parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints and ledgers (default runs/benchmarks/<name>)")
+    parser.add_argument("--seeds", default="0", help="comma-separated model/train seeds; the contest runs once per seed")
     args = parser.parse_args(argv)
     quiet(progress=True)
 
@@ -116,12 +135,18 @@ def main(argv: list[str] | None = None) -> Path | None:
     bench = cfg.benchmark
     if cfg.data.source in FILES and data_missing(cfg.data.source, bench.name):
         return None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = args.work or PROJECT_ROOT / "runs" / "benchmarks" / bench.name
+    runs: dict[int, ContestRun] = {}
     with Run("benchmarks.accuracy", argv, threads=bench.threads) as bench_run:
-        run = run_contest(args.config, overrides, args.work or PROJECT_ROOT / "runs" / "benchmarks" / bench.name,
-                          ablations=bench.ablations, federated=bench.federated, pooled_lightgbm=True)
-
+        for seed in seeds:
+            seeded = overrides | ({"model.seed": seed, "train.seed": seed} if len(seeds) > 1 else {})
+            runs[seed] = run_contest(args.config, seeded, work if len(seeds) == 1 else work / f"seed_{seed}",
+                                     ablations=bench.ablations, federated=bench.federated, pooled_lightgbm=True)
+    run = runs[seeds[0]]
     scores = run.contest.scores
     summary = accuracy_summary(run.contest)
+    spread = seed_table({seed: accuracy_summary(r.contest) for seed, r in runs.items()}) if len(seeds) > 1 else None
     merchants = merchant_wql(run.contest, summary["model"])
     main_row = next(r for r in SHOPCAST_ROWS if r in scores)
     h2h = head_to_head(scores, main_row, [m for m in summary["model"] if m != main_row])
@@ -137,6 +162,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         "`wql`: mean pinball loss over all the quantile levels / sum |y|)",
         "", to_markdown(summary),
         "`seconds`: training and forecasting wall time of each row (federated rows include Flower's simulation start-up).", "",
+        *([f"## Seeds {seeds}: mean and standard deviation of every trained row (the table above is seed {seeds[0]}'s)", "",
+           to_markdown(spread), ""] if spread is not None else []),
         "## Where shopcast loses", "",
         *(f"- {line}" for line in where_shopcast_loses(summary)), "",
         "## Per merchant (mean WQL over its series)", "",
@@ -150,12 +177,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     ])
     payload = {
         "benchmark": bench.name, "config": args.config, "overrides": overrides,
-        "summary": summary.to_dict(orient="records"), "per_merchant": merchants.to_dict(orient="records"),
+        "summary": summary.to_dict(orient="records"), "seeds": seeds,
+        "seed_summaries": {seed: accuracy_summary(r.contest).to_dict(orient="records") for seed, r in runs.items()},
+        "per_merchant": merchants.to_dict(orient="records"),
         "head_to_head": h2h.to_dict(orient="records"), "federation": run.summaries,
         "per_series": {name: frame.to_dict(orient="records") for name, frame in scores.items()},
     }
     return bench_run.save(bench.name, f"Accuracy benchmark `{bench.name}`: shopcast vs ablations vs today's tools",
-                          describe(run, args.config, overrides), body, payload, args.results)
+                          describe(run, args.config, overrides, seeds), body, payload, args.results)
 
 
 if __name__ == "__main__":

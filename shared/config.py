@@ -94,6 +94,11 @@ class ModelConfig:
     quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     nonnegative: bool = True
     seed: int = 0
+    # Covariate slots: the data's known (observed) covariates fill the first slots, in the order listed,
+    # the rest are zeros, so one adapter (a pretrained base) fits shops with different covariates.
+    # 0: exactly as many as the data has.
+    known_slots: int = 0
+    observed_slots: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -108,10 +113,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
-    personalise: str = "none"  # "output": refit the output layers on the merchant's own windows (shared.personal), never sent
-    personal_steps: int = 400
+    personalise: str = "output"  # refit the output layers on the merchant's own windows (shared.personal), never sent; or "none"
+    personal_steps: int = 1000
     personal_lr: float = 1e-3
-    personal_windows: int = 1024  # the most training windows it is refitted on (their features are computed once)
+    personal_windows: int = 2048  # the most training windows it is refitted on (their features are computed once)
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,8 @@ RULES: dict[str, Rule] = {
     "model.quantiles": Rule("increasing, each strictly between 0 and 1, one of them 0.5",
                             lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs)),
     "model.seed": _NON_NEGATIVE,
+    "model.known_slots": _NON_NEGATIVE,
+    "model.observed_slots": _NON_NEGATIVE,
     "model.lora.r": _COUNT,
     "model.lora.alpha": _POSITIVE,
     "model.lora.dropout": Rule("at least 0 and below 1", lambda value: 0 <= value < 1),

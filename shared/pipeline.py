@@ -38,8 +38,17 @@ def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
         raise ConfigError('[data] freq = "auto" is decided by the data; set it (e.g. "D", "W-FRI") to size the model without data')
     else:  # prepare emits exactly the configured covariates, plus the negative-sales flag under negative = "flag"
         freq, n_known, n_observed = data.freq, len(data.columns.known), len(data.columns.observed) + (data.negative == "flag")
+    n_known, n_observed = _slots(n_known, cfg.model.known_slots, "known"), _slots(n_observed, cfg.model.observed_slots, "observed")
     n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
     return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed)  # + the open flag
+
+
+def _slots(count: int, slots: int, kind: str) -> int:
+    """The model's width for `count` covariates of a kind: `slots` when set, which they must fit."""
+    if slots and count > slots:
+        raise ConfigError(f"[model] {kind}_slots = {slots}, but the data has {count} {kind} covariates; raise it "
+                          "(an adapter trained with fewer slots will not load)")
+    return slots or count
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
@@ -115,7 +124,9 @@ class ForecastPipeline:
         if (now := input_shape(self.cfg, table)) != self.model.shape:
             raise AdapterMismatch(f"the model takes inputs {self.model.shape}, but this data gives {now}; "
                                   "check [data.columns] known/observed and freq")
-        return build_splits(table, self.cfg.data, self.model.encode_prompts, future_known=future)
+        shape = self.model.shape
+        return build_splits(table, self.cfg.data, self.model.encode_prompts, future_known=future,
+                            widths=(shape.n_known, shape.n_observed))
 
     def fit(self, train: Windows, val: Windows | None = None, **options: Any) -> TrainResult:
         """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""

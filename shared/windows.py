@@ -103,6 +103,11 @@ class Splits:
         return self.frame.groupby(ID).tail(self.test.target.shape[1])[[MERCHANT, ID, DS, Y]]
 
 
+def _pad_channels(values: np.ndarray, width: int) -> np.ndarray:
+    """[T, C] -> [T, width], the added channels zero (covariate slots the data does not use)."""
+    return np.pad(values, ((0, 0), (0, width - values.shape[1]))).astype(values.dtype, copy=False)
+
+
 def stack_windows(pieces: list[dict[str, np.ndarray]]) -> Windows:
     return Windows(**{k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]})
 
@@ -128,12 +133,14 @@ def series_windows(
     }
 
 
-def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEncoder, future_known: pd.DataFrame | None = None) -> Splits:
+def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEncoder, future_known: pd.DataFrame | None = None,
+                 widths: tuple[int, int] | None = None) -> Splits:
     """Cuts every series of `table` into train/val/test/future windows and attaches prompt tokens.
 
     `future_known` holds known covariates for the H dates after the last one (promotions planned,
     and the open flag: days the shop will be closed); without it they are taken as zero, i.e. no
-    promotion and no holiday, and the shop as open.
+    promotion and no holiday, and the shop as open. `widths` (known, observed channels) pads the
+    covariates with zero channels up to the model's slots.
     """
     L, H = cfg.context, cfg.horizon
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "test": [], "future": []}
@@ -158,6 +165,8 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         observed = np.concatenate(
             [g[list(table.observed)].to_numpy(dtype=np.float32), np.zeros((H, len(table.observed)), dtype=np.float32)]
         )
+        if widths is not None:
+            known, observed = _pad_channels(known, widths[0]), _pad_channels(observed, widths[1])
         last_train_start = T - 2 * H - (L + H)
         train_starts = sorted(set(range(0, last_train_start + 1, cfg.stride)) | {last_train_start})
         for name, starts in (("train", train_starts), ("val", [T - 2 * H - L]), ("test", [T - H - L]), ("future", [T - L])):

@@ -169,3 +169,15 @@ def test_a_federation_result_renders_again_from_its_json(tmp_path: Path) -> None
     rerender(PROJECT_ROOT / "benchmarks" / "results" / "federation_100.json", tmp_path)
     text = (tmp_path / "federation_100.md").read_text()
     assert "| | 100 merchants |" in text and "| rounds run / replies per round | 3 / [100, 100, 95] |" in text
+
+
+def test_seed_table_averages_the_trained_rows_and_leaves_out_the_baselines() -> None:
+    def summary(federated: float) -> pd.DataFrame:
+        return pd.DataFrame({"model": ["shopcast_federated", "seasonal_naive"], "wql": [0.3, 0.4], "mase": [0.8, 1.0],
+                             "wql_gmean_rel": [federated, 1.0], "mase_gmean_rel": [federated + 0.1, 1.0]})
+
+    table = accuracy.seed_table({0: summary(0.70), 1: summary(0.80), 2: summary(0.90)}).set_index("model")
+    assert list(table.index) == ["shopcast_federated"] and table.loc["shopcast_federated", "seeds"] == 3
+    assert table.loc["shopcast_federated", "wql_gmean_rel"] == pytest.approx(0.8)
+    assert table.loc["shopcast_federated", "wql_gmean_rel_sd"] == pytest.approx(0.1)
+    assert table.loc["shopcast_federated", "mase_gmean_rel"] == pytest.approx(0.9)

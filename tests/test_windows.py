@@ -249,3 +249,20 @@ def test_daily_calendar_features_repeat_weekly_and_are_known_for_future_dates():
     assert not np.allclose(features[:7, 2:], features[7:14, 2:])  # day of year moves on
     monday = calendar_features(pd.DatetimeIndex(["2030-06-03"]), "D")  # a Monday far in the future
     np.testing.assert_allclose(monday[0, :2], [0.0, 1.0], atol=1e-6)
+
+
+def test_covariate_slots_pad_with_zeros_and_refuse_too_many(ramp_table):
+    """With slots, the model's width is set by the config, not the shop: one adapter fits shops with
+    fewer covariates (zeros in the slots they lack); more than the slots is a config error naming the key."""
+    from shared.config import ConfigError
+    from shared.pipeline import ForecastPipeline, input_shape
+
+    cfg = _config(**{"model.known_slots": 3, "model.observed_slots": 2, "model.llm_layers": 2})
+    assert input_shape(cfg, ramp_table) == input_shape(cfg)
+    pipeline = ForecastPipeline.from_config(cfg, ramp_table)
+    splits = pipeline.splits(ramp_table)
+    assert splits.test.known.shape[2] == 4 + 1 + 3 and splits.test.observed.shape[2] == 2
+    np.testing.assert_array_equal(splits.test.known[:, :, 5], splits.test.known[:, :, 5].round())  # promo, the first slot
+    assert (splits.test.known[:, :, 6:] == 0).all() and (splits.test.observed[:, :, 1:] == 0).all()
+    with pytest.raises(ConfigError, match="known_slots = 1"):
+        input_shape(_config(**{"model.known_slots": 1, "data.columns.known": ["promo", "holiday"]}))
