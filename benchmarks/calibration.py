@@ -37,8 +37,8 @@ from shared.pipeline import ForecastPipeline
 from shared.presets import FILES
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y
 from shared.sources import load_table
-from shared.windows import Splits
-from simulations.compare import concat_windows, merchant_splits
+from shared.windows import Splits, concat_windows
+from simulations.compare import merchant_splits
 
 KEYS = [ID, DS]
 

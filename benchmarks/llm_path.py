@@ -24,7 +24,8 @@ from shared.metrics import summarise
 from shared.pipeline import ForecastPipeline
 from shared.sources import load_table
 from shared.train import predict
-from simulations.compare import Contest, add_seasonal_naive, concat_windows, merchant_splits, model_forecast
+from shared.windows import concat_windows
+from simulations.compare import Contest, add_seasonal_naive, merchant_splits, model_forecast
 
 # name -> config overrides: L<blocks>, then the prompt (40 tokens: domain text and statistics, as today, which the
 # speed benchmark measured at 11.5 training windows per CPU-second; stats16: its last 16 tokens, the window's

@@ -99,6 +99,9 @@ class ModelConfig:
     # 0: exactly as many as the data has.
     known_slots: int = 0
     observed_slots: int = 0
+    # A pretrained base adapter (server.pretrain) every run starts from: a folder holding one adapter per
+    # variant (llm/, no_llm/); relative paths are from the project root. "" starts from the seeded init.
+    base: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -170,6 +173,22 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The base adapter's central pretraining (server/pretrain.py); other runs ignore it."""
+
+    shops: int = 120  # synthetic retail-prior shops (shared.prior)
+    public: tuple[str, ...] = ()  # presets added without their benchmark merchants or last two horizons
+    windows_per_shop: int = 256  # training windows drawn from each shop
+    validation_shops: int = 8  # prior shops held out for the loss curve
+    steps: int = 3000
+    checkpoint_every: int = 250
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    out: str = "shared/base/daily"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +196,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 class ConfigError(ValueError):
@@ -250,6 +270,16 @@ RULES: dict[str, Rule] = {
                             lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs)),
     "model.seed": _NON_NEGATIVE,
     "model.known_slots": _NON_NEGATIVE,
+    "pretrain.shops": _COUNT,
+    "pretrain.public": Rule("preset names among walmart, online_retail", lambda names: set(names) <= {"walmart", "online_retail"}),
+    "pretrain.windows_per_shop": _COUNT,
+    "pretrain.validation_shops": _COUNT,
+    "pretrain.steps": _COUNT,
+    "pretrain.checkpoint_every": _COUNT,
+    "pretrain.batch_size": _COUNT,
+    "pretrain.lr": _POSITIVE,
+    "pretrain.seed": _NON_NEGATIVE,
+    "pretrain.out": _NOT_EMPTY,
     "model.observed_slots": _NON_NEGATIVE,
     "model.lora.r": _COUNT,
     "model.lora.alpha": _POSITIVE,

@@ -8,6 +8,7 @@ ClientApp, the CLI, the server and the benchmarks all go through it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from shared.adapter import AdapterMismatch, load_adapter, save_adapter
 from shared.calibration import Calibration
-from shared.config import Config, ConfigError, with_overrides
+from shared.config import PROJECT_ROOT, Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
 from shared.personal import personalise
@@ -49,6 +50,39 @@ def _slots(count: int, slots: int, kind: str) -> int:
         raise ConfigError(f"[model] {kind}_slots = {slots}, but the data has {count} {kind} covariates; raise it "
                           "(an adapter trained with fewer slots will not load)")
     return slots or count
+
+
+# Model settings a base adapter must share with the config that starts from it (the domain text, the
+# seed and the base itself may differ).
+BASE_MUST_MATCH = ("backbone", "llm_layers", "variant", "patch_len", "patch_stride", "d_patch", "n_prototypes", "reprogram_heads",
+                   "reprogram_dim", "d_ff", "prompt", "prompt_max_tokens", "quantiles", "known_slots", "observed_slots", "lora")
+
+
+def base_folder(cfg: Config) -> Path:
+    """Where cfg.model.base keeps the adapter of cfg.model.variant."""
+    base = Path(cfg.model.base)
+    return (base if base.is_absolute() else PROJECT_ROOT / base) / cfg.model.variant
+
+
+def load_base(model: Forecaster, cfg: Config) -> None:
+    """The pretrained base into `model`. The attention and random-LLM ablations have none (their
+    blocks are not the pretrained LLM's) and start from the seeded init; any other mismatch is an error
+    naming the setting, never a silent fresh start."""
+    folder = base_folder(cfg)
+    if not (folder / "meta.json").exists():
+        if cfg.model.variant in ("attention", "random_llm"):
+            return
+        raise ConfigError(f"[model] base = {cfg.model.base!r}: no {cfg.model.variant} adapter in {folder}; "
+                          'pretrain one (python -m server.pretrain) or set base = ""')
+    meta = json.loads((folder / "meta.json").read_text())
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+    differ = [f"model.{key} = {mine[key]!r} (base: {meta['model'].get(key)!r})" for key in BASE_MUST_MATCH if meta["model"].get(key) != mine[key]]
+    differ += [f"shape {key} = {value} (base: {meta['shape'].get(key)})" for key, value in dataclasses.asdict(model.shape).items()
+               if meta["shape"].get(key) != value]
+    if differ:
+        raise ConfigError(f"[model] base = {cfg.model.base!r} does not fit this config: {'; '.join(differ)}; "
+                          'match it or set base = ""')
+    load_adapter(model, folder)
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
@@ -95,8 +129,12 @@ class ForecastPipeline:
 
     @classmethod
     def from_config(cls, cfg: Config, table: SeriesTable | None = None) -> ForecastPipeline:
-        """Sized for `table`, else from the config alone."""
-        return cls(cfg, input_shape(cfg, table))
+        """Sized for `table`, else from the config alone; starting from the pretrained base when
+        [model] base names one."""
+        pipeline = cls(cfg, input_shape(cfg, table))
+        if cfg.model.base:
+            load_base(pipeline.model, cfg)
+        return pipeline
 
     @classmethod
     def from_adapter(cls, directory: str | Path, cfg: Config) -> ForecastPipeline:

@@ -177,6 +177,14 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
     return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)
 
 
+def concat_windows(parts: list[Windows]) -> Windows:
+    """Pools merchants' windows (series ids offset so they stay distinct)."""
+    offsets = np.cumsum([0] + [int(w.series.max()) + 1 for w in parts[:-1]])
+    pooled = {f: np.concatenate([getattr(w, f) for w in parts]) for f in Windows.__dataclass_fields__}
+    pooled["series"] = np.concatenate([w.series + o for w, o in zip(parts, offsets)])
+    return Windows(**pooled)
+
+
 class WindowDataset(Dataset):
     """Item i is one window, or, when `units` is given, a random window of privacy unit i.
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from shared.adapter import adapter_state, load_adapter, load_adapter_state
@@ -25,7 +24,7 @@ from shared.pipeline import ForecastPipeline
 from shared.rundir import fresh_run_dir
 from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable
 from shared.sources import load_table
-from shared.windows import Splits, Windows
+from shared.windows import Splits, concat_windows
 from simulations.federated import simulate
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,6 @@ def merchant_splits(pipeline: ForecastPipeline, table: SeriesTable) -> dict[str,
 
 def model_forecast(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
     return pd.concat([pipeline.predict_frame(s, s.test) for s in splits.values()], ignore_index=True)
-
-
-def concat_windows(parts: list[Windows]) -> Windows:
-    """Pools merchants' windows (series ids offset so they stay distinct)."""
-    offsets = np.cumsum([0] + [int(w.series.max()) + 1 for w in parts[:-1]])
-    pooled = {f: np.concatenate([getattr(w, f) for w in parts]) for f in Windows.__dataclass_fields__}
-    pooled["series"] = np.concatenate([w.series + o for w, o in zip(parts, offsets)])
-    return Windows(**pooled)
 
 
 def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
