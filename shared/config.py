@@ -99,8 +99,9 @@ class ModelConfig:
     # 0: exactly as many as the data has.
     known_slots: int = 0
     observed_slots: int = 0
-    # A pretrained base adapter (server.pretrain) every run starts from: a folder holding one adapter per
-    # variant (llm/, no_llm/); relative paths are from the project root. "" starts from the seeded init.
+    # The pretrained base adapter (server.pretrain) every run starts from: "auto" (a shipped one under
+    # shared/base/ that fits, else none), a folder holding one adapter per variant (llm/, no_llm/; relative
+    # to the project root; it must fit), or "" (the seeded init).
     base: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
 

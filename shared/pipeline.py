@@ -58,31 +58,37 @@ BASE_MUST_MATCH = ("backbone", "llm_layers", "variant", "patch_len", "patch_stri
                    "reprogram_dim", "d_ff", "prompt", "prompt_max_tokens", "quantiles", "known_slots", "observed_slots", "lora")
 
 
-def base_folder(cfg: Config) -> Path:
-    """Where cfg.model.base keeps the adapter of cfg.model.variant."""
-    base = Path(cfg.model.base)
-    return (base if base.is_absolute() else PROJECT_ROOT / base) / cfg.model.variant
+SHIPPED_BASES = PROJECT_ROOT / "shared" / "base"
 
 
-def load_base(model: Forecaster, cfg: Config) -> None:
-    """The pretrained base into `model`. The attention and random-LLM ablations have none (their
-    blocks are not the pretrained LLM's) and start from the seeded init; any other mismatch is an error
-    naming the setting, never a silent fresh start."""
-    folder = base_folder(cfg)
-    if not (folder / "meta.json").exists():
-        if cfg.model.variant in ("attention", "random_llm"):
-            return
-        raise ConfigError(f"[model] base = {cfg.model.base!r}: no {cfg.model.variant} adapter in {folder}; "
-                          'pretrain one (python -m server.pretrain) or set base = ""')
+def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
+    """The settings in which the adapter in `folder` differs from what `cfg` builds ([] when it fits)."""
     meta = json.loads((folder / "meta.json").read_text())
     mine = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
     differ = [f"model.{key} = {mine[key]!r} (base: {meta['model'].get(key)!r})" for key in BASE_MUST_MATCH if meta["model"].get(key) != mine[key]]
-    differ += [f"shape {key} = {value} (base: {meta['shape'].get(key)})" for key, value in dataclasses.asdict(model.shape).items()
-               if meta["shape"].get(key) != value]
-    if differ:
-        raise ConfigError(f"[model] base = {cfg.model.base!r} does not fit this config: {'; '.join(differ)}; "
-                          'match it or set base = ""')
-    load_adapter(model, folder)
+    return differ + [f"shape {key} = {value} (base: {meta['shape'].get(key)})" for key, value in dataclasses.asdict(shape).items()
+                     if meta["shape"].get(key) != value]
+
+
+def base_folder(cfg: Config, shape: SeriesShape) -> Path | None:
+    """The base adapter a model of `cfg` and `shape` starts from, or None. `base = "auto"`: the first
+    shipped base (shared/base/*/<variant>) that fits, else none, so a config unlike every shipped base
+    (another backbone, weekly data) starts from the seeded init. A named folder must hold an adapter of
+    the variant that fits, or it is an error naming the setting, never a silent fresh start; the
+    attention and random-LLM ablations have none (their blocks are not the pretrained LLM's)."""
+    base, variant = cfg.model.base, cfg.model.variant
+    if not base or variant in ("attention", "random_llm"):
+        return None
+    if base == "auto":
+        shipped = sorted(SHIPPED_BASES.glob(f"*/{variant}/meta.json"))
+        return next((f.parent for f in shipped if not _base_mismatch(f.parent, cfg, shape)), None)
+    folder = (Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base) / variant
+    if not (folder / "meta.json").exists():
+        raise ConfigError(f"[model] base = {base!r}: no {variant} adapter in {folder}; pretrain one (python -m server.pretrain), "
+                          'or set base = "auto" or ""')
+    if differ := _base_mismatch(folder, cfg, shape):
+        raise ConfigError(f"[model] base = {base!r} does not fit this config: {'; '.join(differ)}; match it or set base = \"auto\" or \"\"")
+    return folder
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
@@ -126,14 +132,16 @@ class ForecastPipeline:
     def __init__(self, cfg: Config, shape: SeriesShape) -> None:
         self.cfg = cfg
         self.model = Forecaster(cfg.model, shape, device=resolve_device(cfg.train.device))
+        self.base: Path | None = None  # the pretrained base it started from (from_config), if any
 
     @classmethod
     def from_config(cls, cfg: Config, table: SeriesTable | None = None) -> ForecastPipeline:
         """Sized for `table`, else from the config alone; starting from the pretrained base when
         [model] base names one."""
         pipeline = cls(cfg, input_shape(cfg, table))
-        if cfg.model.base:
-            load_base(pipeline.model, cfg)
+        if (base := base_folder(cfg, pipeline.model.shape)) is not None:
+            load_adapter(pipeline.model, base)
+        pipeline.base = base
         return pipeline
 
     @classmethod

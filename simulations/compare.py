@@ -141,7 +141,8 @@ def run_contest(
     """Every contender on one config's data: federated through Flower's simulation (without DP, then
     with it when privacy.enabled), local-only, centralised, each ablation trained like centralised,
     and the baselines; with train.personalise, also each federated adapter with every merchant's own
-    output layers refitted (the `_personal` rows). `out` is emptied first (only if a run made it: shared.rundir): a run never
+    output layers refitted (the `_personal` rows); from a pretrained base, also the base alone
+    (`shopcast_zero_shot`). `out` is emptied first (only if a run made it: shared.rundir): a run never
     resumes another's checkpoint or ledger. Every shopcast row gets the same data budget: rounds x
     local steps per merchant."""
     out = fresh_run_dir(out)
@@ -163,12 +164,16 @@ def run_contest(
     contest = Contest()
     pipeline = ForecastPipeline.from_config(cfg, table)
     splits = merchant_splits(pipeline, table)
+    initial = adapter_state(pipeline.model)  # the base (or the seeded init) every shopcast row starts from
+    if pipeline.base is not None:
+        contest.add("shopcast_zero_shot", model_forecast(pipeline, splits), splits, cfg, 0.0)
     for name in runs:
         load_adapter(pipeline.model, out / name / "final_adapter")
         contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds[name])
         if cfg.train.personalise != "none":
             started = time.time()
             contest.add(f"{name}_personal", personalised(pipeline, splits), splits, cfg, seconds[name] + time.time() - started)
+    load_adapter_state(pipeline.model, initial)  # local-only and centralised must not start where a federation ended
     steps = cfg.federation.num_rounds * cfg.federation.local_steps
     for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
         started = time.time()

@@ -105,8 +105,8 @@ name = "shops"
 ablations = ["no_llm"]
 ''')
     result = run_accuracy(config, tmp_path, [])  # federated with and without DP, through Flower's simulation
-    assert models(result) == {"shopcast_federated", "shopcast_federated_dp", "shopcast_local_only", "shopcast_centralised",
-                              "ablation_no_llm", *BASELINES}
+    assert models(result) == {"shopcast_federated", "shopcast_federated_dp", "shopcast_federated_personal", "shopcast_federated_dp_personal",
+                              "shopcast_local_only", "shopcast_centralised", "ablation_no_llm", *BASELINES}
     assert {row["merchant_id"] for row in result["per_series"]["shopcast_federated_dp"]} == {"north", "south"}
     assert result["federation"]["shopcast_federated_dp"]["privacy"]["enabled"]
     text = (tmp_path / "results" / "shops.md").read_text()
@@ -181,3 +181,29 @@ def test_seed_table_averages_the_trained_rows_and_leaves_out_the_baselines() -> 
     assert table.loc["shopcast_federated", "wql_gmean_rel"] == pytest.approx(0.8)
     assert table.loc["shopcast_federated", "wql_gmean_rel_sd"] == pytest.approx(0.1)
     assert table.loc["shopcast_federated", "mase_gmean_rel"] == pytest.approx(0.9)
+
+
+def test_local_only_and_centralised_do_not_start_where_a_federation_ended(monkeypatch, tmp_path: Path) -> None:
+    """run_contest loaded each federated adapter into its pipeline and then trained local-only and
+    centralised from whatever was loaded last. With a stand-in federation that ends on a far-off
+    adapter, those rows must equal the ones of a contest without federated rows."""
+    from shared.adapter import adapter_state, load_adapter_state
+    from shared.pipeline import ForecastPipeline
+    from simulations import compare
+
+    def far_off_federation(cfg, config_path, overrides, num_merchants, **_):
+        pipeline = ForecastPipeline.from_config(cfg)
+        load_adapter_state(pipeline.model, {k: v + 1.0 for k, v in adapter_state(pipeline.model).items()})
+        pipeline.save(Path(cfg.federation.out_dir) / "final_adapter")
+        return {}
+
+    monkeypatch.setattr(compare, "simulate", far_off_federation)
+    overrides = {"model.backbone": "tiny", "model.llm_layers": 2, "federation.num_rounds": 1, "federation.local_steps": 2,
+                 "data.synthetic.n_merchants": 2, "data.synthetic.n_days": 200, "train.personalise": "none"}
+    rows = {}
+    for federated in (True, False):
+        run = compare.run_contest(PROJECT_ROOT / "configs" / "tiny.toml", overrides, tmp_path / f"work_{federated}", federated=federated)
+        rows[federated] = run.contest.scores
+    assert "shopcast_federated" in rows[True]
+    for name in ("shopcast_local_only", "shopcast_centralised"):
+        pd.testing.assert_frame_equal(rows[True][name], rows[False][name])

@@ -1,0 +1,72 @@
+"""The base adapter: a small pretraining run with its resume and model card, the corpus kept away from
+what benchmarks score, and how a config starts from a base (or refuses one that does not fit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from server.pretrain import _without_last_horizons, in_slots, pretrain
+from shared.adapter import adapter_state
+from shared.config import ConfigError, load_config
+from shared.pipeline import ForecastPipeline, base_folder
+from shared.prior import retail_prior
+from shared.schema import ID
+
+SMALL = {"model.backbone": "tiny", "model.llm_layers": 2, "pretrain.shops": 3, "pretrain.validation_shops": 1,
+         "pretrain.windows_per_shop": 16, "pretrain.checkpoint_every": 2, "pretrain.batch_size": 8, "pretrain.public": []}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base")
+    cfg = load_config(None, SMALL | {"pretrain.steps": 4, "pretrain.out": str(out)})
+    assert pretrain(cfg, "test") == out / "llm"
+    return out
+
+
+def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes(base: Path) -> None:
+    progress = json.loads((base / "llm" / "progress.json").read_text())
+    assert progress["steps"] == 4 and [h["step"] for h in progress["history"]] == [2, 4]
+    assert all(np.isfinite(h["val_loss"]) for h in progress["history"])
+    card = (base / "llm" / "MODEL_CARD.md").read_text()
+    assert "3 synthetic retail-prior shops" in card and "| 4 |" in card and progress["commit"] in card
+    before = adapter_state(ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base)})).model)
+    pretrain(load_config(None, SMALL | {"pretrain.steps": 6, "pretrain.out": str(base)}), "test")  # two steps more
+    resumed = json.loads((base / "llm" / "progress.json").read_text())
+    assert [h["step"] for h in resumed["history"]] == [2, 4, 6], "resumed from step 4, not started again"
+    after = adapter_state(ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base)})).model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_config_starts_from_a_base_that_fits_and_refuses_one_that_does_not(base: Path) -> None:
+    cfg = load_config(None, SMALL | {"model.base": str(base)})
+    pipeline = ForecastPipeline.from_config(cfg)
+    assert pipeline.base == base / "llm"
+    fresh = ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": ""}))
+    assert fresh.base is None and any(not torch.equal(v, adapter_state(fresh.model)[k]) for k, v in adapter_state(pipeline.model).items())
+    with pytest.raises(ConfigError, match=r"model.llm_layers = 1 \(base: 2\)"):
+        ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base), "model.llm_layers": 1}))
+    with pytest.raises(ConfigError, match="no no_llm adapter"):
+        ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base), "model.variant": "no_llm"}))
+    ablation = load_config(None, SMALL | {"model.base": str(base), "model.variant": "attention"})
+    assert base_folder(ablation, ForecastPipeline.from_config(ablation).model.shape) is None
+    assert ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": "auto"})).base is None, "no shipped base fits tiny"
+
+
+def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() -> None:
+    prior = retail_prior(2, seed=0)
+    assert prior["merchant_id"].str.startswith("prior_").all() and not retail_prior(2, seed=1)["y"].equals(prior["y"])
+    cfg = load_config(None, {"data.columns.known": ["markdown", "is_holiday", "extra"], "data.columns.observed": ["temperature"]})
+    mapped = in_slots(prior, cfg, ["promo", "holiday"], ["visits"], "open")
+    np.testing.assert_array_equal(mapped["markdown"], prior["promo"])
+    np.testing.assert_array_equal(mapped["temperature"], prior["visits"])
+    assert (mapped["extra"] == 0).all() and (mapped["open"] == prior["open"]).all()
+    frame = pd.DataFrame({ID: np.repeat(["a", "b"], 40), "y": np.arange(80.0)})
+    kept = _without_last_horizons(frame, horizon=7)
+    assert kept.groupby(ID).size().tolist() == [26, 26] and kept.groupby(ID)["y"].max().tolist() == [25.0, 65.0]
