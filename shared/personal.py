@@ -58,6 +58,8 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
     """Refits the output layers in place on `train` (at most cfg.personal_windows of them, drawn evenly);
     keeps the state with the lowest loss on `val`. Returns (val loss before, after, steps kept)."""
     rng = np.random.default_rng(cfg.seed)
+    if len(train) == 0 or len(val) == 0:  # a shop too new to have a window to learn or judge from
+        return float("nan"), float("nan"), 0
     if len(train) > cfg.personal_windows:
         train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
     fit_on, judge_on = _features(model, train), _features(model, val)

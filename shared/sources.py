@@ -8,24 +8,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pandas as pd
+
 from shared.config import Config, ConfigError
 from shared.presets import load_preset
-from shared.schema import MERCHANT, SeriesTable, load_file, prepare
+from shared.schema import MERCHANT, SeriesTable, prepare, read_table
 from shared.synthetic import generate_merchants
+
+
+def raw_frame(cfg: Config) -> tuple[pd.DataFrame, str]:
+    """cfg.data.source's frame as written, before validation, and what to call it in errors."""
+    data = cfg.data
+    if data.source == "synthetic":
+        s = data.synthetic
+        return generate_merchants(s.n_merchants, s.n_days, s.seed), "synthetic"
+    if data.source == "file":
+        if not data.path:
+            raise ConfigError('[data] source = "file" needs [data] path (a CSV or Parquet file)')
+        return read_table(data.path, data), data.path
+    return load_preset(data.source, data), data.source  # a preset; config validation has restricted the choices
 
 
 def load_table(cfg: Config) -> SeriesTable:
     """The validated table of cfg.data.source, narrowed to cfg.data.merchants when that is set."""
     data = cfg.data
-    if data.source == "synthetic":
-        s = data.synthetic
-        table = prepare(generate_merchants(s.n_merchants, s.n_days, s.seed), data, "synthetic")
-    elif data.source == "file":
-        if not data.path:
-            raise ConfigError('[data] source = "file" needs [data] path (a CSV or Parquet file)')
-        table = load_file(data.path, data)
-    else:  # a preset; config validation has already restricted the choices
-        table = prepare(load_preset(data.source, data), data, data.source)
+    frame, source = raw_frame(cfg)
+    table = prepare(frame, data, source)
     if data.merchants:
         table = select_merchants(table, data.merchants)
     return table

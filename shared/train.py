@@ -131,6 +131,8 @@ def fit(
     data-independent correction, so it composes with DP-SGD without touching per-sample gradients.
     """
     device = next(model.parameters()).device
+    if len(train) == 0:
+        raise ValueError("no training window: every series is too short (or closed) to learn from; forecast with a shared adapter instead")
     torch.manual_seed(cfg.seed if seed is None else seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []

@@ -174,6 +174,10 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
     windows = {name: stack_windows(pieces) for name, pieces in parts.items()}
     for w in windows.values():
         w.prompt_ids, w.prompt_mask = encode_prompts(w.context)
+    # A training window needs an open day in its context (the scale comes from them) and in its target
+    # (the loss does): before a new shop's first day there is neither, only padding.
+    learnable = (windows["train"].open[:, :L] > 0).any(axis=1) & (windows["train"].open[:, L:] > 0).any(axis=1)
+    windows["train"] = windows["train"].subset(np.flatnonzero(learnable))
     return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)
 
 

@@ -266,3 +266,19 @@ def test_covariate_slots_pad_with_zeros_and_refuse_too_many(ramp_table):
     assert (splits.test.known[:, :, 6:] == 0).all() and (splits.test.observed[:, :, 1:] == 0).all()
     with pytest.raises(ConfigError, match="known_slots = 1"):
         input_shape(_config(**{"model.known_slots": 1, "data.columns.known": ["promo", "holiday"]}))
+
+
+def test_a_new_series_is_padded_and_trains_only_where_it_has_open_days():
+    """A series shorter than context + 3 horizons (a new product) is padded with closed days before its
+    first; a training window whose context is all padding has no scale and is dropped."""
+    def splits_of(n: int):
+        raw = pd.DataFrame({MERCHANT: "m", ID: "new", DS: pd.date_range("2024-03-01", periods=n, freq="D"), Y: np.arange(1.0, n + 1),
+                            "promo": 0.0, "visits": 5.0})
+        table = prepare(raw, _config(**{"data.short_series": "pad"}).data, "new")
+        assert len(table.frame) == L + 3 * H and table.frame["is_open"].sum() == n
+        return build_splits(table, _config().data, no_prompt)
+
+    kept = splits_of(3 * H + 3)  # the one training window's context holds the first 3 days
+    assert len(kept.train) == 1 and kept.train.open[0, :L].sum() == 3 and (kept.train.open[0, L:] == 1).all()
+    new = splits_of(2 * H + 6)  # its context would be all padding
+    assert len(new.train) == 0 and (new.test.open[:, L:] == 1).all() and new.test.open[0, :L].sum() == 6 + H

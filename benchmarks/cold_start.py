@@ -1,0 +1,114 @@
+"""Cold start: shops that joined weeks ago, and new products, forecast from what others taught.
+
+    .venv/bin/python -m benchmarks.cold_start configs/benchmarks/synthetic.toml   # also online_retail.toml
+                     [--weeks 1,4,8] [--local-steps 100]
+
+Every series of the config's data is cut to its last `weeks` x 7 days of history plus the test
+horizon, and padded before that with closed days ([data] short_series = "pad"), so each shop (for 1
+week: each product) looks brand new. Contenders, scored on the same test horizon:
+  - shopcast_zero_shot: the shipped base adapter alone (what a new shop gets on joining);
+  - shopcast_base_personal: the base with the shop's own output layers refitted on its few windows;
+  - shopcast_local_only: the seeded init trained on the shop's own windows alone (`--local-steps`);
+  - seasonal naive, and LightGBM per merchant on the short history (as a merchant would fit today).
+A product with no history at all has no level to forecast from (the model scales by the context's
+open days), so it is refused by the data checks instead of forecast; one week is the shortest here.
+Daily configs only. Writes <results>/<benchmark.name>_cold_start.md and .json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
+from shared.baselines import lightgbm
+from shared.config import Config, load_config, parse_overrides, with_overrides
+from shared.metrics import season_for, to_markdown
+from shared.pipeline import ForecastPipeline
+from shared.presets import FILES
+from shared.schema import ID, OPEN, SeriesTable, prepare
+from shared.sources import raw_frame
+from simulations.compare import Contest, add_seasonal_naive, future_known, merchant_splits, model_forecast, personalised
+from simulations.report import accuracy_summary
+
+
+def newcomers(cfg: Config, weeks: int) -> SeriesTable:
+    """Every series cut to its last `weeks` x 7 steps plus the horizon, padded before with closed days."""
+    frame, source = raw_frame(cfg)
+    unique_id = cfg.data.columns.unique_id
+    cut = frame[frame.groupby(unique_id).cumcount(ascending=False) < 7 * weeks + cfg.data.horizon]
+    return prepare(cut.reset_index(drop=True), with_overrides(cfg, {"data.short_series": "pad"}).data, f"{source} (last {weeks} weeks)")
+
+
+def contest_for(cfg: Config, table: SeriesTable, local_steps: int) -> Contest:
+    contest = Contest()
+    base = ForecastPipeline.from_config(cfg, table)
+    if base.base is None:
+        raise SystemExit("no shipped base adapter fits this config; pretrain one (python -m server.pretrain)")
+    splits = merchant_splits(base, table)
+    for name, forecast in (("shopcast_zero_shot", lambda: model_forecast(base, splits)), ("shopcast_base_personal", lambda: personalised(base, splits))):
+        started = time.time()
+        contest.add(name, forecast(), splits, cfg, time.time() - started)
+    started = time.time()
+    local = ForecastPipeline.from_config(with_overrides(cfg, {"model.base": ""}), table)
+    initial = {k: v.clone() for k, v in local.model.state_dict().items()}
+    forecasts = []
+    for merchant, s in splits.items():
+        local.model.load_state_dict(initial)
+        if len(s.train):  # a shop with no window to learn from keeps the seeded init's forecast
+            local.fit(s.train, s.val, steps=local_steps)
+        forecasts.append(model_forecast(local, {merchant: s}))
+    contest.add("shopcast_local_only", pd.concat(forecasts, ignore_index=True), splits, cfg, time.time() - started)
+    add_seasonal_naive(contest, splits, cfg)
+    started = time.time()
+    history = pd.concat([s.history_before_test() for s in splits.values()])
+    history = history[history.groupby(ID)[OPEN].cummax() > 0]  # the padding before a series' first day is not history
+    known = (*table.known, OPEN)
+    freq = next(iter(splits.values())).freq
+    gbm = lightgbm(history, cfg.data.horizon, season_for(freq), cfg.model.quantiles, known=known, future_known=future_known(splits, known),
+                   pooled=False, freq=freq)
+    contest.add("lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
+    return contest
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = arguments(__doc__)
+    parser.add_argument("config", help="a daily dataset config, e.g. configs/benchmarks/synthetic.toml")
+    parser.add_argument("--weeks", default="1,4,8", help="weeks of history each new shop has")
+    parser.add_argument("--local-steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    quiet(progress=True)
+    overrides = parse_overrides(args.set)
+    cfg = load_config(args.config, overrides)
+    if cfg.data.source in FILES and data_missing(cfg.data.source, f"{cfg.benchmark.name}_cold_start"):
+        return None
+    weeks = [int(w) for w in args.weeks.split(",")]
+    summaries: dict[int, pd.DataFrame] = {}
+    with Run("benchmarks.cold_start", argv, threads=cfg.benchmark.threads) as run:
+        for w in weeks:
+            summaries[w] = accuracy_summary(contest_for(cfg, newcomers(cfg, w), args.local_steps))
+            print(f"[cold_start] {w} weeks:\n{summaries[w].to_string()}", flush=True)
+    table = pd.concat([s.assign(weeks=w) for w, s in summaries.items()])
+    wide = table.pivot(index="model", columns="weeks", values="wql_gmean_rel").rename(columns=lambda w: f"{w} weeks").reset_index()
+    extra = [
+        f"config: `{args.config}`, overrides {overrides}; base: the shipped one that fits (`[model] base = \"{cfg.model.base}\"`); "
+        f"local-only: {args.local_steps} steps from the seeded init on the shop's own windows",
+        f"data: every series of the config's data cut to its last w x 7 days + the {cfg.data.horizon}-day test horizon and padded "
+        "before with closed days; validation = the horizon before the test, training windows = what remains before it (for 4 "
+        "weeks one per series, its context all padding; for 1 week none with an open day to learn from)",
+    ]
+    body = "\n".join([
+        "## gmean WQL relative to seasonal naive, by weeks of history (lower is better)", "", to_markdown(wide),
+        *(f"\n## {w} weeks of history\n\n{to_markdown(s)}" for w, s in summaries.items()),
+    ])
+    payload: dict[str, Any] = {"config": args.config, "overrides": overrides, "weeks": weeks,
+                               "summaries": {w: s.to_dict(orient="records") for w, s in summaries.items()}}
+    return run.save(f"{cfg.benchmark.name}_cold_start", f"Cold start `{cfg.benchmark.name}`: new shops and products from the base",
+                    extra, body, payload, args.results)
+
+
+if __name__ == "__main__":
+    command(main)
