@@ -35,7 +35,7 @@ def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes
     assert progress["steps"] == 4 and [h["step"] for h in progress["history"]] == [2, 4]
     assert all(np.isfinite(h["val_loss"]) for h in progress["history"])
     card = (base / "llm" / "MODEL_CARD.md").read_text()
-    assert "3 synthetic retail-prior shops" in card and "| 4 |" in card and progress["commit"] in card
+    assert "3 synthetic retail-prior shops drawn" in card and "| 4 |" in card and progress["commit"] in card
     before = adapter_state(ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base)})).model)
     pretrain(load_config(None, SMALL | {"pretrain.steps": 6, "pretrain.out": str(base)}), "test")  # two steps more
     resumed = json.loads((base / "llm" / "progress.json").read_text())
