@@ -26,6 +26,9 @@ from shared.config import ModelConfig
 from shared.prompt import prompt_texts, tokenize_left_padded
 
 MAX_SCALED = 100.0  # guards the patch embedding against a window with one huge spike after scaling
+# The text prototypes are a property of the backbone, not of a run: an adapter trained under one run
+# seed (the pretrained base) must meet the same prototypes under any other.
+PROTOTYPE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class Forecaster(nn.Module):
         channels = 1 + shape.n_observed + shape.n_known
         torch.manual_seed(cfg.seed)  # identical initial adapter (and LoRA A) on every merchant
         self.embed_tokens = backbone.embed_tokens
-        self.register_buffer("prototypes", text_prototypes(backbone.embed_tokens, cfg.n_prototypes, cfg.seed), persistent=False)
+        self.register_buffer("prototypes", text_prototypes(backbone.embed_tokens, cfg.n_prototypes, PROTOTYPE_SEED), persistent=False)
         self.patch_embed = nn.Linear(cfg.patch_len * channels, cfg.d_patch)
         self.patch_position = nn.Embedding(self.n_patches, cfg.d_patch)
         self.reprogram = Reprogramming(cfg.d_patch, d_llm, cfg.reprogram_heads, cfg.reprogram_dim)

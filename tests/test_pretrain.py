@@ -70,3 +70,15 @@ def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() 
     frame = pd.DataFrame({ID: np.repeat(["a", "b"], 40), "y": np.arange(80.0)})
     kept = _without_last_horizons(frame, horizon=7)
     assert kept.groupby(ID).size().tolist() == [26, 26] and kept.groupby(ID)["y"].max().tolist() == [25.0, 65.0]
+
+
+def test_the_base_meets_the_same_prototypes_under_any_run_seed(base: Path, synthetic_table) -> None:
+    """The prototypes used to follow model.seed, so a base trained under seed 0 met other prototypes
+    under seed 1 and forecast worse; they are now the backbone's, whatever the run's seed."""
+    from shared.train import predict
+
+    forecasts = []
+    for seed in (0, 1):
+        pipeline = ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base), "model.seed": seed}), synthetic_table)
+        forecasts.append(predict(pipeline.model, pipeline.splits(synthetic_table).test, pipeline.device))
+    np.testing.assert_array_equal(forecasts[0], forecasts[1])

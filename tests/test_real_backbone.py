@@ -12,10 +12,9 @@ import torch
 
 from shared.backbone import load_pretrained, smollm2_gguf
 from shared.config import load_config
-from shared.model import Forecaster, SeriesShape
+from shared.pipeline import ForecastPipeline
 from shared.schema import prepare
 from shared.synthetic import generate_merchants
-from shared.windows import build_splits
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +44,9 @@ def real():
         try:
             cfg = load_config(overrides={"model.backbone": "smollm2", "model.llm_layers": 2})
             table = prepare(generate_merchants(n_merchants=1, n_days=200, seed=0), cfg.data, "synthetic")
-            shape = SeriesShape(cfg.data.context, cfg.data.horizon, 4 + len(table.known), len(table.observed))
-            model = Forecaster(cfg.model, shape)
-            splits = build_splits(table, cfg.data, model.encode_prompts)
-            yield cfg, model, splits
+            pipeline = ForecastPipeline.from_config(cfg, table)  # from the shipped daily base: it fits 2 blocks
+            assert pipeline.base is not None and pipeline.base.name == "llm"
+            yield cfg, pipeline.model, pipeline.splits(table)
         finally:
             torch.set_num_threads(threads)
 
