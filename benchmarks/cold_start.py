@@ -24,14 +24,13 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
-from shared.baselines import lightgbm
 from shared.config import Config, load_config, parse_overrides, with_overrides
-from shared.metrics import season_for, to_markdown
+from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.presets import FILES
 from shared.schema import ID, OPEN, SeriesTable, prepare
 from shared.sources import raw_frame
-from simulations.compare import Contest, add_seasonal_naive, future_known, merchant_splits, model_forecast, personalised
+from simulations.compare import Contest, add_lightgbm, add_seasonal_naive, local_only, merchant_splits, model_forecast, personalised
 from simulations.report import accuracy_summary
 
 
@@ -54,23 +53,10 @@ def contest_for(cfg: Config, table: SeriesTable, local_steps: int) -> Contest:
         contest.add(name, forecast(), splits, cfg, time.time() - started)
     started = time.time()
     local = ForecastPipeline.from_config(with_overrides(cfg, {"model.base": ""}), table)
-    initial = {k: v.clone() for k, v in local.model.state_dict().items()}
-    forecasts = []
-    for merchant, s in splits.items():
-        local.model.load_state_dict(initial)
-        if len(s.train):  # a shop with no window to learn from keeps the seeded init's forecast
-            local.fit(s.train, s.val, steps=local_steps)
-        forecasts.append(model_forecast(local, {merchant: s}))
-    contest.add("shopcast_local_only", pd.concat(forecasts, ignore_index=True), splits, cfg, time.time() - started)
+    contest.add("shopcast_local_only", local_only(local, splits, local_steps), splits, cfg, time.time() - started)
     add_seasonal_naive(contest, splits, cfg)
-    started = time.time()
     history = pd.concat([s.history_before_test() for s in splits.values()])
-    history = history[history.groupby(ID)[OPEN].cummax() > 0]  # the padding before a series' first day is not history
-    known = (*table.known, OPEN)
-    freq = next(iter(splits.values())).freq
-    gbm = lightgbm(history, cfg.data.horizon, season_for(freq), cfg.model.quantiles, known=known, future_known=future_known(splits, known),
-                   pooled=False, freq=freq)
-    contest.add("lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
+    add_lightgbm(contest, splits, cfg, table.known, history[history.groupby(ID)[OPEN].cummax() > 0])  # padding is not history
     return contest
 
 

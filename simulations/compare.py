@@ -61,7 +61,8 @@ def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int
     forecasts = []
     for merchant, s in splits.items():
         load_adapter_state(pipeline.model, initial)
-        pipeline.fit(s.train, steps=steps)
+        if len(s.train):  # a shop too new to have a window to learn from keeps the initial adapter's forecast
+            pipeline.fit(s.train, steps=steps)
         forecasts.append(model_forecast(pipeline, {merchant: s}))
     load_adapter_state(pipeline.model, initial)
     return pd.concat(forecasts, ignore_index=True)
@@ -114,13 +115,20 @@ def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: t
     started = time.time()
     for name, forecast in statistical(history, h, m, levels, freq=freq).items():
         contest.add(name, forecast, splits, cfg, (time.time() - started) / 2)
-    known = (*known, OPEN)  # told which days the shop is closed, as shopcast is
-    planned = future_known(splits, known)
-    gbm_variants = {"lightgbm_per_merchant": False} | ({"lightgbm_pooled": True} if pooled_lightgbm else {})
-    for name, pooled in gbm_variants.items():
-        started = time.time()
-        gbm = lightgbm(history, h, m, levels, known=known, future_known=planned, pooled=pooled, freq=freq)
-        contest.add(name, gbm, splits, cfg, time.time() - started)
+    for pooled in (False, True) if pooled_lightgbm else (False,):
+        add_lightgbm(contest, splits, cfg, known, history, pooled)
+
+
+def add_lightgbm(contest: Contest, splits: dict[str, Splits], cfg: Config, known: tuple[str, ...], history: pd.DataFrame,
+                 pooled: bool = False) -> None:
+    """LightGBM on `history`, per merchant or pooled, told the horizon's known covariates and which
+    days the shop is closed, as shopcast is."""
+    known = (*known, OPEN)
+    freq = next(iter(splits.values())).freq
+    started = time.time()
+    gbm = lightgbm(history, cfg.data.horizon, season_for(freq), cfg.model.quantiles, known=known,
+                   future_known=future_known(splits, known), pooled=pooled, freq=freq)
+    contest.add("lightgbm_pooled" if pooled else "lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
 
 
 @dataclass
