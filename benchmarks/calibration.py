@@ -22,6 +22,7 @@ Writes <results>/<benchmark.name>_calibration.md and .json.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def inject(table: SeriesTable, horizon: int, share: float, rng: np.random.Genera
             kinds.append(pd.DataFrame({ID: [uid], DS: [frame.loc[hit, DS]], "kind": "spike"}))
     changed = frame.loc[frame[Y] != original, KEYS]
     events = pd.concat(kinds, ignore_index=True).merge(changed, on=KEYS)  # a stock-out day that sold 0 anyway is no event
-    return SeriesTable(frame, table.known, table.observed, table.freq), events
+    return dataclasses.replace(table, frame=frame), events
 
 
 def anomaly_counts(pipeline: ForecastPipeline, table: SeriesTable, events: pd.DataFrame, min_scores: list[float]) -> list[dict[str, Any]]:

@@ -1,23 +1,32 @@
-"""Cold start: shops that joined weeks ago, and new products, forecast from what others taught.
+"""Cold start: shops that joined weeks ago, and new products with no history, forecast from what others taught.
 
     .venv/bin/python -m benchmarks.cold_start configs/benchmarks/synthetic.toml   # also online_retail.toml
                      [--weeks 1,4,8] [--local-steps 100]
 
-Every series of the config's data is cut to its last `weeks` x 7 days of history plus the test
-horizon, and padded before that with closed days ([data] short_series = "pad"), so each shop (for 1
-week: each product) looks brand new. Contenders, scored on the same test horizon:
+New shops: every series of the config's data is cut to its last `weeks` x 7 days of history plus the
+test horizon, and padded before that with closed days ([data] short_series = "pad"), so each shop
+looks brand new.
+
+New products: in each shop, every other product (by id; then the rest, in a second fold) keeps only
+its test horizon: it has sold nothing before the day it is forecast from. Its history is stood in for
+by the shop's products most like it ([data] short_series = "analogues", shared.analogues: by
+description where the data has one), and only these products are scored. With descriptions, a
+`shopcast_zero_shot_all_siblings` row reads none (every product of the shop stands in), which
+measures what reading the description buys.
+
+Contenders, scored on the same test horizon:
   - shopcast_zero_shot: the shipped base adapter alone (what a new shop gets on joining);
-  - shopcast_base_personal: the base with the shop's own output layers refitted on its few windows;
+  - shopcast_base_personal: the base with the shop's own output layers refitted on its windows;
   - shopcast_local_only: the seeded init trained on the shop's own windows alone (`--local-steps`);
-  - seasonal naive, and LightGBM per merchant on the short history (as a merchant would fit today).
-A product with no history at all has no level to forecast from (the model scales by the context's
-open days), so it is refused by the data checks instead of forecast; one week is the shortest here.
-Daily configs only. Writes <results>/<benchmark.name>_cold_start.md and .json.
+  - seasonal naive, and LightGBM per merchant on the same history (as a merchant would fit today).
+For new products every contender sees the same stand-in history, and "seasonal naive" repeats the
+stand-in's last week. Daily configs only. Writes <results>/<benchmark.name>_cold_start.md and .json.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +51,26 @@ def newcomers(cfg: Config, weeks: int) -> SeriesTable:
     return prepare(cut.reset_index(drop=True), with_overrides(cfg, {"data.short_series": "pad"}).data, f"{source} (last {weeks} weeks)")
 
 
+def new_products(cfg: Config, fold: int) -> SeriesTable:
+    """Every other product of each shop (from `fold`) cut to its test horizon, stood in for by analogues."""
+    frame, source = raw_frame(cfg)
+    columns = cfg.data.columns
+    ids = frame.groupby(columns.merchant_id, sort=True)[columns.unique_id].transform(lambda s: s.rank(method="dense").astype(int))
+    fresh = (ids % 2 == fold) & (frame.groupby(columns.unique_id).cumcount(ascending=False) >= cfg.data.horizon)
+    data = with_overrides(cfg, {"data.short_series": "analogues"}).data
+    return prepare(frame[~fresh].reset_index(drop=True), data, f"{source} (new products, fold {fold})")
+
+
 def contest_for(cfg: Config, table: SeriesTable, local_steps: int) -> Contest:
     contest = Contest()
     base = ForecastPipeline.from_config(cfg, table)
     if base.base is None:
         raise SystemExit("no shipped base adapter fits this config; pretrain one (python -m server.pretrain)")
     splits = merchant_splits(base, table)
-    for name, forecast in (("shopcast_zero_shot", lambda: model_forecast(base, splits)), ("shopcast_base_personal", lambda: personalised(base, splits))):
+    rows = {"shopcast_zero_shot": lambda: model_forecast(base, splits), "shopcast_base_personal": lambda: personalised(base, splits)}
+    if table.descriptions and cfg.data.short_series == "analogues":
+        rows["shopcast_zero_shot_all_siblings"] = lambda: model_forecast(base, merchant_splits(base, replace(table, descriptions={})))
+    for name, forecast in rows.items():
         started = time.time()
         contest.add(name, forecast(), splits, cfg, time.time() - started)
     started = time.time()
@@ -58,6 +80,19 @@ def contest_for(cfg: Config, table: SeriesTable, local_steps: int) -> Contest:
     history = pd.concat([s.history_before_test() for s in splits.values()])
     add_lightgbm(contest, splits, cfg, table.known, history[history.groupby(ID)[OPEN].cummax() > 0])  # padding is not history
     return contest
+
+
+def products_contest(cfg: Config, local_steps: int) -> Contest:
+    """Both folds of new products, each contender scored on the new products only."""
+    cfg = with_overrides(cfg, {"data.short_series": "analogues"})
+    merged = Contest()
+    for fold in (0, 1):
+        table = new_products(cfg, fold)
+        contest = contest_for(cfg, table, local_steps)
+        for name, scores in contest.scores.items():
+            merged.scores[name] = pd.concat([merged.scores.get(name), scores[scores[ID].isin(list(table.padded))]], ignore_index=True)
+            merged.seconds[name] = merged.seconds.get(name, 0.0) + contest.seconds[name]
+    return merged
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -77,6 +112,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         for w in weeks:
             summaries[w] = accuracy_summary(contest_for(cfg, newcomers(cfg, w), args.local_steps))
             print(f"[cold_start] {w} weeks:\n{summaries[w].to_string()}", flush=True)
+        products = accuracy_summary(products_contest(cfg, args.local_steps))
+        print(f"[cold_start] new products:\n{products.to_string()}", flush=True)
     table = pd.concat([s.assign(weeks=w) for w, s in summaries.items()])
     wide = table.pivot(index="model", columns="weeks", values="wql_gmean_rel").rename(columns=lambda w: f"{w} weeks").reset_index()
     extra = [
@@ -85,13 +122,18 @@ def main(argv: list[str] | None = None) -> Path | None:
         f"data: every series of the config's data cut to its last w x 7 days + the {cfg.data.horizon}-day test horizon and padded "
         "before with closed days; validation = the horizon before the test, training windows = what remains before it (for 4 "
         "weeks one per series, its context all padding; for 1 week none with an open day to learn from)",
+        f"new products: in each shop every other product (two folds) keeps only its {cfg.data.horizon}-day test horizon; its history is "
+        f"stood in for by the shop's {cfg.data.analogues} products with the closest descriptions (all of them without descriptions); "
+        "only those products are scored, against the seasonal naive of that stand-in",
     ]
     body = "\n".join([
         "## gmean WQL relative to seasonal naive, by weeks of history (lower is better)", "", to_markdown(wide),
         *(f"\n## {w} weeks of history\n\n{to_markdown(s)}" for w, s in summaries.items()),
+        f"\n## New products: no history, stood in for by analogues\n\n{to_markdown(products)}",
     ])
     payload: dict[str, Any] = {"config": args.config, "overrides": overrides, "weeks": weeks,
-                               "summaries": {w: s.to_dict(orient="records") for w, s in summaries.items()}}
+                               "summaries": {w: s.to_dict(orient="records") for w, s in summaries.items()},
+                               "new_products": products.to_dict(orient="records")}
     return run.save(f"{cfg.benchmark.name}_cold_start", f"Cold start `{cfg.benchmark.name}`: new shops and products from the base",
                     extra, body, payload, args.results)
 

@@ -37,6 +37,7 @@ class Columns:
     known: tuple[str, ...] = ()
     observed: tuple[str, ...] = ()
     open: str = ""  # a 0/1 column, 1 = the shop sold that day; "" = always open
+    description: str = ""  # a text column naming each series' product; it picks a new product's analogues
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class DataConfig:
     negative: str = "clip"
     fill: str = "zero"
     short_series: str = "error"
+    analogues: int = 3  # short_series = "analogues": how many of the shop's products stand in for a new one
     sep: str = ","  # CSV only, as are decimal and encoding: ";" and "," for a European spreadsheet export
     decimal: str = "."
     encoding: str = "utf-8"
@@ -244,7 +246,8 @@ RULES: dict[str, Rule] = {
     "data.stride": _COUNT,
     "data.negative": _one_of("keep", "flag", "clip", "error"),
     "data.fill": _one_of("zero", "ffill", "error"),
-    "data.short_series": _one_of("error", "drop", "pad"),
+    "data.short_series": _one_of("error", "drop", "pad", "analogues"),
+    "data.analogues": _COUNT,
     "data.max_series_per_merchant": _NON_NEGATIVE,
     "data.sep": _CHARACTER,
     "data.decimal": _CHARACTER,

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from shared.adapter import AdapterMismatch, load_adapter, save_adapter
+from shared.analogues import description_vectors, stand_in_history
 from shared.calibration import Calibration
 from shared.config import PROJECT_ROOT, Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
@@ -166,13 +167,20 @@ class ForecastPipeline:
         return next(self.model.parameters()).device
 
     def splits(self, table: SeriesTable, future: pd.DataFrame | None = None) -> Splits:
-        """The table's windows, with the prompts this model reads; data shaped unlike the model is refused."""
+        """The table's windows, with the prompts this model reads; data shaped unlike the model is refused.
+        Under short_series = "analogues" a new product's padding is first stood in for by its analogues."""
         if (now := input_shape(self.cfg, table)) != self.model.shape:
             raise AdapterMismatch(f"the model takes inputs {self.model.shape}, but this data gives {now}; "
                                   "check [data.columns] known/observed and freq")
+        if self.cfg.data.short_series == "analogues":
+            table = stand_in_history(table, self.describe, self.cfg.data.analogues)
         shape = self.model.shape
         return build_splits(table, self.cfg.data, self.model.encode_prompts, future_known=future,
                             widths=(shape.n_known, shape.n_observed))
+
+    def describe(self, texts: list[str]) -> np.ndarray:
+        """Product descriptions as the frozen backbone's vectors (shared.analogues)."""
+        return description_vectors(texts, self.model.tokenizer, self.model.embed_tokens)
 
     def fit(self, train: Windows, val: Windows | None = None, **options: Any) -> TrainResult:
         """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""

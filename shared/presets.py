@@ -69,8 +69,12 @@ def load_walmart(stores: tuple[int, ...] = WALMART_STORES, max_depts: int | None
 
 
 def load_online_retail(countries: tuple[str, ...] = RETAIL_COUNTRIES, products_per_country: int = PRODUCTS_PER_COUNTRY) -> pd.DataFrame:
-    """Country = merchant, product = series: daily units net of cancellations, zero-filled over the calendar."""
-    tx = pd.read_parquet(_path("online_retail", "transactions.parquet"), columns=["InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "Country"])
+    """Country = merchant, product = series: daily units net of cancellations, zero-filled over the calendar,
+    with the product's description (its most frequent spelling in the invoices)."""
+    tx = pd.read_parquet(_path("online_retail", "transactions.parquet"),
+                         columns=["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "Country"])
+    described = tx.dropna(subset=["Description"])
+    description = described.groupby("StockCode")["Description"].agg(lambda d: d.value_counts().index[0]).str.strip()
     tx["day"] = tx["InvoiceDate"].dt.normalize().astype("datetime64[ns]")
     days = pd.date_range(tx["day"].min(), tx["day"].max(), freq="D", name=DS)
     is_open = pd.Series(days.isin(tx["day"].unique()).astype(float), index=days, name="open")  # closed: Saturdays, Christmas
@@ -87,6 +91,7 @@ def load_online_retail(countries: tuple[str, ...] = RETAIL_COUNTRIES, products_p
         n_invoices = shop.groupby("day")["InvoiceNo"].nunique().reindex(days, fill_value=0).astype(float).rename("n_invoices")
         merchant = country.replace(" ", "_")
         long = units.stack().rename(Y).reset_index().join(is_open, on=DS).join(n_invoices, on=DS)
+        long["description"] = long["StockCode"].map(description).fillna("")
         long.insert(0, MERCHANT, merchant)
         long.insert(1, ID, merchant + "/" + long.pop("StockCode"))
         frames.append(long.sort_values([ID, DS], ignore_index=True))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import codecs
 import gzip
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from shared.config import Columns, DataConfig
 MERCHANT, ID, DS, Y = "merchant_id", "unique_id", "ds", "y"
 OPEN = "is_open"  # 1 on a day the shop sold, 0 when closed (or before the series began): never scored, never learnt
 NEGATIVE_FLAG = "y_was_negative"
+DESCRIPTION = "description"  # the product's text, read once per series into SeriesTable.descriptions
 _FILL_IT = "fill it in the export or drop the row"
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,27 @@ class DataValidationError(ValueError):
 
 @dataclass(frozen=True)
 class SeriesTable:
-    """A validated long frame plus which covariates are known ahead and which are only observed."""
+    """A validated long frame plus which covariates are known ahead and which are only observed, each
+    series' product text (where the file has one) and how many of its first rows are padding."""
 
     frame: pd.DataFrame
     known: tuple[str, ...]
     observed: tuple[str, ...]
     freq: str
+    descriptions: Mapping[str, str] = field(default_factory=dict)
+    padded: Mapping[str, int] = field(default_factory=dict)  # series -> rows added before its first date
 
     def merchants(self) -> list[str]:
         return sorted(self.frame[MERCHANT].unique())
 
+    def for_merchants(self, merchants: Iterable[str]) -> "SeriesTable":
+        frame = self.frame[self.frame[MERCHANT].isin(list(merchants))].reset_index(drop=True)
+        ids = set(frame[ID])
+        return replace(self, frame=frame, descriptions={k: v for k, v in self.descriptions.items() if k in ids},
+                       padded={k: v for k, v in self.padded.items() if k in ids})
+
     def for_merchant(self, merchant: str) -> "SeriesTable":
-        return SeriesTable(self.frame[self.frame[MERCHANT] == merchant].reset_index(drop=True), self.known, self.observed, self.freq)
+        return self.for_merchants([merchant])
 
 
 def read_table(path: str | Path, data: DataConfig | None = None) -> pd.DataFrame:
@@ -187,6 +197,8 @@ def to_long(
         wanted[columns.open] = OPEN
     if columns.merchant_id:
         wanted[columns.merchant_id] = MERCHANT
+    if columns.description:
+        wanted[columns.description] = DESCRIPTION
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
         hint = '; set [data.columns] open = "" when the file has no open/closed flag' if columns.open in missing else ""
@@ -278,25 +290,27 @@ def regularise(frame: pd.DataFrame, freq: str, fill: str, source: str | Path = "
     return pd.concat(pieces, ignore_index=True)
 
 
-def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, source: str | Path = "<frame>") -> pd.DataFrame:
+def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, source: str | Path = "<frame>") -> tuple[pd.DataFrame, dict[str, int]]:
     """Series shorter than one training window, a validation and a test horizon: an error, dropped, or
     (`pad`, a shop or product that is new) preceded by closed days, which the model neither scales by
-    nor learns from, so the forecast rests on the days that exist and on what the federation learnt."""
+    nor learns from, so the forecast rests on the days that exist and on what the federation learnt;
+    `analogues` pads the same way and the pipeline then stands the shop's most similar products in for
+    the padding (shared.analogues). Returns the frame and the rows padded per series."""
     lengths = frame.groupby(ID).size()
     short = lengths[lengths < min_length]
     if short.empty:
-        return frame
+        return frame, {}
     if policy == "error":
         uid, n = short.index[0], int(short.iloc[0])
         raise DataValidationError(
             f"series {uid!r} has {n} timestamps, fewer than context + 3 x horizon = {min_length} "
             f"(one training window, a validation and a test horizon); {len(short)} series are this short. "
-            "Shorten [data] context or set short_series = \"drop\" (or \"pad\" for a new shop or product)",
+            "Shorten [data] context or set short_series = \"drop\" (or \"pad\" for a new shop, \"analogues\" for a new product)",
             file=source,
         )
     if policy == "drop":
         log.warning("%s: dropping %d series shorter than %d: %s", source, len(short), min_length, list(short.index[:5]))
-        return frame[~frame[ID].isin(short.index)].reset_index(drop=True)
+        return frame[~frame[ID].isin(short.index)].reset_index(drop=True), {}
     log.info("%s: %d series shorter than %d padded with closed days before their first date", source, len(short), min_length)
     pads = []
     for uid, n in short.items():
@@ -304,22 +318,33 @@ def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, sour
         dates = pd.date_range(end=first[DS], periods=min_length - n + 1, freq=freq)[:-1]
         pad = pd.DataFrame({c: 0.0 for c in frame.columns if c not in (MERCHANT, ID, DS)}, index=range(len(dates)))
         pads.append(pad.assign(**{MERCHANT: first[MERCHANT], ID: uid, DS: dates}))
-    return pd.concat([*pads, frame], ignore_index=True).sort_values([ID, DS], kind="stable").reset_index(drop=True)
+    padded = {str(uid): min_length - int(n) for uid, n in short.items()}
+    return pd.concat([*pads, frame], ignore_index=True).sort_values([ID, DS], kind="stable").reset_index(drop=True), padded
 
 
 def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
     """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
     frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value)
+    descriptions = _descriptions(frame.pop(DESCRIPTION), frame[ID]) if DESCRIPTION in frame else {}
     frame = regularise(frame, cfg.freq, cfg.fill, source)
     if OPEN not in frame:  # after regularising: without an open column, a filled gap is a day without sales, not a closed one
         frame[OPEN] = 1.0
     freq = cfg.freq if cfg.freq != "auto" else infer_step(frame[DS].drop_duplicates())
-    frame = fit_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, freq, source)
+    frame, padded = fit_short(frame, cfg.context + 3 * cfg.horizon, cfg.short_series, freq, source)
     if frame.empty:
         raise DataValidationError("no series left after validation", file=source)
     observed = tuple(cfg.columns.observed) + ((NEGATIVE_FLAG,) if NEGATIVE_FLAG in frame else ())
     ordered = [MERCHANT, ID, DS, Y, OPEN, *cfg.columns.known, *observed]
-    return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq)
+    ids = set(frame[ID])
+    return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq,
+                       {k: v for k, v in descriptions.items() if k in ids}, padded)
+
+
+def _descriptions(text: pd.Series, ids: pd.Series) -> dict[str, str]:
+    """Each series' first non-empty text: an export repeats the product's name on every row."""
+    text = text.where(text.notna(), "").astype(str).str.strip()
+    present = text != ""
+    return text[present].groupby(ids[present], sort=False).first().to_dict()
 
 
 def load_file(path: str | Path, cfg: DataConfig) -> SeriesTable:

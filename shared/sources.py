@@ -12,7 +12,7 @@ import pandas as pd
 
 from shared.config import Config, ConfigError
 from shared.presets import load_preset
-from shared.schema import MERCHANT, SeriesTable, prepare, read_table
+from shared.schema import SeriesTable, prepare, read_table
 from shared.synthetic import generate_merchants
 
 
@@ -45,8 +45,7 @@ def select_merchants(table: SeriesTable, merchants: Sequence[str]) -> SeriesTabl
     unknown = [m for m in merchants if m not in available]
     if unknown:
         raise ConfigError(f"unknown merchant(s) {unknown}; the data has {available}")
-    frame = table.frame[table.frame[MERCHANT].isin(merchants)].reset_index(drop=True)
-    return SeriesTable(frame, table.known, table.observed, table.freq)
+    return table.for_merchants(merchants)
 
 
 def one_merchant(table: SeriesTable, merchant: str | None) -> tuple[str, SeriesTable]:

@@ -60,7 +60,7 @@ def test_walmart_preset_narrows_by_config():
 
 @needs_retail
 def test_online_retail(retail):
-    assert list(retail.columns) == ["merchant_id", "unique_id", "ds", "y", "open", "n_invoices"]
+    assert list(retail.columns) == ["merchant_id", "unique_id", "ds", "y", "open", "n_invoices", "description"]
     assert sorted(retail["merchant_id"].unique()) == ["EIRE", "France", "Germany", "United_Kingdom"]
     assert retail.groupby("merchant_id")["unique_id"].nunique().eq(8).all()
     assert retail.groupby("unique_id").size().eq(374).all()  # every calendar day 2010-12-01 .. 2011-12-09
@@ -71,6 +71,7 @@ def test_online_retail(retail):
     table = prepare(retail, cfg.data, "online_retail")
     assert len(table.frame) == len(retail) and (table.frame["y"] >= 0).all()
     assert (table.frame["is_open"] == retail["open"]).all()
+    assert table.descriptions["United_Kingdom/85123A"] == "WHITE HANGING HEART T-LIGHT HOLDER" and len(table.descriptions) == 32
 
 
 @needs_retail

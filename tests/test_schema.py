@@ -243,8 +243,8 @@ def test_short_series_error_drop_and_pad():
     error = _error(fit_short, frame, 35, "error", "D", SOURCE)
     _where(error, SOURCE)
     assert "series 'b' has 20 timestamps, fewer than context + 3 x horizon = 35" in str(error)
-    kept = fit_short(frame, 35, "drop", "D", SOURCE)
-    assert kept[ID].unique().tolist() == ["a"] and len(kept) == 40
+    kept, padded = fit_short(frame, 35, "drop", "D", SOURCE)
+    assert kept[ID].unique().tolist() == ["a"] and len(kept) == 40 and padded == {}
 
 
 def test_a_new_series_is_padded_with_closed_days_before_its_first():
@@ -255,7 +255,7 @@ def test_a_new_series_is_padded_with_closed_days_before_its_first():
     assert b[DS].iloc[-1] == pd.Timestamp("2024-02-09") and b[MERCHANT].eq("m").all()
     np.testing.assert_array_equal(b[OPEN].to_numpy(), np.r_[np.zeros(15), np.ones(20)])
     np.testing.assert_array_equal(b[Y].to_numpy()[:15], 0.0)
-    assert len(table.frame[table.frame[ID] == "a"]) == 40
+    assert len(table.frame[table.frame[ID] == "a"]) == 40 and table.padded == {"b": 15}
 
 
 def test_prepare_applies_the_short_series_policy():
