@@ -102,7 +102,7 @@ def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: 
     """Early-stopped local training (fixed length under DP), then the calibration, test-split scores
     before and after it, and the adapter with its calibration.json."""
     cfg = pipeline.cfg
-    privacy = pipeline.private_training(merchant, splits.train)
+    privacy = pipeline.private_training(merchant, splits.train, planned_steps=cfg.train.max_steps)
     with tqdm(total=cfg.train.max_steps, desc=f"training {merchant}", unit="step") as bar:
         result = pipeline.fit(splits.train, splits.val, privacy=privacy, on_step=lambda step: bar.update(1))
     typer.echo(f"{merchant}: {result.steps} steps, train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"

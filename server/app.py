@@ -31,6 +31,7 @@ from shared.adapter import adapter_bytes, adapter_shapes, adapter_state, backbon
 from shared.config import Config, config_from_run
 from shared.model import Forecaster
 from shared.pipeline import ForecastPipeline
+from shared.privacy import ledger_unit
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -65,7 +66,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         "wall_s": time.time() - started,
         "adapter_bytes": adapter_bytes(model),
         "backbone_bytes": backbone_bytes(model),
-        "privacy": {"enabled": cfg.privacy.enabled, "unit": cfg.privacy.unit, "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
+        "privacy": {"enabled": cfg.privacy.enabled, "unit": ledger_unit(cfg.privacy), "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
     }
     fed = cfg.federation

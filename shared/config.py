@@ -128,12 +128,19 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = True
-    unit: str = "series"
+    unit: str = "series"  # series | window | day (docs/privacy.md, section 2)
+    window_days: int = 7  # w of the "window" unit: any w consecutive days of a series are protected
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    noise_multiplier: float = 1.5
+    noise_multiplier: float | str = "auto"  # "auto": the σ with which the planned run ends on target_epsilon
     max_grad_norm: float = 1.0
     ledger_dir: str = "runs/ledgers"
+
+    def __post_init__(self) -> None:
+        # The loader turns an integer into a float for plain float fields only, and σ may also be "auto":
+        # without this, `noise_multiplier = 2` would stay an int and read as 2, not 2.0, in errors and logs.
+        if isinstance(self.noise_multiplier, numbers.Real) and not isinstance(self.noise_multiplier, bool):
+            object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
 
 
 @dataclass(frozen=True)
@@ -302,10 +309,12 @@ RULES: dict[str, Rule] = {
     "train.personal_steps": _COUNT,
     "train.personal_lr": _POSITIVE,
     "train.personal_windows": _COUNT,
-    "privacy.unit": _one_of("series", "day"),
+    "privacy.unit": _one_of("series", "window", "day"),
+    "privacy.window_days": _COUNT,
     "privacy.target_epsilon": _POSITIVE,
     "privacy.delta": _OPEN_UNIT,
-    "privacy.noise_multiplier": _POSITIVE,
+    "privacy.noise_multiplier": Rule('either "auto" or a number above 0',
+                                     lambda value: value == "auto" if isinstance(value, str) else value > 0),
     "privacy.max_grad_norm": _POSITIVE,
     "privacy.ledger_dir": _NOT_EMPTY,
     "federation.num_merchants": _COUNT,

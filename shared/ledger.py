@@ -116,6 +116,11 @@ class PrivacyLedger:
     def remaining(self) -> float:
         return max(0.0, self.target_epsilon - self.epsilon())
 
+    def limit(self, ceiling: float | None = None) -> float:
+        """The ε a run may reach: the budget, or the lower `ceiling` it asks for. One definition, so the
+        σ a run is planned with ("auto", shared.privacy) aims at exactly the ε its steps are refused past."""
+        return self.target_epsilon if ceiling is None else min(ceiling, self.target_epsilon)
+
     def affordable_steps(self, noise_multiplier: float, sample_rate: float, planned: int, ceiling: float | None = None) -> int:
         """The most steps, up to `planned`, that can still be taken without ε passing the target (or
         the lower `ceiling` a run asks for), judged on the history as last read.
@@ -123,7 +128,7 @@ class PrivacyLedger:
         ε grows monotonically with the step count, so a binary search finds the boundary.
         """
         _check_step_args(noise_multiplier, sample_rate, planned)
-        limit = self.target_epsilon if ceiling is None else min(ceiling, self.target_epsilon)
+        limit = self.limit(ceiling)
 
         def fits(n: int) -> bool:
             extended = _extended(self._history, noise_multiplier, sample_rate, n)

@@ -191,10 +191,14 @@ class ForecastPipeline:
         here. (validation loss before, after, steps kept)."""
         return personalise(self.model, splits.train, splits.val, self.cfg.train)
 
-    def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None) -> PrivateTraining | None:
-        """The merchant's DP-SGD session when the config (or the merchant's own pins) turn privacy on."""
+    def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None,
+                         planned_steps: int | None = None) -> PrivateTraining | None:
+        """The merchant's DP-SGD session when the config (or the merchant's own pins) turn privacy on;
+        `planned_steps` (default: the federation's rounds x local steps) is what σ "auto" plans for."""
         pins = pins or MerchantPins()
-        return PrivateTraining.for_merchant(self.cfg, merchant, train, pins) if self.cfg.privacy.enabled or pins.require_dp else None
+        if not (self.cfg.privacy.enabled or pins.require_dp):
+            return None
+        return PrivateTraining.for_merchant(self.cfg, merchant, train, pins, planned_steps)
 
     def predict_frame(self, splits: Splits, windows: Windows, calibration: Calibration | None = None) -> pd.DataFrame:
         """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame, with

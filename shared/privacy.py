@@ -1,17 +1,24 @@
 """DP-SGD for one merchant's local training: what is sampled, what is clipped, what is spent.
 
 The protected unit decides the sampling. Windows overlap, so one day sits in up to L + H windows
-and "one window" protects nothing meaningful:
+and "one window" of them protects nothing meaningful:
   - "series": a whole product/customer series is the unit. Each step Poisson-samples series, and a
     sampled series contributes one window, hence one clipped gradient.
-  - "day":    only non-overlapping windows are used, so each day lies in at most one training example
-    and the per-example guarantee covers any single day (and the rest of its window).
+  - "window": any w = window_days consecutive days of a series. Only windows that are apart by their
+    length plus a gap of w - 1 days are used, so any w consecutive days touch at most one training
+    example, and the per-example guarantee covers them (and the rest of that example's window).
+  - "day":    the w = 1 case of "window": non-overlapping windows, each day in at most one example.
 The accountant is charged with the sampling rate of that unit, and the budget is reserved in the
 merchant's ledger before the first step runs, so a crash can never leave steps unaccounted.
+
+σ is either the configured number or, with noise_multiplier = "auto", the one with which the planned
+run (every round's local steps) at the merchant's own sampling rate ends on its ε, never past it; a
+merchant's min-noise pin floors it either way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Iterator, Mapping
@@ -30,41 +37,89 @@ from shared.ledger import PrivacyLedger
 from shared.windows import WindowDataset, Windows
 
 
-def privacy_units(windows: Windows, unit: str, window_length: int) -> list[np.ndarray]:
-    """Window indices grouped by protected unit (see the module docstring)."""
+def privacy_units(windows: Windows, unit: str, window_length: int, window_days: int = 1) -> list[np.ndarray]:
+    """Window indices grouped by protected unit (see the module docstring). `window_days` is the w of
+    the "window" unit; a "day" is w = 1, so both go through the same spacing."""
     if unit == "series":
         return [np.flatnonzero(windows.series == s) for s in np.unique(windows.series)]
-    units: list[np.ndarray] = []
-    for s in np.unique(windows.series):
-        next_free = -np.inf
-        for i in np.flatnonzero(windows.series == s)[np.argsort(windows.offset[windows.series == s])]:
-            if windows.offset[i] >= next_free:
-                units.append(np.array([i]))
-                next_free = windows.offset[i] + window_length
-    return units
+    spacing = window_length + (window_days if unit == "window" else 1) - 1
+    return [np.array([i]) for s in np.unique(windows.series) for i in _spaced(windows, s, spacing)]
+
+
+def _spaced(windows: Windows, series: int, spacing: int) -> list[int]:
+    """The series' windows whose offsets are at least `spacing` apart, greedily from its first one,
+    which keeps the most windows such a spacing allows."""
+    members = np.flatnonzero(windows.series == series)
+    chosen: list[int] = []
+    next_free = -np.inf
+    for i in members[np.argsort(windows.offset[members], kind="stable")]:
+        if windows.offset[i] >= next_free:
+            chosen.append(int(i))
+            next_free = windows.offset[i] + spacing
+    return chosen
+
+
+def _units(cfg: Config, train: Windows) -> list[np.ndarray]:
+    return privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon, cfg.privacy.window_days)
 
 
 def sample_rate(cfg: Config, train: Windows) -> float:
     """The probability with which each protected unit is Poisson-sampled per step, which is also
     what the merchant's ledger is charged: one expected batch of `batch_size` units (or all of them)."""
-    return _rate(len(privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon)), cfg.train.batch_size)
+    return _rate(len(_units(cfg, train)), cfg.train.batch_size)
 
 
 def _rate(units: int, batch_size: int) -> float:
     return 1.0 / int(np.ceil(units / min(batch_size, units)))
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier with which `steps` steps at `sample_rate` spend exactly `target_epsilon`
-    (Opacus' RDP search), so a planned run ends on its budget instead of stopping short of its steps."""
+    """The noise multiplier with which `steps` steps at `sample_rate` spend `target_epsilon` to within
+    Opacus' search tolerance (0.01), never more (its RDP search), so a planned run ends on its budget
+    instead of stopping short of its steps. Cached: the search takes seconds at sampling rates near 1/2,
+    and every round of a merchant asks again with the same plan."""
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
                                       accountant="rdp"))
+
+
+def federated_steps(cfg: Config) -> int:
+    """The DP steps a merchant's federated run plans: every merchant is asked every round (docs/privacy.md,
+    section 6), and each round takes `local_steps`."""
+    return cfg.federation.num_rounds * cfg.federation.local_steps
+
+
+def signal_to_noise(units: int, dims: int, sigma: float, steps: int, sample_rate: float) -> float:
+    """An upper estimate of how far a whole DP-SGD run's summed update stands out of its noise: the
+    number to read beside ε, since ε alone does not say whether the run can still learn anything.
+
+    Signal: each step sums the clipped gradients of the Poisson-sampled units, q·N in expectation,
+    each of norm at most C, so by the triangle inequality the expected sum over T steps has norm at
+    most T·q·N·C. It reaches that only if every clipped gradient has norm C and all of them point the
+    same way for the whole run, the best case for learning; real gradients disagree and shrink.
+    Noise: each step adds N(0, σ²C²·I_d), so T steps add N(0, T·σ²C²·I_d), whose norm concentrates at
+    σ·C·√(T·d) for large d. The ratio is q·N·√T / (σ·√d); C cancels.
+
+    At full batch (q = 1) T Gaussian steps at σ are (α, T·α/2σ²)-RDP (the Gaussian mechanism and RDP
+    composition, Mironov 2017, "Rényi Differential Privacy"), exactly one Gaussian step at σ/√T. So the
+    σ that spends a given ε grows as √T and the ratio becomes N/(σ₁·√d), whatever T, with σ₁ the σ of
+    one step: at ε = 8, δ = 1e-5 (Opacus' RDP conversion) 1/σ₁ ≈ 1.57, the bound 1.57·N/√d of issue 13.
+    With sampling (q < 1) only q·N ≈ batch_size units add to a step; the lower σ that amplification
+    allows makes up part of that, not all (the table in docs/privacy.md, section 5).
+    """
+    return sample_rate * units * math.sqrt(steps) / (sigma * math.sqrt(dims))
+
+
+def ledger_unit(cfg: PrivacyConfig) -> str:
+    """The unit a merchant's ledger is kept for. A "window" names its w: ε spent protecting any 7 days
+    says little about any 28, so a ledger begun under one w refuses a run under another."""
+    return f"window-{cfg.window_days}" if cfg.unit == "window" else cfg.unit
 
 
 def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
     """The merchant's own ledger file, kept on its disk across rounds and restarts."""
     path = Path(cfg.ledger_dir) / f"{merchant.replace('/', '_')}.json"
-    return PrivacyLedger(path, cfg.target_epsilon, cfg.delta, cfg.unit)
+    return PrivacyLedger(path, cfg.target_epsilon, cfg.delta, ledger_unit(cfg))
 
 
 @dataclass(frozen=True)
@@ -100,10 +155,11 @@ class MerchantPins:
         return pins
 
     def apply(self, cfg: PrivacyConfig) -> tuple[PrivacyConfig, float]:
-        """The privacy settings this merchant trains under, and the ε a run may spend up to."""
+        """The privacy settings this merchant trains under, and the ε a run may spend up to. The σ floor
+        is not folded in here: it must floor the σ that "auto" picks, which `PrivateTraining` decides."""
         budget = cfg.target_epsilon if self.max_epsilon is None else self.max_epsilon
         pinned = replace(cfg, enabled=cfg.enabled or self.require_dp, ledger_dir=self.ledger_dir or cfg.ledger_dir,
-                         target_epsilon=budget, noise_multiplier=max(cfg.noise_multiplier, self.min_noise))
+                         target_epsilon=budget)
         return pinned, min(cfg.target_epsilon, budget)
 
 
@@ -114,23 +170,41 @@ def _as_bool(value: Any) -> bool:
 
 
 class PrivateTraining:
-    """One DP training session: reserves budget, wraps model and optimiser with Opacus, unwraps."""
+    """One DP training session: reserves budget, wraps model and optimiser with Opacus, unwraps.
 
-    def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows, ceiling: float | None = None):
+    `noise_multiplier` is the σ of every step of the session, decided once at construction: the
+    configured number, or with "auto" the σ that spends the ε the run may reach (the ledger's budget,
+    or the lower ceiling) over `planned_steps` (by default the federated plan) at this merchant's own
+    sampling rate; never below `min_noise`. It is planned for a fresh budget: whatever an earlier run
+    left on the ledger, `reserve` still cuts the steps to what the ledger allows.
+    """
+
+    def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows, ceiling: float | None = None, *,
+                 min_noise: float = 0.0, planned_steps: int | None = None):
         self.cfg, self.ledger, self.ceiling = cfg.privacy, ledger, ceiling
-        self.units = privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon)
+        self.units = _units(cfg, train)
         self.sample_rate = _rate(len(self.units), cfg.train.batch_size)
+        self.planned_steps = federated_steps(cfg) if planned_steps is None else planned_steps
+        self.noise_multiplier = max(self._planned_noise(), min_noise)
         self._wrapped: GradSampleModule | None = None
 
-    @classmethod
-    def for_merchant(cls, cfg: Config, merchant: str, train: Windows, pins: MerchantPins | None = None) -> PrivateTraining:
-        """The session of `merchant`, charged to its own ledger on its disk, under its own pins."""
-        privacy, ceiling = (pins or MerchantPins()).apply(cfg.privacy)
-        return cls(replace(cfg, privacy=privacy), open_ledger(privacy, merchant), train, ceiling)
+    def _planned_noise(self) -> float:
+        if self.cfg.noise_multiplier != "auto":
+            return float(self.cfg.noise_multiplier)
+        return noise_for(self.ledger.limit(self.ceiling), self.ledger.delta, self.sample_rate, self.planned_steps)
 
-    def reserve(self, planned_steps: int) -> int:
-        """Records as many of `planned_steps` as the remaining budget allows; returns that number."""
-        return self.ledger.reserve(self.cfg.noise_multiplier, self.sample_rate, planned_steps, self.ceiling)
+    @classmethod
+    def for_merchant(cls, cfg: Config, merchant: str, train: Windows, pins: MerchantPins | None = None,
+                     planned_steps: int | None = None) -> PrivateTraining:
+        """The session of `merchant`, charged to its own ledger on its disk, under its own pins."""
+        pins = pins or MerchantPins()
+        privacy, ceiling = pins.apply(cfg.privacy)
+        return cls(replace(cfg, privacy=privacy), open_ledger(privacy, merchant), train, ceiling,
+                   min_noise=pins.min_noise, planned_steps=planned_steps)
+
+    def reserve(self, steps: int) -> int:
+        """Records as many of this round's `steps` as the remaining budget allows; returns that number."""
+        return self.ledger.reserve(self.noise_multiplier, self.sample_rate, steps, self.ceiling)
 
     def attach(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Windows
@@ -144,7 +218,7 @@ class PrivateTraining:
         engine = PrivacyEngine(accountant="rdp")
         model.train()
         wrapped, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=dp_loader, noise_multiplier=self.cfg.noise_multiplier,
+            module=model, optimizer=optimizer, data_loader=dp_loader, noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=False, noise_generator=secret, grad_sample_mode="hooks",
         )
         self._wrapped = wrapped

@@ -125,3 +125,24 @@ def test_every_number_has_a_rule_and_every_rule_a_key() -> None:
 def test_llm_layers_deeper_than_the_backbone_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^\[model\] llm_layers = 5, but backbone 'tiny' has 4 blocks; expected 1 to 4$"):
         truncated_backbone("tiny", 5)
+
+
+def test_noise_multiplier_is_auto_by_default_or_a_number() -> None:
+    assert load_config().privacy.noise_multiplier == "auto"
+    sigma = load_config(overrides=parse_overrides(["privacy.noise_multiplier=2"])).privacy.noise_multiplier
+    assert isinstance(sigma, float) and sigma == 2.0
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("privacy.noise_multiplier=loud", '"auto" or a number above 0'),
+    ("privacy.noise_multiplier=-1", '"auto" or a number above 0'),
+    ("privacy.window_days=0", "an integer, at least 1"),
+    ("privacy.window_days=2.5", "an integer, at least 1"),
+    ("privacy.unit='week'", "['day', 'series', 'window']"),
+])
+def test_a_bad_privacy_unit_or_noise_is_one_line_saying_what_is_allowed(override: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=parse_overrides([override]))
+    message = str(error.value)
+    assert message.startswith(f"[privacy] {override.split('=')[0].removeprefix('privacy.')} = "), message
+    assert allowed in message and "\n" not in message, message

@@ -5,7 +5,9 @@ property the privacy guarantee rests on, rather than trusting that the flags wer
   - every per-sample gradient Opacus sums is clipped to max_grad_norm, and no trainable tensor escapes;
   - Gaussian noise of standard deviation noise_multiplier * max_grad_norm is really added;
   - the frozen backbone is bit-identical after DP training and Opacus leaves no hooks behind;
-  - a privacy unit is a series (one unit per series) or a day (non-overlapping windows);
+  - a privacy unit is a series (one unit per series), or any w days ("window"; "day" is w = 1): then
+    any w consecutive days touch at most one training window;
+  - σ "auto" spends the planned budget in exactly the planned steps, under the merchant's σ floor;
   - the sample rate charged to the ledger is the rate Opacus' Poisson loader samples with;
   - a spent budget stops training before a step, and the ledger never passes the target;
   - the ledger's ε is Opacus' RDP accountant's for the same (noise, rate, steps) history;
@@ -27,11 +29,11 @@ from torch.utils.data import DataLoader
 
 import shared.privacy as shared_privacy
 from shared.adapter import adapter_state
-from shared.config import ConfigError
-from shared.ledger import PrivacyLedger
+from shared.config import ConfigError, PrivacyConfig
+from shared.ledger import LedgerError, PrivacyLedger
 from shared.model import pinball_loss
 from shared.pipeline import ForecastPipeline
-from shared.privacy import MerchantPins, PrivateTraining, open_ledger, privacy_units, sample_rate
+from shared.privacy import MerchantPins, PrivateTraining, noise_for, open_ledger, privacy_units, sample_rate, signal_to_noise
 from shared.train import fit
 from shared.windows import WindowDataset
 
@@ -127,7 +129,7 @@ def test_gaussian_noise_of_the_calibrated_scale_is_added(make_forecaster, tmp_pa
             return torch.cat([(p.grad - s).flatten() for p, s in zip(params, summed)])
 
         first, second = noise_draw(), noise_draw()
-        sigma = cfg.privacy.noise_multiplier * cfg.privacy.max_grad_norm
+        sigma = privacy.noise_multiplier * cfg.privacy.max_grad_norm
         assert first.numel() > 10_000
         assert abs(first.std().item() / sigma - 1) < 0.05
         assert abs(first.mean().item()) < 5 * sigma / first.numel() ** 0.5
@@ -227,25 +229,43 @@ def test_series_unit_is_one_unit_per_series(tiny_model_and_splits, tiny_cfg) -> 
     assert sorted(np.concatenate(units).tolist()) == list(range(len(train)))  # every window, exactly once
 
 
-def test_day_unit_windows_never_share_a_day(tiny_model_and_splits, tiny_cfg) -> None:
+@pytest.mark.parametrize("unit, w", [("day", 1), ("window", 7), ("window", 17)])
+def test_any_w_consecutive_days_touch_at_most_one_training_window(tiny_model_and_splits, tiny_cfg, unit: str, w: int) -> None:
     _, splits = tiny_model_and_splits
     train, length = splits.train, _window_length(tiny_cfg)
-    units = privacy_units(train, "day", length)
-    assert all(len(unit) == 1 for unit in units)
+    units = privacy_units(train, unit, length, w)
+    assert all(len(u) == 1 for u in units)
     chosen = np.concatenate(units)
     assert len(set(chosen.tolist())) == len(chosen)
     for s in np.unique(train.series):
         offsets = np.sort(train.offset[chosen][train.series[chosen] == s])
-        assert len(offsets) >= 1
-        assert (np.diff(offsets) >= length).all(), "two day-units of one series overlap"
-        days = np.concatenate([np.arange(o, o + length) for o in offsets])
-        assert len(days) == len(np.unique(days))  # no day in two units
-        # greedy from the first window: as many disjoint windows as fit in the training span
-        span = train.offset[train.series == s].max() + length
-        assert len(offsets) == span // length
+        assert len(offsets) >= 2, "test is vacuous: a series needs two units"
+        assert (np.diff(offsets) >= length + w - 1).all(), "two units of one series are closer than a gap of w - 1 days"
+        stretches = np.arange(offsets[-1] + length)[:, None]  # the first days of every w-day stretch
+        touched = (offsets <= stretches + w - 1) & (stretches <= offsets + length - 1)
+        assert touched.sum(axis=1).max() == 1
+        # greedy from the first window (stride 1 here): as many units as that spacing fits in the training span
+        assert len(offsets) == train.offset[train.series == s].max() // (length + w - 1) + 1
 
 
-@pytest.mark.parametrize("unit", ["series", "day"])
+def test_a_one_day_window_is_the_day_unit(tiny_model_and_splits, tiny_cfg) -> None:
+    _, splits = tiny_model_and_splits
+    day = privacy_units(splits.train, "day", _window_length(tiny_cfg))
+    window = privacy_units(splits.train, "window", _window_length(tiny_cfg), 1)
+    assert [u.tolist() for u in window] == [u.tolist() for u in day]
+
+
+def test_a_window_ledger_refuses_a_run_with_another_w(tmp_path: Path) -> None:
+    """ε spent protecting any 7 days is no budget for protecting any 14: the ledger is kept per w."""
+    cfg = PrivacyConfig(unit="window", window_days=7, ledger_dir=str(tmp_path))
+    open_ledger(cfg, "m0").record(1.0, 0.1, 3)
+    assert open_ledger(cfg, "m0").history == [(1.0, 0.1, 3)]
+    for other in (replace(cfg, window_days=14), replace(cfg, unit="day")):
+        with pytest.raises(LedgerError, match="unit='window-7'"):
+            open_ledger(other, "m0")
+
+
+@pytest.mark.parametrize("unit", ["series", "window", "day"])
 def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_path: Path, monkeypatch, unit: str) -> None:
     model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.unit": unit, "train.batch_size": 3})
     privacy = _session(cfg, splits, tmp_path)
@@ -260,10 +280,10 @@ def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_pat
     result = fit(model, splits.train, None, cfg.train, steps=2, privacy=privacy)
     assert result.status == "ok" and len(created) == 1
     loader = created[0]
-    n_units = len(privacy_units(splits.train, unit, _window_length(cfg)))
+    n_units = len(privacy_units(splits.train, unit, _window_length(cfg), cfg.privacy.window_days))
     assert len(loader.dataset) == n_units  # Opacus samples units, not windows
     assert loader.sample_rate == privacy.sample_rate == sample_rate(cfg, splits.train)
-    assert privacy.ledger.history == [(cfg.privacy.noise_multiplier, loader.sample_rate, 2)]
+    assert privacy.ledger.history == [(privacy.noise_multiplier, loader.sample_rate, 2)]
 
     # Poisson sampling of units: each batch holds distinct units, on average rate * units of them
     sizes, rng = [], torch.Generator().manual_seed(0)
@@ -318,10 +338,10 @@ def test_an_empty_poisson_batch_still_takes_a_noised_step(make_forecaster, tmp_p
 def test_spent_budget_stops_training_before_any_step(make_forecaster, tmp_path: Path) -> None:
     model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.target_epsilon": 3.0})
     privacy = _session(cfg, splits, tmp_path)
-    ledger = privacy.ledger
-    affordable = ledger.affordable_steps(cfg.privacy.noise_multiplier, privacy.sample_rate, 10_000)
+    ledger, sigma = privacy.ledger, privacy.noise_multiplier
+    affordable = ledger.affordable_steps(sigma, privacy.sample_rate, 10_000)
     assert 0 < affordable < 10_000
-    ledger.record(cfg.privacy.noise_multiplier, privacy.sample_rate, affordable)
+    ledger.record(sigma, privacy.sample_rate, affordable)
     spent, history, before = ledger.epsilon(), ledger.history, adapter_state(model)
 
     result = fit(model, splits.train, None, cfg.train, steps=3, privacy=_session(cfg, splits, tmp_path))
@@ -333,15 +353,57 @@ def test_spent_budget_stops_training_before_any_step(make_forecaster, tmp_path: 
     assert reopened.history == history and reopened.epsilon() <= cfg.privacy.target_epsilon
 
 
-def test_partly_affordable_round_runs_only_what_the_budget_allows(make_forecaster, tmp_path: Path) -> None:
-    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"privacy.target_epsilon": 3.0})
+def test_spending_from_an_earlier_run_still_cuts_the_planned_steps(make_forecaster, tmp_path: Path) -> None:
+    """σ "auto" is planned for a fresh budget; what an earlier run left on the ledger still counts."""
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"federation.num_rounds": 1, "federation.local_steps": 4})
     privacy = _session(cfg, splits, tmp_path)
-    affordable = privacy.ledger.affordable_steps(cfg.privacy.noise_multiplier, privacy.sample_rate, 10_000)
-    planned = affordable + 5
-    result = fit(model, splits.train, None, cfg.train, steps=planned, privacy=privacy)
+    sigma, rate = privacy.noise_multiplier, privacy.sample_rate
+    privacy.ledger.record(sigma, rate, 2)  # an earlier run, under the same σ
+    affordable = privacy.ledger.affordable_steps(sigma, rate, 4)
+    assert 0 < affordable < 4
+    result = fit(model, splits.train, None, cfg.train, steps=4, privacy=privacy)
     assert result.status == "ok" and result.steps == affordable
     assert privacy.ledger.epsilon() <= cfg.privacy.target_epsilon
-    assert open_ledger(cfg.privacy, "m0").history == [(cfg.privacy.noise_multiplier, privacy.sample_rate, affordable)]
+    assert open_ledger(cfg.privacy, "m0").history == [(sigma, rate, 2 + affordable)]
+
+
+@pytest.mark.parametrize("pins, planned, rounds", [
+    (MerchantPins(), None, [2, 2]),  # the federation's plan, num_rounds x local_steps, one session per round
+    (MerchantPins(max_epsilon=2.0), None, [2, 2]),  # a merchant's lower budget is what σ aims at
+    (MerchantPins(), 3, [3]),  # a plan given outright (a local run's max_steps), not the federation's 2 x 2
+], ids=["federated", "pinned-budget", "given-plan"])
+def test_auto_noise_spends_the_planned_budget_in_all_the_planned_steps(
+    make_forecaster, tmp_path: Path, pins: MerchantPins, planned: int | None, rounds: list[int]
+) -> None:
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"federation.num_rounds": 2, "federation.local_steps": 2})
+    assert cfg.privacy.noise_multiplier == "auto"
+    for steps in rounds:
+        privacy = PrivateTraining.for_merchant(cfg, "m0", splits.train, pins, planned_steps=planned)
+        result = fit(model, splits.train, None, cfg.train, steps=steps, privacy=privacy)
+        assert result.status == "ok" and result.steps == steps, "the ledger cut a planned step"
+    assert privacy.planned_steps == sum(rounds)
+    assert privacy.ledger.history == [(privacy.noise_multiplier, privacy.sample_rate, sum(rounds))]
+    limit = min(cfg.privacy.target_epsilon, pins.max_epsilon or np.inf)
+    assert limit - 0.01 <= result.epsilon <= limit  # Opacus' search tolerance below the budget, never above
+
+
+def test_the_min_noise_pin_floors_the_auto_noise(tiny_model_and_splits, tiny_cfg, tmp_path: Path) -> None:
+    _, splits = tiny_model_and_splits
+    cfg = replace(tiny_cfg, privacy=replace(tiny_cfg.privacy, ledger_dir=str(tmp_path)))
+    auto = PrivateTraining.for_merchant(cfg, "m0", splits.train).noise_multiplier
+    assert auto == noise_for(cfg.privacy.target_epsilon, cfg.privacy.delta, sample_rate(cfg, splits.train),
+                             cfg.federation.num_rounds * cfg.federation.local_steps)
+    for floor in (auto / 2, auto * 2):
+        pinned = PrivateTraining.for_merchant(cfg, "m0", splits.train, MerchantPins(min_noise=floor))
+        assert pinned.noise_multiplier == max(auto, floor)
+
+
+@pytest.mark.parametrize("steps", [1, 30, 300])
+def test_full_batch_signal_to_noise_at_epsilon_8_is_the_rdp_bound(steps: int) -> None:
+    """At q = 1, T steps at σ are one Gaussian step at σ/√T, so σ "auto" grows as √T and the ratio
+    is about 1.57·N/√d whatever T (issue 13): 0.31 for 20 units and 10,000 trainable numbers."""
+    sigma = noise_for(8.0, 1e-5, 1.0, steps)
+    assert signal_to_noise(20, 10_000, sigma, steps, 1.0) == pytest.approx(1.57 * 20 / 100, rel=0.02)
 
 
 def test_ledger_epsilon_after_dp_rounds_equals_opacus_rdp_accountant(make_forecaster, tmp_path: Path) -> None:
@@ -352,7 +414,7 @@ def test_ledger_epsilon_after_dp_rounds_equals_opacus_rdp_accountant(make_foreca
         result = fit(model, splits.train, None, cfg.train, steps=steps, privacy=privacy)
         assert result.steps == steps
         for _ in range(steps):
-            accountant.step(noise_multiplier=cfg.privacy.noise_multiplier, sample_rate=privacy.sample_rate)
+            accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate)
         assert result.epsilon == accountant.get_epsilon(cfg.privacy.delta)  # bit for bit
     ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir) / "m0.json", cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.privacy.unit)
     assert ledger.history == accountant.history
@@ -376,7 +438,7 @@ def test_the_merchants_node_config_pins_its_budget_against_the_server(make_forec
                                              "privacy.target_epsilon": 100.0, "privacy.noise_multiplier": 0.1})
     pins = MerchantPins.from_node_config({"ledger-dir": str(tmp_path / "mine"), "require-dp": True, "max-epsilon": 2, "min-noise": 20.0})
     session = ForecastPipeline(cfg, model.shape).private_training("m0", splits.train, pins)
-    assert session is not None and session.cfg.noise_multiplier == 20.0
+    assert session is not None and session.noise_multiplier == 20.0
     assert session.ledger.path.parent == tmp_path / "mine" and session.ledger.target_epsilon == 2.0 and session.ceiling == 2.0
     # the server may still ask for less: the run stops at its lower ceiling, the ledger's budget stays the merchant's
     lower = replace(cfg, privacy=replace(cfg.privacy, target_epsilon=0.5))
