@@ -125,7 +125,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything for one variant, in this process."""
     import torch
 
-    from shared.adapter import adapter_bytes, backbone_bytes
+    from shared.adapter import backbone_bytes, shared_bytes, shared_size
     from shared.backbone import smollm2_gguf
     from shared.config import load_config, with_overrides
     from shared.pipeline import ForecastPipeline
@@ -151,8 +151,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     warm, n = args.warmup, args.steps
     sizes = sorted({int(b) for b in args.batch_sizes.split(",")}) if args.batch_sizes else [cfg.train.batch_size]
 
-    out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["adapter_bytes"] = adapter_bytes(model)
+    out["trainable_params"] = shared_size(model)
+    out["adapter_bytes"] = shared_bytes(model)
     out["frozen_in_process_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     out["backbone_bytes"] = backbone_bytes(model)
     out["backbone_file_bytes"] = smollm2_gguf().stat().st_size if cfg.model.backbone == "smollm2" else None

@@ -1,6 +1,9 @@
 """The merchant's ClientApp: trains the shared adapter on data that never leaves this process.
 
-What a reply carries is exactly the adapter tensors and a few scalars (loss, counts, ε, bytes).
+What a reply carries is exactly the shared part of the adapter ([model] shared; shared/adapter.py)
+and a few scalars (loss, counts, ε, bytes). The model is built as the server builds it
+(`ForecastPipeline.from_config`: frozen outside the shared part, the base loaded), so both expect the
+same tensors and hold the same frozen values.
 In simulation the merchant is chosen by the node's partition id; in deployment the SuperNode's
 node config points at the merchant's own file: `data-path="/srv/shop/sales.csv"`.
 """
@@ -20,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.mods import client_privacy_mod
-from shared.adapter import FEDERATION_ROUND, AdapterMismatch, adapter_bytes, adapter_state, load_adapter_state
+from shared.adapter import FEDERATION_ROUND, AdapterMismatch, load_shared_state, shared_bytes, shared_state
 from shared.config import Config, config_from_run
 from shared.pipeline import ForecastPipeline
 from shared.privacy import MerchantPins
@@ -38,7 +41,8 @@ BAD_INSTRUCTION = 904  # the server's round config asks for something it will no
 
 @lru_cache(maxsize=2)
 def _pipeline(cfg: Config) -> ForecastPipeline:
-    """One forecaster (frozen backbone + adapter) per process, reused for every merchant and round."""
+    """One forecaster (frozen backbone + adapter) per process, reused for every merchant and round: a
+    round loads only the shared part into it, the rest of the adapter stays at the base's values."""
     return ForecastPipeline.from_config(cfg)
 
 
@@ -71,7 +75,7 @@ def _setup(msg: Message, context: Context) -> tuple[ForecastPipeline, str, Split
     merchant, splits = _merchant(cfg, int(node.get("partition-id", 0)), None if data_path is None else str(data_path),
                                  None if name is None else str(name))
     pipeline = _pipeline(cfg)
-    load_adapter_state(pipeline.model, msg.content["arrays"].to_torch_state_dict())
+    load_shared_state(pipeline.model, msg.content["arrays"].to_torch_state_dict())
     return pipeline, merchant, splits
 
 
@@ -125,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
     if result.status == "budget_exhausted":
         return _decline(msg, BUDGET_EXHAUSTED, f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of "
                                                f"{privacy.ledger.target_epsilon}); declining to train")
-    state = adapter_state(pipeline.model)
+    state = shared_state(pipeline.model)
     if not all(torch.isfinite(t).all() for t in state.values()):
         return _decline(msg, DIVERGED, f"merchant {merchant}: training diverged to a non-finite adapter; nothing sent"
                                        + (f" (ε {result.epsilon:.3f} spent)" if result.epsilon is not None else ""))
@@ -133,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": result.train_loss,
         "num-examples": len(splits.train),
         "steps": result.steps,
-        "bytes-sent": adapter_bytes(pipeline.model),
+        "bytes-sent": shared_bytes(pipeline.model),
         **_identity(context),
     }
     if result.epsilon is not None:

@@ -1,5 +1,8 @@
 """The aggregation server's ServerApp: holds the global adapter, checkpoints it every round.
 
+Rounds send, check and aggregate only the adapter's shared part ([model] shared; shared/adapter.py);
+checkpoints and the final adapter hold the whole adapter, so each reloads on its own.
+
 A restarted server resumes from the newest usable checkpoint under `<out_dir>` (server/checkpoint.py)
 at the round after it, with the strategy's own state restored; at the end it writes
 `<out_dir>/final_adapter` and `<out_dir>/summary.json`.
@@ -27,7 +30,17 @@ from flwr.serverapp.strategy import FedAvg
 from server.checkpoint import StrategyState, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from server.secagg import SecAggAggregation, secagg_workflow
 from server.strategy import make_strategy
-from shared.adapter import adapter_bytes, adapter_shapes, adapter_state, backbone_bytes, load_adapter_state, save_adapter
+from shared.adapter import (
+    adapter_shapes,
+    backbone_bytes,
+    load_adapter_state,
+    load_shared_state,
+    save_adapter,
+    shared_bytes,
+    shared_shapes,
+    shared_size,
+    shared_state,
+)
 from shared.config import Config, config_from_run
 from shared.model import Forecaster
 from shared.pipeline import ForecastPipeline
@@ -40,14 +53,15 @@ app = ServerApp()
 def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     """All rounds still to run for this config; returns the run summary."""
     out = Path(cfg.federation.out_dir)
-    model = ForecastPipeline.from_config(cfg).model  # seeded: the same initial adapter as every merchant's
+    # seeded, from the base, frozen outside the shared part: the same model as every merchant's
+    model = ForecastPipeline.from_config(cfg).model
     strategy = resumed_strategy(cfg, model, out)
     remaining = cfg.federation.num_rounds - len(strategy.history)
     started = time.time()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            load_adapter_state(model, arrays.to_torch_state_dict())
+            load_shared_state(model, arrays.to_torch_state_dict())
             save_checkpoint(out, model, strategy.history, strategy_state(strategy))
         return None
 
@@ -55,7 +69,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         run_secagg(grid, cfg, model, strategy.history, remaining, out)
     elif remaining > 0:
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=remaining,
+            grid=grid, initial_arrays=ArrayRecord(shared_state(model)), num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord({"local-steps": cfg.federation.local_steps}),
             evaluate_fn=after_round,
         )
@@ -64,7 +78,8 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         "rounds": len(strategy.history),
         "strategy": cfg.federation.strategy,
         "wall_s": time.time() - started,
-        "adapter_bytes": adapter_bytes(model),
+        "adapter_bytes": shared_bytes(model),  # of one message, each way: the shared part
+        "shared_size": shared_size(model),  # the numbers that train and travel: d under DP-SGD
         "backbone_bytes": backbone_bytes(model),
         "privacy": {"enabled": cfg.privacy.enabled, "unit": ledger_unit(cfg.privacy), "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
@@ -83,12 +98,12 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
 def resumed_strategy(cfg: Config, model: Forecaster, out: Path) -> FedAvg:
     """The config's strategy, carrying on from the newest usable checkpoint under `out` if there is one
     (its adapter goes into `model`), so the next round is the one an uninterrupted run would have run."""
-    resumed = load_checkpoint(out, adapter_shapes(model))
+    resumed = load_checkpoint(out, adapter_shapes(model), shared_shapes(model))
     if resumed is None:
-        return make_strategy(cfg, adapter_shapes(model))
+        return make_strategy(cfg, shared_shapes(model))
     load_adapter_state(model, resumed.adapter)
     log.info("resuming from %s after round %d", resumed.directory, len(resumed.history))
-    strategy = make_strategy(cfg, adapter_shapes(model), resumed.history)
+    strategy = make_strategy(cfg, shared_shapes(model), resumed.history)
     restore_strategy_state(strategy, resumed.strategy)
     return strategy
 
@@ -101,10 +116,10 @@ def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], nu
     """
 
     def after_round(server_round: int, arrays: dict[str, Any]) -> None:
-        load_adapter_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
+        load_shared_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
         save_checkpoint(out, model, history, StrategyState())  # the legacy FedAvg keeps nothing across rounds
 
-    initial = {k: v.numpy() for k, v in adapter_state(model).items()}
+    initial = {k: v.numpy() for k, v in shared_state(model).items()}
     strategy = SecAggAggregation(cfg, initial, history, after_round)
     # the workflow keeps its state in a Context; the Grid API gives run_federation none, and it needs no more
     context = LegacyContext(

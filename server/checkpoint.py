@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CURRENT, PREVIOUS, CORRUPT = "checkpoint", "checkpoint.prev", "checkpoint.corrupt"
 STRATEGY_FILE = "strategy.safetensors"
-MOMENTS = ("m_t", "v_t")  # FedOpt's (FedAdam, FedYogi, FedAdagrad) moments: one array per adapter tensor
+MOMENTS = ("m_t", "v_t")  # FedOpt's (FedAdam, FedYogi, FedAdagrad) moments: one array per shared tensor
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a truncated or missing part raises
 
 
@@ -47,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class StrategyState:
-    """Tensors are keyed "<attribute>/<adapter tensor>"; scalars by attribute name."""
+    """Tensors are keyed "<attribute>/<shared tensor>"; scalars by attribute name."""
 
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
@@ -104,17 +104,19 @@ def save_checkpoint(out_dir: Path, model: Forecaster, history: list[dict[str, An
     write_atomically(out_dir / CURRENT, fill, previous=out_dir / PREVIOUS)
 
 
-def read_checkpoint(directory: Path, expected: dict[str, tuple[int, ...]]) -> Checkpoint:
-    """Every part of a checkpoint, checked, without touching a model: raises one of UNREADABLE unless all of it is usable."""
+def read_checkpoint(directory: Path, adapter: dict[str, tuple[int, ...]], shared: dict[str, tuple[int, ...]]) -> Checkpoint:
+    """Every part of a checkpoint, checked, without touching a model: raises one of UNREADABLE unless all of it is usable.
+    `adapter` and `shared` are the shapes of the whole adapter (which the checkpoint holds) and of its
+    shared part (by which the strategy's moments are keyed; shared.adapter)."""
     meta = json.loads((directory / "meta.json").read_text())
     history = meta["history"]
     if not isinstance(history, list) or meta["round"] != len(history):
         raise ValueError(f"meta.json: round {meta['round']!r} does not match its round records")
-    adapter = load_tensors(str(directory / "adapter.safetensors"))
-    check_update(adapter, expected)
+    tensors = load_tensors(str(directory / "adapter.safetensors"))
+    check_update(tensors, adapter)
     # a checkpoint written before strategy state was kept has none: its strategy starts afresh, as it did then
-    strategy = _read_strategy_state(directory, meta["strategy"], expected) if "strategy" in meta else StrategyState()
-    return Checkpoint(directory, adapter, history, strategy)
+    strategy = _read_strategy_state(directory, meta["strategy"], shared) if "strategy" in meta else StrategyState()
+    return Checkpoint(directory, tensors, history, strategy)
 
 
 def _read_strategy_state(directory: Path, scalars: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> StrategyState:
@@ -127,7 +129,7 @@ def _read_strategy_state(directory: Path, scalars: dict[str, Any], expected: dic
     return StrategyState(tensors, scalars)
 
 
-def load_checkpoint(out_dir: Path, expected: dict[str, tuple[int, ...]]) -> Checkpoint | None:
+def load_checkpoint(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: dict[str, tuple[int, ...]]) -> Checkpoint | None:
     """The newest usable checkpoint under `out_dir`, None for a new run; CheckpointError if there are
     checkpoints but none is usable."""
     candidates = [out_dir / CURRENT, out_dir / PREVIOUS]
@@ -136,7 +138,7 @@ def load_checkpoint(out_dir: Path, expected: dict[str, tuple[int, ...]]) -> Chec
     problems = []
     for directory in candidates:
         try:
-            checkpoint = read_checkpoint(directory, expected)
+            checkpoint = read_checkpoint(directory, adapter, shared)
         except UNREADABLE as exc:
             problems.append(f"{directory}: {type(exc).__name__}: {exc}")
             continue

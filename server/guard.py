@@ -1,13 +1,14 @@
 """The guard in front of every aggregation: a merchant's reply can neither crash a round nor steer it.
 
 `GuardedAggregation` sits before any Flower strategy in the class order. Every reply is checked
-against a strict schema: exactly the adapter's tensors (keys, shapes, float32, finite, within the
-update-norm bound) and a few typed, finite scalars under known keys. What passes is rebuilt from
-the checked values before Flower sees it, with the weight the server chooses, not the one a
-merchant claims (`federation.weighting`); what fails is recorded and left out, and the round goes on.
-The guard also keeps the per-round, per-merchant record (loss, ε, bytes, holdout metrics) that
-checkpoints and the report read. The helpers below serve the SecAgg+ path too (server/secagg.py),
-which sees only the mean, and client-level DP's clip check (server/client_dp.py).
+against a strict schema: exactly the tensors of the adapter's shared part ([model] shared; keys,
+shapes, float32, finite, within the update-norm bound) and a few typed, finite scalars under known
+keys. What passes is rebuilt from the checked values before Flower sees it, with the weight the
+server chooses, not the one a merchant claims (`federation.weighting`); what fails is recorded and
+left out, and the round goes on. The guard also keeps the per-round, per-merchant record (loss, ε,
+bytes, holdout metrics) that checkpoints and the report read. The helpers below serve the SecAgg+
+path too (server/secagg.py), which sees only the mean, and client-level DP's clip check
+(server/client_dp.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
-"""The adapter: exactly the trainable tensors of a forecaster, the only model state that travels.
+"""The adapter and its shared part: the only model state a file holds, and the only state that travels.
+
+Two notions, kept apart:
+  the adapter      every tensor of a forecaster outside the frozen backbone (`Forecaster.adapter_names`),
+                   trained in this run or not: what a file stores, what a base provides, what
+                   `ForecastPipeline.from_adapter` restores on its own (it loads no base first);
+  the shared part  the adapter tensors this run trains ([model] shared, lora.freeze_a): what a merchant
+                   sends and the server sends, aggregates and checks; under DP-SGD its size is the d of
+                   the signal-to-noise estimate (shared.privacy.signal_to_noise).
 
 On disk an adapter is a directory:
-  adapter.safetensors   every trainable tensor, by its parameter name in `Forecaster`
+  adapter.safetensors   every adapter tensor, by its parameter name in `Forecaster`
   lora/                 the LoRA part as peft writes it; `PeftModel.from_pretrained(blocks, "lora")`
                         loads it onto the same truncated backbone (`shared.backbone.truncated_backbone`)
   meta.json             the model config and anything the caller adds (round number, metrics)
@@ -27,7 +35,6 @@ from torch import nn
 from shared.backbone import load_pretrained
 from shared.model import Forecaster
 
-OPACUS_PREFIX = "_module."
 FEDERATION_ROUND = "federation-round"  # the round number over the whole run, resumes included (train config)
 ADAPTER_KEYS = "adapter-keys"  # SecAgg+'s legacy messages carry an unnamed list; the names travel in their config
 
@@ -36,17 +43,70 @@ class AdapterMismatch(ValueError):
     """An update that cannot be loaded: wrong keys, wrong shapes or non-finite values."""
 
 
-def _clean(name: str) -> str:
-    return name.removeprefix(OPACUS_PREFIX)
+def adapter_parameters(model: Forecaster) -> dict[str, nn.Parameter]:
+    """The adapter's tensors by name, in a stable order, whether this run trains them or not."""
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in model.adapter_names}
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> detached CPU copy of every trainable tensor, in a stable order."""
-    return {_clean(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def shared_parameters(model: Forecaster) -> dict[str, nn.Parameter]:
+    """The shared part's tensors by name: the adapter tensors that train, hence the ones that travel."""
+    return {name: param for name, param in adapter_parameters(model).items() if param.requires_grad}
 
 
-def adapter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {_clean(n): tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+def _copies(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: param.detach().cpu().clone() for name, param in params.items()}
+
+
+def _shapes(params: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(param.shape) for name, param in params.items()}
+
+
+def _load(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    """Copies `state` into `params` after checking all of it first: a bad update changes nothing."""
+    check_update(state, _shapes(params))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
+def adapter_state(model: Forecaster) -> dict[str, torch.Tensor]:
+    """Name -> detached CPU copy of every adapter tensor: a snapshot that restores the whole model."""
+    return _copies(adapter_parameters(model))
+
+
+def adapter_shapes(model: Forecaster) -> dict[str, tuple[int, ...]]:
+    return _shapes(adapter_parameters(model))
+
+
+def load_adapter_state(model: Forecaster, state: dict[str, torch.Tensor]) -> None:
+    """Copies a whole adapter (a file's, a base's, a snapshot) into the model."""
+    _load(adapter_parameters(model), state)
+
+
+def shared_state(model: Forecaster) -> dict[str, torch.Tensor]:
+    """Name -> detached CPU copy of every shared tensor: what a merchant or the server sends."""
+    return _copies(shared_parameters(model))
+
+
+def shared_shapes(model: Forecaster) -> dict[str, tuple[int, ...]]:
+    """What every reply, aggregate and strategy moment must match, key for key."""
+    return _shapes(shared_parameters(model))
+
+
+def load_shared_state(model: Forecaster, state: dict[str, torch.Tensor]) -> None:
+    """Copies a received shared part into the model; the rest of the adapter keeps its values."""
+    _load(shared_parameters(model), state)
+
+
+def shared_size(model: Forecaster) -> int:
+    """How many numbers train and travel: the d that DP-SGD noises, to read beside ε."""
+    return sum(param.numel() for param in shared_parameters(model).values())
+
+
+def shared_bytes(model: Forecaster) -> int:
+    """The size of one message's tensors, each way."""
+    return sum(param.numel() * param.element_size() for param in shared_parameters(model).values())
 
 
 def check_update(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -59,19 +119,6 @@ def check_update(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
             raise AdapterMismatch(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]}")
         if not torch.isfinite(tensor).all():
             raise AdapterMismatch(f"{name}: non-finite values")
-
-
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copies `state` into the model's trainable tensors after checking it completely first."""
-    check_update(state, adapter_shapes(model))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.copy_(state[_clean(name)].to(param.device, param.dtype))
-
-
-def adapter_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def backbone_bytes(model: Forecaster) -> int:

@@ -105,6 +105,11 @@ class ModelConfig:
     # shared/base/ that fits, else none), a folder holding one adapter per variant (llm/, no_llm/; relative
     # to the project root; it must fit), or "" (the seeded init).
     base: str = ""
+    # The shared part: parameter-name prefixes of the adapter tensors the federation trains and moves
+    # ("linear", "head", "llm" for LoRA, "reprogram.query", ...); the rest stay at the base's values.
+    # Empty: every adapter tensor. A prefix under no trainable tensor is an error once the model is built
+    # (shared/model.py). Under DP-SGD fewer numbers d trained means less noise (docs/privacy.md, section 5).
+    shared: tuple[str, ...] = ()
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

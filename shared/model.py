@@ -5,9 +5,9 @@ Read top to bottom, one window's path is:
   ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
   tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head (+ a linear path from context and covariates)
   ->  non-crossing quantiles  ->  rescale, and 0 on the horizon's closed days.
-Only LoRA and the small layers defined here train; they are the adapter that federation moves.
-Every trainable layer is an nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute
-per-sample gradients for it.
+LoRA and the small layers defined here are the adapter; the part of it that [model] shared names
+trains and travels in federation, the rest stays at the base's values. Every trainable layer is an
+nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute per-sample gradients for it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from shared.backbone import text_prototypes, truncated_backbone
-from shared.config import ModelConfig
+from shared.config import ConfigError, ModelConfig
 from shared.prompt import prompt_texts, tokenize_left_padded
 
 MAX_SCALED = 100.0  # guards the patch embedding against a window with one huge spike after scaling
@@ -68,6 +68,12 @@ def pinball_loss(pred: torch.Tensor, target: torch.Tensor, levels: torch.Tensor,
     if is_open is None:
         return loss.mean(dim=1)
     return (loss * is_open).sum(dim=1) / is_open.sum(dim=1).clamp_min(1.0)
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether a parameter lies under a dotted prefix: "reprogram" holds "reprogram.query.weight",
+    "head" does not hold "header.weight"."""
+    return name == prefix or name.startswith(f"{prefix}.")
 
 
 class Reprogramming(nn.Module):
@@ -134,10 +140,6 @@ class Forecaster(nn.Module):
         self.llm: nn.Module | None = None
         if cfg.variant in ("llm", "random_llm"):
             self.llm = get_peft_model(backbone, self._lora_config())
-            if cfg.lora.freeze_a:
-                for name, param in self.llm.named_parameters():
-                    if "lora_A" in name:
-                        param.requires_grad_(False)
         elif cfg.variant == "attention":
             self.llm = AttentionBlock(d_llm, cfg.reprogram_heads)
         self.to_ff = nn.Linear(d_llm, cfg.d_ff)
@@ -150,7 +152,26 @@ class Forecaster(nn.Module):
         self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
         self.mid = list(cfg.quantiles).index(0.5)
         self._start_at_the_window_mean()
+        # recorded before anything is frozen: whatever a run trains, the adapter a file stores and a
+        # base provides stays complete, so it restores the whole model (shared.adapter)
+        self.adapter_names = tuple(name for name, param in self.named_parameters() if param.requires_grad)
+        self._train_only_shared()
         self.to(device)
+
+    def _train_only_shared(self) -> None:
+        """Freezes every adapter tensor outside [model] shared (none when it is empty), and LoRA's A under
+        lora.freeze_a (FFA-LoRA), where it is: the base's values once the pipeline loads the base. What
+        still trains is the shared part, the only part that travels; under DP-SGD its size is the d in
+        the signal-to-noise N/√d (docs/privacy.md, section 5), so a small one learns from fewer units."""
+        prefixes, freeze_a = self.cfg.shared, self.cfg.lora.freeze_a
+        trainable = {name for name in self.adapter_names if not (freeze_a and "lora_A" in name)}
+        if unmatched := [prefix for prefix in prefixes if not any(_under(name, prefix) for name in trainable)]:
+            groups = sorted({name.split(".")[0] for name in trainable})
+            raise ConfigError(f"[model] shared = {list(prefixes)}: {unmatched} match no trainable tensor; "
+                              f"expected names or dotted prefixes under {groups}")
+        params = dict(self.named_parameters())
+        for name in self.adapter_names:
+            params[name].requires_grad_(name in trainable and (not prefixes or any(_under(name, p) for p in prefixes)))
 
     @torch.no_grad()
     def _start_at_the_window_mean(self) -> None:

@@ -12,6 +12,9 @@ where it measures better there.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -29,6 +32,21 @@ def personal_parameters(model: Forecaster) -> list[torch.nn.Parameter]:
 def personal_state(model: Forecaster) -> dict[str, torch.Tensor]:
     """The personal part's tensors by name, copied (for saving, and to tell it apart from the shared adapter)."""
     return {f"{layer}.{name}": t.detach().clone() for layer in PERSONAL_LAYERS for name, t in getattr(model, layer).state_dict().items()}
+
+
+@contextlib.contextmanager
+def _trainable(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Lets the output layers learn even where [model] shared keeps them out of the federation (frozen
+    at the base's values), then restores their flags, so the next round trains and sends exactly the
+    shared part again."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -64,6 +82,14 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
         train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
     fit_on, judge_on = _features(model, train), _features(model, val)
     params = personal_parameters(model)
+    with _trainable(params):
+        return _refit(model, params, fit_on, judge_on, cfg)
+
+
+def _refit(model: Forecaster, params: list[torch.nn.Parameter], fit_on: dict[str, torch.Tensor], judge_on: dict[str, torch.Tensor],
+           cfg: TrainConfig) -> tuple[float, float, int]:
+    """AdamW on the output layers over the precomputed features, judged every personal_steps / 20 steps;
+    the best state judged (step 0 included) is put back."""
     optimizer = torch.optim.AdamW(params, lr=cfg.personal_lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     batch = max(cfg.batch_size, 32)
@@ -72,7 +98,7 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
         before = best = _loss(model, judge_on, slice(None)).item()
     best_state, best_step = [p.detach().clone() for p in params], 0
     for step in range(1, cfg.personal_steps + 1):
-        index = torch.randint(len(train), (batch,), generator=generator).to(model.levels.device)
+        index = torch.randint(len(fit_on["target"]), (batch,), generator=generator).to(model.levels.device)
         optimizer.zero_grad(set_to_none=True)
         _loss(model, fit_on, index).backward()
         optimizer.step()

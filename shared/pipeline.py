@@ -138,7 +138,7 @@ class ForecastPipeline:
     @classmethod
     def from_config(cls, cfg: Config, table: SeriesTable | None = None) -> ForecastPipeline:
         """Sized for `table`, else from the config alone; starting from the pretrained base when
-        [model] base names one."""
+        [model] base names one, whose values the adapter tensors outside [model] shared then keep."""
         pipeline = cls(cfg, input_shape(cfg, table))
         if (base := base_folder(cfg, pipeline.model.shape)) is not None:
             load_adapter(pipeline.model, base)
@@ -183,7 +183,7 @@ class ForecastPipeline:
         return description_vectors(texts, self.model.tokenizer, self.model.embed_tokens)
 
     def fit(self, train: Windows, val: Windows | None = None, **options: Any) -> TrainResult:
-        """Trains the adapter in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""
+        """Trains the adapter's shared part in place (`shared.train.fit`'s options: steps, privacy, proximal_mu, on_step)."""
         return fit(self.model, train, val, self.cfg.train, **options)
 
     def personalise(self, splits: Splits) -> tuple[float, float, int]:

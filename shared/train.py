@@ -1,4 +1,4 @@
-"""Local training of the adapter on one merchant's windows, with or without DP-SGD.
+"""Local training of the shared part of the adapter on one merchant's windows, with or without DP-SGD.
 
 The same loop serves the local CLI, each federated round and the centralised baseline; what differs
 is only how batches are drawn (uniform windows, or Poisson-sampled privacy units under DP) and how
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from shared.adapter import adapter_state, load_adapter_state
+from shared.adapter import load_shared_state, shared_parameters, shared_state
 from shared.config import TrainConfig
 from shared.model import Forecaster, pinball_loss
 from shared.privacy import PrivateTraining
@@ -82,7 +82,7 @@ def _uniform_batches(train: Windows, cfg: TrainConfig, steps: int) -> Iterator[d
 
 @dataclass
 class _EarlyStopping:
-    """Keeps the adapter with the best validation loss; says stop after `patience` evaluations without gain."""
+    """Keeps the shared part (all that trains) with the best validation loss; says stop after `patience` evaluations without gain."""
 
     patience: int
     best_loss: float = float("inf")
@@ -91,7 +91,7 @@ class _EarlyStopping:
 
     def should_stop(self, model: Forecaster, val_loss: float) -> bool:
         if val_loss < self.best_loss - 1e-6:
-            self.best_loss, self.best_state, self.bad_evals = val_loss, adapter_state(model), 0
+            self.best_loss, self.best_state, self.bad_evals = val_loss, shared_state(model), 0
             return False
         self.bad_evals += 1
         return self.bad_evals >= self.patience
@@ -123,7 +123,8 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     seed: int | None = None,
 ) -> TrainResult:
-    """Trains the adapter in place; `steps` fixes the length (federated rounds), else early stopping.
+    """Trains the adapter's shared part in place (shared.adapter; the rest stays frozen); `steps` fixes
+    the length (federated rounds), else early stopping.
     `seed` (default cfg.seed) fixes which windows are drawn: a federated round passes its own, or every
     round would redraw the same batches.
 
@@ -134,7 +135,7 @@ def fit(
     if len(train) == 0:
         raise ValueError("no training window: every series is too short (or closed) to learn from; forecast with a shared adapter instead")
     torch.manual_seed(cfg.seed if seed is None else seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(shared_parameters(model).values())
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps if steps is not None else cfg.max_steps
@@ -178,7 +179,7 @@ def fit(
         if privacy is not None:
             privacy.detach()
     if stopping is not None and stopping.best_state is not None:
-        load_adapter_state(model, stopping.best_state)
+        load_shared_state(model, stopping.best_state)
         val_loss = stopping.best_loss
     else:
         val_loss = evaluate_loss(model, val, device) if val is not None else float("nan")

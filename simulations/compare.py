@@ -70,13 +70,13 @@ def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int
 
 def personalised(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
     """The pipeline's adapter with each merchant's own output layers refitted on its windows (shared.personal)."""
-    shared_state = adapter_state(pipeline.model)
+    global_adapter = adapter_state(pipeline.model)
     forecasts = []
     for merchant, s in splits.items():
-        load_adapter_state(pipeline.model, shared_state)
+        load_adapter_state(pipeline.model, global_adapter)
         pipeline.personalise(s)
         forecasts.append(model_forecast(pipeline, {merchant: s}))
-    load_adapter_state(pipeline.model, shared_state)
+    load_adapter_state(pipeline.model, global_adapter)
     return pd.concat(forecasts, ignore_index=True)
 
 

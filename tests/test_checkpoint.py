@@ -41,7 +41,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.strategy import make_strategy
-from shared.adapter import adapter_shapes, adapter_state, load_adapter, load_adapter_state, save_adapter
+from shared.adapter import adapter_shapes, adapter_state, load_adapter, load_adapter_state, save_adapter, shared_shapes
 from shared.config import load_config
 from shared.model import Forecaster
 from shared.pipeline import ForecastPipeline
@@ -49,7 +49,13 @@ from shared.pipeline import ForecastPipeline
 
 @pytest.fixture(scope="module")
 def model() -> Forecaster:
-    return ForecastPipeline.from_config(load_config(TINY_CONFIG)).model
+    """With a shared part smaller than the adapter, so the checkpoint's adapter (all of it) and the
+    strategy's moments (the shared part) are checked against different shapes."""
+    return ForecastPipeline.from_config(load_config(TINY_CONFIG, {"model.shared": ["linear", "head"]})).model
+
+
+def _shapes(model: Forecaster) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    return adapter_shapes(model), shared_shapes(model)
 
 
 def _history(rounds: int) -> list[dict[str, Any]]:
@@ -57,7 +63,7 @@ def _history(rounds: int) -> list[dict[str, Any]]:
 
 
 def _moments(model: Forecaster, value: float) -> StrategyState:
-    return StrategyState({f"{name}/{k}": np.full(s, value, dtype=np.float32) for name in ("m_t", "v_t") for k, s in adapter_shapes(model).items()})
+    return StrategyState({f"{name}/{k}": np.full(s, value, dtype=np.float32) for name in ("m_t", "v_t") for k, s in shared_shapes(model).items()})
 
 
 def _two_checkpoints(model: Forecaster, out: Path) -> None:
@@ -87,11 +93,11 @@ def test_save_keeps_the_previous_checkpoint_and_leaves_nothing_half_written(mode
     _two_checkpoints(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CURRENT, PREVIOUS]
     for name, rounds in ((CURRENT, 2), (PREVIOUS, 1)):
-        checkpoint = read_checkpoint(tmp_path / name, adapter_shapes(model))
+        checkpoint = read_checkpoint(tmp_path / name, *_shapes(model))
         assert checkpoint.history == _history(rounds)
         assert all(torch.all(t == rounds) for t in checkpoint.adapter.values())
         assert all(np.all(v == rounds) for v in checkpoint.strategy.tensors.values())
-    assert load_checkpoint(tmp_path / "elsewhere", adapter_shapes(model)) is None
+    assert load_checkpoint(tmp_path / "elsewhere", *_shapes(model)) is None
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
@@ -99,13 +105,13 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(model, tmp_p
     _two_checkpoints(model, tmp_path)
     corrupt(tmp_path / CURRENT)
     with caplog.at_level(logging.WARNING, logger="server.checkpoint"):
-        checkpoint = load_checkpoint(tmp_path, adapter_shapes(model))
+        checkpoint = load_checkpoint(tmp_path, *_shapes(model))
     assert checkpoint.directory == tmp_path / PREVIOUS and checkpoint.history == _history(1)
     assert any(str(tmp_path / CURRENT) in r.message and str(tmp_path / PREVIOUS) in r.message for r in caplog.records)
     # the corrupt one is set aside, so the next save keeps the good one as the previous checkpoint
     assert (tmp_path / CORRUPT).is_dir() and not (tmp_path / CURRENT).exists()
     save_checkpoint(tmp_path, model, _history(2), StrategyState())
-    assert read_checkpoint(tmp_path / PREVIOUS, adapter_shapes(model)).history == _history(1)
+    assert read_checkpoint(tmp_path / PREVIOUS, *_shapes(model)).history == _history(1)
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
@@ -113,7 +119,7 @@ def test_no_usable_checkpoint_is_one_clear_error_not_a_fresh_start(model, tmp_pa
     save_checkpoint(tmp_path, model, _history(1), _moments(model, 1.0))
     corrupt(tmp_path / CURRENT)
     with pytest.raises(CheckpointError) as error:
-        load_checkpoint(tmp_path, adapter_shapes(model))
+        load_checkpoint(tmp_path, *_shapes(model))
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / CURRENT) in message
 
@@ -131,7 +137,7 @@ def test_a_crash_between_the_renames_leaves_the_previous_checkpoint(model, tmp_p
     with pytest.raises(OSError, match="power cut"):
         save_checkpoint(tmp_path, model, _history(3), StrategyState())
     assert not (tmp_path / CURRENT).exists()
-    assert load_checkpoint(tmp_path, adapter_shapes(model)).history == _history(2)
+    assert load_checkpoint(tmp_path, *_shapes(model)).history == _history(2)
 
 
 def test_a_crash_while_saving_an_adapter_leaves_the_old_one_and_the_files_beside_it(model, tmp_path, monkeypatch):
@@ -156,7 +162,7 @@ def test_a_crash_while_saving_an_adapter_leaves_the_old_one_and_the_files_beside
 @pytest.mark.parametrize("federation", [{"strategy": "fedadam"}, {"client_dp": "server_adaptive"}], ids=["fedadam", "adaptive clip"])
 def test_strategy_state_round_trips_through_a_checkpoint(model, tmp_path, federation):
     cfg = load_config(TINY_CONFIG, {f"federation.{k}": v for k, v in federation.items()})
-    shapes = adapter_shapes(model)
+    shapes = shared_shapes(model)
     strategy = make_strategy(cfg, shapes)
     rng = np.random.default_rng(0)
     if "strategy" in federation:
@@ -165,7 +171,7 @@ def test_strategy_state_round_trips_through_a_checkpoint(model, tmp_path, federa
         strategy.clipping_norm = 0.37
     save_checkpoint(tmp_path, model, _history(1), strategy_state(strategy))
     fresh = make_strategy(cfg, shapes)
-    restore_strategy_state(fresh, read_checkpoint(tmp_path / CURRENT, shapes).strategy)
+    restore_strategy_state(fresh, read_checkpoint(tmp_path / CURRENT, adapter_shapes(model), shapes).strategy)
     saved, restored = strategy_state(strategy), strategy_state(fresh)
     assert saved.scalars == restored.scalars and saved.tensors.keys() == restored.tensors.keys() and (saved.tensors or saved.scalars)
     for key, value in saved.tensors.items():
@@ -206,8 +212,9 @@ class MerchantsGrid(FakeGrid):
         return Message(RecordDict(content), reply_to=msg)
 
 
-def _run(out: Path, rounds: int, grid: MerchantsGrid | None = None, **federation: Any) -> dict[str, Any]:
-    overrides = {"federation.out_dir": str(out), "federation.num_rounds": rounds, **{f"federation.{k}": v for k, v in federation.items()}}
+def _run(out: Path, rounds: int, grid: MerchantsGrid | None = None, shared: tuple[str, ...] = (), **federation: Any) -> dict[str, Any]:
+    overrides = {"federation.out_dir": str(out), "federation.num_rounds": rounds, "model.shared": list(shared),
+                 **{f"federation.{k}": v for k, v in federation.items()}}
     return run_federation(grid or MerchantsGrid(), load_config(TINY_CONFIG, overrides))
 
 
@@ -220,18 +227,23 @@ def _task_identity(monkeypatch):
     enter_task(monkeypatch)
 
 
-def test_fedadam_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path):
-    uninterrupted = _run(tmp_path / "a", 2, strategy="fedadam")
+@pytest.mark.parametrize("shared", [(), ("linear",)], ids=["whole adapter", "linear only"])
+def test_fedadam_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, shared):
+    uninterrupted = _run(tmp_path / "a", 2, shared=shared, strategy="fedadam")
     with pytest.raises(ServerKilled):
-        _run(tmp_path / "b", 2, MerchantsGrid(killed_at=2), strategy="fedadam")
+        _run(tmp_path / "b", 2, MerchantsGrid(killed_at=2), shared=shared, strategy="fedadam")
     assert json.loads((tmp_path / "b" / CURRENT / "meta.json").read_text())["round"] == 1
     grid = MerchantsGrid()
-    resumed = _run(tmp_path / "b", 2, grid, strategy="fedadam")
+    resumed = _run(tmp_path / "b", 2, grid, shared=shared, strategy="fedadam")
     assert grid.train_rounds == 1 and resumed["rounds"] == uninterrupted["rounds"] == 2
     assert [r["round"] for r in resumed["history"]] == [1, 2]
     expected, final = _final(tmp_path / "a"), _final(tmp_path / "b")
     for key in expected:
         np.testing.assert_allclose(final[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # the final adapter is whole; what was not shared is where every model of the config starts
+    initial = adapter_state(ForecastPipeline.from_config(load_config(TINY_CONFIG, {"model.shared": list(shared)})).model)
+    moved = {k for k in initial if not np.array_equal(final[k], initial[k].numpy())}
+    assert final.keys() == initial.keys() and moved == (set(initial) if not shared else {"linear.weight", "linear.bias"})
 
 
 def test_restart_after_a_truncated_checkpoint_resumes_from_the_previous_one(tmp_path):

@@ -13,7 +13,7 @@ from fed_helpers import TINY_CONFIG, enter_task
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
-from shared.adapter import adapter_state
+from shared.adapter import shared_state
 from shared.config import ConfigError, load_config
 from shared.pipeline import ForecastPipeline
 from shared.synthetic import generate_merchants
@@ -29,7 +29,7 @@ def run(monkeypatch, tmp_path: Path):
         monkeypatch.setenv("SHOPCAST_CONFIG", str(TINY_CONFIG))
         monkeypatch.setenv("SHOPCAST_OVERRIDES", json.dumps(overrides | more))
         cfg = load_config(TINY_CONFIG, overrides | more)
-        arrays = ArrayRecord(adapter_state(ForecastPipeline.from_config(cfg).model))
+        arrays = ArrayRecord(shared_state(ForecastPipeline.from_config(cfg).model))  # what the server sends
         msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.TRAIN)
         context = Context(run_id=1, node_id=1, node_config=node or {"partition-id": 0}, state=RecordDict(), run_config={})
         return client_app.train(msg, context)
@@ -73,6 +73,17 @@ def test_what_a_merchant_sends_does_not_depend_on_its_personal_part(run) -> None
     replies = [train({"federation-round": 1}, **{"privacy.enabled": False, "train.personalise": mode}) for mode in ("none", "output")]
     sent = [reply.content.array_records["arrays"].to_torch_state_dict() for reply in replies]
     assert sent[0].keys() == sent[1].keys() and all((sent[0][k] == sent[1][k]).all() for k in sent[0])
+
+
+def test_a_small_shared_part_is_all_that_is_trained_and_sent(run) -> None:
+    """Under [model] shared = ["linear"], with DP on, the reply holds the linear path's tensors and
+    nothing else, and bytes-sent counts only them."""
+    train, _ = run
+    reply = train({"federation-round": 1}, **{"model.shared": ["linear"]})
+    arrays = reply.content.array_records["arrays"]
+    assert set(arrays) == {"linear.weight", "linear.bias"}
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["bytes-sent"] == sum(a.numpy().nbytes for a in arrays.values()) and metrics["epsilon"] > 0
 
 
 def test_a_diverged_adapter_is_not_sent(run) -> None:

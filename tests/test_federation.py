@@ -17,7 +17,7 @@ import pytest
 from fed_helpers import N_MERCHANTS, TINY_CONFIG, Fault, Recorder, baseline_run, read_records, run, run_overrides
 from safetensors.numpy import load_file
 
-from shared.adapter import adapter_shapes, adapter_state
+from shared.adapter import adapter_shapes, adapter_state, shared_shapes
 from shared.config import load_config
 from shared.pipeline import ForecastPipeline
 from simulations.federated import round_timeout
@@ -158,7 +158,7 @@ def faults(tmp_path_factory):
     records = base / "records"
     records.mkdir()
     overrides = run_overrides(base, **{"federation.num_rounds": 4, "federation.strategy": "fedmedian", "privacy.enabled": False})
-    n_coordinates = sum(math.prod(s) for s in adapter_shapes(ForecastPipeline.from_config(load_config(TINY_CONFIG, overrides)).model).values())
+    n_coordinates = sum(math.prod(s) for s in shared_shapes(ForecastPipeline.from_config(load_config(TINY_CONFIG, overrides)).model).values())
     shift = SHIFT_NORM / math.sqrt(n_coordinates)
     mods = [
         Recorder(records, keep_incoming=True),  # outermost: records what actually leaves the merchant

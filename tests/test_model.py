@@ -4,15 +4,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 
-from shared.adapter import AdapterMismatch, adapter_shapes, adapter_state, check_update, load_adapter, load_adapter_state, save_adapter
+from shared.adapter import (
+    AdapterMismatch,
+    adapter_shapes,
+    adapter_state,
+    check_update,
+    load_adapter,
+    load_adapter_state,
+    save_adapter,
+    shared_shapes,
+    shared_size,
+    shared_state,
+)
 from shared.backbone import load_pretrained, truncated_backbone
+from shared.config import ConfigError
 from shared.model import AttentionBlock, Forecaster, mean_abs_scale, monotone_quantiles, pinball_loss
+from shared.pipeline import ForecastPipeline
 from shared.train import autocast, evaluate_loss, fit, predict, resolve_device
 
 CPU = torch.device("cpu")
@@ -292,8 +306,9 @@ def test_ablation_variants_build_run_and_train(make_forecaster, fresh_shared_emb
 
 def test_ffa_lora_freezes_a(make_forecaster):
     model, splits, cfg = make_forecaster(**{"model.lora.freeze_a": True})
-    state = adapter_state(model)
+    state = shared_state(model)
     assert not any("lora_A" in n for n in state) and any(_is_lora_b(n) for n in state)
+    assert any("lora_A" in n for n in adapter_state(model))  # frozen, but part of the adapter a file holds
     lora_a = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     assert lora_a and not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     # A is initialised from the seed, so every merchant has the same fixed A
@@ -302,7 +317,65 @@ def test_ffa_lora_freezes_a(make_forecaster):
     fit(model, splits.train, None, cfg.train, steps=5)
     assert all(torch.equal(lora_a[n], p) for n, p in model.named_parameters() if "lora_A" in n)
     assert all(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if _is_lora_b(n))
-    assert adapter_state(model).keys() == state.keys()
+    assert shared_state(model).keys() == state.keys()
+
+
+# --- the shared part ------------------------------------------------------------------------------
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
+
+
+def test_only_the_shared_part_trains_and_the_adapter_stays_whole(make_forecaster):
+    shared = ("linear", "reprogram.query")
+    model, splits, cfg = make_forecaster(**{"model.shared": list(shared)})
+    whole, _, _ = make_forecaster()
+    assert adapter_shapes(model) == adapter_shapes(whole)  # what a file holds does not depend on what trains
+    assert set(shared_state(model)) == {"linear.weight", "linear.bias", "reprogram.query.weight", "reprogram.query.bias"}
+    assert shared_size(model) == sum(math.prod(s) for s in shared_shapes(model).values()) < shared_size(whole)
+    before = adapter_state(model)
+    fit(model, splits.train, None, cfg.train, steps=3)
+    after = adapter_state(model)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved == set(shared_state(model)), moved
+
+
+def test_ffa_lora_narrows_the_shared_part_too(make_forecaster):
+    model, _, _ = make_forecaster(**{"model.shared": ["llm", "head"], "model.lora.freeze_a": True})
+    names = set(shared_state(model))
+    assert {"head.weight", "head.bias"} < names and all(n.startswith("head.") or _is_lora_b(n) for n in names)
+
+
+@pytest.mark.parametrize("overrides, unmatched", [
+    ({"model.shared": ["linear", "heads"]}, "heads"),  # a prefix is matched at dots: "head" holds no "heads"
+    ({"model.shared": ["reprogram.key.bias"]}, "reprogram.key.bias"),  # the key projection has no bias
+    ({"model.shared": ["llm"], "model.variant": "no_llm"}, "llm"),
+    ({"model.shared": ["llm.base_model.model.layers.0.self_attn.q_proj.lora_A"], "model.lora.freeze_a": True}, "lora_A"),
+])
+def test_a_shared_prefix_under_no_trainable_tensor_is_one_line_naming_the_key(make_forecaster, overrides, unmatched):
+    with pytest.raises(ConfigError) as error:
+        make_forecaster(**overrides)
+    message = str(error.value)
+    assert message.startswith("[model] shared = [") and unmatched in message and "'linear'" in message and "\n" not in message, message
+
+
+def test_an_adapter_trained_with_a_small_shared_part_reloads_whole(make_forecaster, tiny_cfg, tmp_path):
+    """from_adapter loads no base: the file alone must bring back the frozen tensors, at the base's
+    values, not at the seeded init a fresh model has."""
+    model, splits, cfg = make_forecaster(**{"model.shared": ["linear"]})
+    torch.manual_seed(0)
+    base = {n: t + 0.01 * torch.randn_like(t) for n, t in adapter_state(model).items()}  # stands in for a pretrained base
+    load_adapter_state(model, base)
+    fit(model, splits.train, None, cfg.train, steps=3)
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = ForecastPipeline.from_adapter(tmp_path / "adapter", tiny_cfg).model  # tiny_cfg shares every tensor
+    assert reloaded.cfg.shared == ("linear",) and set(shared_state(reloaded)) == {"linear.weight", "linear.bias"}
+    state = adapter_state(reloaded)
+    assert state.keys() == base.keys()
+    assert all(torch.equal(state[n], base[n]) for n in state if not n.startswith("linear.")), "a frozen tensor is not the base's"
+    assert all(torch.equal(state[n], t) for n, t in adapter_state(model).items())
+    assert not torch.equal(state["linear.weight"], base["linear.weight"])
 
 
 # --- devices, precision, configuration errors -----------------------------------------------------

@@ -4,9 +4,11 @@ kept, and what a merchant sends in a round does not depend on it."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from shared.adapter import adapter_state
+from shared.adapter import adapter_state, shared_parameters
+from shared.config import with_overrides
 from shared.personal import PERSONAL_LAYERS, personal_state
 from shared.pipeline import ForecastPipeline
 from shared.train import evaluate_loss
@@ -33,8 +35,6 @@ def test_personalise_moves_only_the_output_layers_and_keeps_what_helps(tiny_cfg,
 def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> None:
     """With a learning rate that wrecks the output layers, validation never improves on step 0: the
     global adapter comes back unchanged."""
-    from shared.config import with_overrides
-
     cfg = with_overrides(tiny_cfg, {"train.personal_lr": 1e3, "train.personal_steps": 40})
     pipeline = ForecastPipeline.from_config(cfg, synthetic_table)
     splits = pipeline.splits(synthetic_table)
@@ -43,3 +43,17 @@ def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> No
     assert kept == 0 and after == before
     end = adapter_state(pipeline.model)
     assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+@pytest.mark.parametrize("shared", [["llm"], ["llm", "head"]])
+def test_the_output_layers_refit_in_or_out_of_the_shared_part_and_it_stays_as_it_was(tiny_cfg, synthetic_table, shared) -> None:
+    """Outside [model] shared the output layers are frozen for the federation: the refit lets them
+    learn, then freezes them again, so the next round trains and sends exactly what it did before."""
+    pipeline = ForecastPipeline.from_config(with_overrides(tiny_cfg, {"model.shared": shared}), synthetic_table)
+    sharing = set(shared_parameters(pipeline.model))
+    start = adapter_state(pipeline.model)
+    _, _, kept = pipeline.personalise(pipeline.splits(synthetic_table))
+    end = adapter_state(pipeline.model)
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    assert kept > 0 and moved == {f"{layer}.{p}" for layer in PERSONAL_LAYERS for p in ("weight", "bias")}, moved
+    assert set(shared_parameters(pipeline.model)) == sharing

@@ -28,7 +28,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 import shared.privacy as shared_privacy
-from shared.adapter import adapter_state
+from shared.adapter import adapter_state, shared_size, shared_state
 from shared.config import ConfigError, PrivacyConfig
 from shared.ledger import LedgerError, PrivacyLedger
 from shared.model import pinball_loss
@@ -214,6 +214,28 @@ def test_frozen_backbone_is_bit_identical_after_dp_training(make_forecaster, tmp
     # Opacus is fully detached, so the same forecaster can serve the next round or merchant
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+def test_dp_clips_and_noises_exactly_the_shared_part(make_forecaster, tmp_path: Path, monkeypatch) -> None:
+    """With [model] shared, Opacus sees only the shared tensors: the noise covers d = shared_size
+    numbers, not the whole adapter, and a shared layer's gradient still passes the frozen ones after it."""
+    import opacus.optimizers.optimizer as dp_optimizer_module
+
+    noised: list[int] = []
+    original = dp_optimizer_module._generate_noise
+
+    def count(std, reference, *args, **kwargs):
+        noised.append(reference.numel())
+        return original(std, reference, *args, **kwargs)
+
+    monkeypatch.setattr(dp_optimizer_module, "_generate_noise", count)
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"model.shared": ["reprogram", "linear"]})
+    before = adapter_state(model)
+    result = fit(model, splits.train, None, cfg.train, steps=1, privacy=_session(cfg, splits, tmp_path))
+    assert result.status == "ok" and sum(noised) == shared_size(model) < sum(t.numel() for t in before.values())
+    after = adapter_state(model)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved == set(shared_state(model)) and any(n.startswith("reprogram.") for n in moved), moved
 
 
 # --- privacy units and sampling ------------------------------------------------------------------------

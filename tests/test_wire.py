@@ -1,19 +1,24 @@
 """What leaves a merchant: every reply of a real simulated run (train and evaluate), recorded by a
-client mod inside the Ray workers, must carry only the adapter tensors and allow-listed scalars.
+client mod inside the Ray workers, must carry only the adapter's shared part and allow-listed scalars.
 
-The run is the shared baseline of tests/fed_helpers.py (3 merchants, 2 rounds, DP on).
+The run is the shared baseline of tests/fed_helpers.py (3 merchants, 2 rounds, DP on); a second run
+shares only the linear path ([model] shared), from a stand-in base.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from fed_helpers import N_MERCHANTS, baseline_run
+import torch
+from fed_helpers import N_MERCHANTS, TINY_CONFIG, Recorder, baseline_run, read_records, run, run_overrides
 
-from shared.adapter import adapter_shapes
+from shared.adapter import adapter_state, load_adapter_state, save_adapter, shared_shapes
+from shared.config import load_config
 from shared.pipeline import ForecastPipeline
 from shared.schema import Y
 from shared.sources import load_table, merchant_of_partition
@@ -56,7 +61,7 @@ def test_every_message_got_exactly_one_successful_reply(recorded):
 
 
 def test_only_adapter_tensors_and_allowed_scalars_leave(recorded):
-    expected_shapes = adapter_shapes(ForecastPipeline.from_config(recorded["cfg"]).model)
+    expected_shapes = shared_shapes(ForecastPipeline.from_config(recorded["cfg"]).model)
     for r in recorded["records"]:
         where = (r["kind"], r["round"], r["partition"])
         content = r["content"]
@@ -94,6 +99,49 @@ def test_pinned_counts_are_exactly_what_they_claim(recorded, merchants):
             assert metrics["num-examples"] == len(splits.series_ids)
 
 
+# --- a small shared part ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_only(tmp_path_factory) -> dict[str, Any]:
+    """A recorded run (DP on) sharing only the linear path. The tiny config has no shipped base, so it
+    starts from a stand-in one unlike the seeded init: the frozen tensors can then only be right if the
+    server and every merchant load the base before freezing what is not shared."""
+    base = tmp_path_factory.mktemp("fed_linear_only")
+    records = base / "records"
+    records.mkdir()
+    overrides = run_overrides(base, **{"privacy.enabled": True, "model.shared": ["linear"], "model.base": str(base / "base")})
+    start = ForecastPipeline.from_config(load_config(TINY_CONFIG, {**overrides, "model.base": ""})).model
+    torch.manual_seed(0)
+    load_adapter_state(start, {k: v + 0.01 * torch.randn_like(v) for k, v in adapter_state(start).items()})
+    save_adapter(start, base / "base" / start.cfg.variant)
+    cfg, summary = run(base, overrides, [Recorder(records)])
+    return {"cfg": cfg, "summary": summary, "records": read_records(records), "start": adapter_state(start)}
+
+
+def test_with_a_small_shared_part_only_its_tensors_leave(linear_only):
+    cfg, records = linear_only["cfg"], linear_only["records"]
+    expected = shared_shapes(ForecastPipeline.from_config(cfg).model)
+    assert set(expected) == {"linear.weight", "linear.bias"}
+    assert [r["error"] for r in records if r["error"] is not None] == []
+    trains = [r for r in records if r["kind"] == "train"]
+    assert len(trains) == N_MERCHANTS * cfg.federation.num_rounds
+    for r in trains:
+        arrays, metrics = r["content"]["arrays"][1], r["content"]["metrics"][1]
+        assert {k: tuple(v.shape) for k, v in arrays.items()} == expected, (r["round"], r["partition"])
+        assert metrics["bytes-sent"] == sum(v.nbytes for v in arrays.values()) and metrics["epsilon"] > 0
+    assert linear_only["summary"]["shared_size"] == sum(math.prod(s) for s in expected.values())
+
+
+def test_a_federated_adapter_with_a_small_shared_part_reloads_whole(linear_only):
+    """from_adapter loads no base: the final adapter alone brings back the frozen tensors, at the base's values."""
+    final = Path(linear_only["cfg"].federation.out_dir) / "final_adapter"
+    state, start = adapter_state(ForecastPipeline.from_adapter(final, load_config(TINY_CONFIG)).model), linear_only["start"]
+    assert state.keys() == start.keys()
+    assert all(torch.equal(state[k], start[k]) for k in start if not k.startswith("linear.")), "a frozen tensor is not the base's"
+    assert not torch.equal(state["linear.weight"], start["linear.weight"])
+
+
 # --- no sent number equals a raw value -------------------------------------------------------------
 #
 # Chance argument. Treat every compared sent number (adapter weights, losses, scores, epsilon) as a
@@ -125,7 +173,7 @@ def _sent_values(records, partition: int) -> np.ndarray:
     for r in records:
         if r["partition"] != partition:
             continue
-        for name, (kind, payload) in r["content"].items():
+        for kind, payload in r["content"].values():
             if kind == "ArrayRecord":
                 parts += [np.asarray(v, dtype=np.float32).ravel() for v in payload.values()]
             elif kind == "MetricRecord":
