@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> Path:
     verdict = "within" if run.wall <= TARGET_S else "over"
     body = "\n".join([
         f"## `make demo` after install: {run.wall:.0f} s, {verdict} the {TARGET_S:.0f} s target", "",
-        "Seconds each contender took inside that run (the rest is process start, Ray, data, baselines' set-up and the report):", "",
+        "Seconds each contender took inside that run (a `_personal` row's include its federation's; the rest is process start, "
+        "Ray, data, baselines' set-up and the report):", "",
         to_markdown(rows.reset_index(drop=True)),
     ])
     extra = [f"overrides {args.set or 'none'}; {report['context']['title']}"]
