@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 
 from benchmarks import accuracy, etth1
+from benchmarks.merchant_dp import noise_for_merchants, release_noise
 from benchmarks.scaffold import ChildFailed, Run, run_child
+from server.client_dp import client_epsilon
 from shared import presets
 from shared.config import PROJECT_ROOT
 from shared.presets import preset_available
@@ -207,3 +209,11 @@ def test_local_only_and_centralised_do_not_start_where_a_federation_ended(monkey
     assert "shopcast_federated" in rows[True]
     for name in ("shopcast_local_only", "shopcast_centralised"):
         pd.testing.assert_frame_equal(rows[True][name], rows[False][name])
+
+
+def test_merchant_level_noise_spends_the_target_epsilon_over_the_rounds() -> None:
+    for epsilon, merchants in ((1.0, 200), (8.0, 200), (8.0, 10)):
+        z = noise_for_merchants(epsilon, 3, merchants, 1e-5)
+        spent = client_epsilon([release_noise(z, merchants)] * 3, 1e-5)
+        assert spent <= epsilon and spent == pytest.approx(epsilon, rel=1e-3)
+        assert client_epsilon([release_noise(0.9 * z, merchants)] * 3, 1e-5) > epsilon  # less noise spends more
