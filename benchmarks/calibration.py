@@ -36,6 +36,7 @@ from shared.config import load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.presets import FILES
+from shared.privacy import federated_steps
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y
 from shared.sources import load_table
 from shared.windows import Splits, concat_windows
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     holdouts = [int(h) for h in args.holdouts.split(",")]
     min_scores = [float(m) for m in args.min_scores.split(",")]
-    steps = cfg.federation.num_rounds * cfg.federation.local_steps
+    steps = federated_steps(cfg)
 
     with Run("benchmarks.calibration", argv, threads=cfg.benchmark.threads) as run:
         table = load_table(cfg)

@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
-from shared.adapter import load_adapter, shared_size
+from shared.adapter import load_adapter
 from shared.config import Config, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.presets import FILES
-from shared.privacy import federated_steps, noise_for, privacy_units, sample_rate, signal_to_noise
+from shared.privacy import federated_steps, merchant_units, noise_for, sample_rate, signal_to_noise
 from shared.rundir import fresh_run_dir
 from shared.sources import load_table
 from shared.windows import Splits
@@ -51,7 +51,7 @@ def noise_plan(cfg: Config, splits: dict[str, Splits], d: int) -> dict[str, floa
     steps = federated_steps(cfg)
     for s in splits.values():
         q = sample_rate(cfg, s.train)
-        units = len(privacy_units(s.train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon, cfg.privacy.window_days))
+        units = len(merchant_units(cfg, s.train))
         sigma = noise_for(cfg.privacy.target_epsilon, cfg.privacy.delta, q, steps)
         sigmas.append(sigma)
         ratios.append(signal_to_noise(units, d, sigma, steps, q))
@@ -94,12 +94,11 @@ def main(argv: list[str] | None = None) -> Path | None:
                 extra["privacy.target_epsilon"] = epsilon
             run_cfg = load_config(config, overrides | extra)
             started = time.time()
-            simulate(run_cfg, config, overrides | extra, len(splits))
+            d = simulate(run_cfg, config, overrides | extra, len(splits))["shared_size"]
             seconds = time.time() - started
             load_adapter(pipeline.model, out / label / "final_adapter")
             contest.add(label, model_forecast(pipeline, splits), splits, cfg, seconds)
             contest.add(f"{label}_personal", personalised(pipeline, splits), splits, cfg, seconds)
-            d = shared_size(ForecastPipeline.from_config(run_cfg, table).model)
             plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf")}
             rows.append({"run": label, "shared": part, "d": d, "epsilon": epsilon or float("inf"), **plan})
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)

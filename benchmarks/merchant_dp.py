@@ -20,15 +20,16 @@ recorded, wall time, peak tree PSS. Writes <results>/merchant_dp.md and .json.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from benchmarks.scaffold import Monitor, Run, arguments, command, quiet
-from server.client_dp import client_epsilon
+from server.client_dp import adaptive_release_noise, client_epsilon, count_stddev
 from shared.adapter import load_adapter
-from shared.config import PROJECT_ROOT, load_config, parse_overrides
+from shared.config import PROJECT_ROOT, FederationConfig, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.rundir import fresh_run_dir
@@ -39,10 +40,8 @@ from simulations.report import accuracy_summary
 
 
 def release_noise(z: float, merchants: int) -> float:
-    """The noise multiplier of one adaptive-clipping release: the update's z and the clipped count's
-    σ_b = max(N / 20, z) together (server/client_dp.py)."""
-    count = max(merchants / 20, z)
-    return (z**-2 + count**-2) ** -0.5
+    """The noise multiplier of one adaptive-clipping release with update noise z, as the server accounts it."""
+    return adaptive_release_noise(z, count_stddev(replace(FederationConfig(), client_dp_noise=z), merchants))
 
 
 def noise_for_merchants(epsilon: float, rounds: int, merchants: int, delta: float) -> float:

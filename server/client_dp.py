@@ -19,7 +19,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from server.guard import GuardedAggregation, update_norm
-from shared.config import Config, ConfigError
+from shared.config import Config, ConfigError, FederationConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,21 @@ class PaperAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         self._pending_clipping_norm = self.clipping_norm * math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
 
+def adaptive_release_noise(update_noise: float, count_std: float) -> float:
+    """The update (noise z_Δ·C) and the clipped count (noise σ_b; sensitivity 1, as Flower does not
+    centre the count) are both released: together an RDP of α/2·(z_Δ⁻² + σ_b⁻²)."""
+    return (update_noise**-2 + count_std**-2) ** -0.5 if count_std > 0 else update_noise
+
+
+def count_stddev(fed: FederationConfig, merchants: int) -> float:
+    """σ_b of adaptive clipping's clipped count: the configured one, else max(n / 20, z). Flower requires
+    z < 2·σ_b; its default σ_b = n/20 makes that impossible for a handful of merchants."""
+    return fed.client_dp_count_stddev or max(merchants / 20, fed.client_dp_noise)
+
+
 class AdaptiveClientLevelDP(ClientLevelDP):
     def _release_noise_multiplier(self, update_noise: float) -> float:
-        """The update (noise z_Δ·C) and the clipped count (noise σ_b; sensitivity 1, as Flower does not
-        centre the count) are both released: together an RDP of α/2·(z_Δ⁻² + σ_b⁻²)."""
-        count_std = self.clipped_count_stddev
-        return (update_noise**-2 + count_std**-2) ** -0.5 if count_std > 0 else update_noise
+        return adaptive_release_noise(update_noise, self.clipped_count_stddev)
 
     def _apply_pending_clip(self) -> None:
         if self._pending_clipping_norm is not None:
@@ -181,9 +190,8 @@ def make_client_dp_strategy(cfg: Config, inner: FedAvg, guard: dict[str, Any]) -
         kwargs["clipping_norm"] = fed.client_dp_clip
     elif fed.client_dp == "server_adaptive":
         mixin, wrapper = AdaptiveClientLevelDP, PaperAdaptiveClipping
-        # Flower requires z < 2·σ_b; its default σ_b = n/20 makes that impossible for a handful of merchants
-        count_std = fed.client_dp_count_stddev or max(n / 20, fed.client_dp_noise)
-        kwargs.update(initial_clipping_norm=fed.client_dp_clip, target_clipped_quantile=fed.client_dp_target_quantile, clipped_count_stddev=count_std)
+        kwargs.update(initial_clipping_norm=fed.client_dp_clip, target_clipped_quantile=fed.client_dp_target_quantile,
+                      clipped_count_stddev=count_stddev(fed, n))
     else:
         raise ConfigError(f"[federation] unknown client_dp {fed.client_dp!r}")
     strategy_class = type(f"Guarded{wrapper.__name__}", (GuardedAggregation, mixin, wrapper), {})

@@ -59,14 +59,15 @@ def _spaced(windows: Windows, series: int, spacing: int) -> list[int]:
     return chosen
 
 
-def _units(cfg: Config, train: Windows) -> list[np.ndarray]:
+def merchant_units(cfg: Config, train: Windows) -> list[np.ndarray]:
+    """A merchant's protected units under cfg.privacy (unit, window_days)."""
     return privacy_units(train, cfg.privacy.unit, cfg.data.context + cfg.data.horizon, cfg.privacy.window_days)
 
 
 def sample_rate(cfg: Config, train: Windows) -> float:
     """The probability with which each protected unit is Poisson-sampled per step, which is also
     what the merchant's ledger is charged: one expected batch of `batch_size` units (or all of them)."""
-    return _rate(len(_units(cfg, train)), cfg.train.batch_size)
+    return _rate(len(merchant_units(cfg, train)), cfg.train.batch_size)
 
 
 def _rate(units: int, batch_size: int) -> float:
@@ -182,7 +183,7 @@ class PrivateTraining:
     def __init__(self, cfg: Config, ledger: PrivacyLedger, train: Windows, ceiling: float | None = None, *,
                  min_noise: float = 0.0, planned_steps: int | None = None):
         self.cfg, self.ledger, self.ceiling = cfg.privacy, ledger, ceiling
-        self.units = _units(cfg, train)
+        self.units = merchant_units(cfg, train)
         self.sample_rate = _rate(len(self.units), cfg.train.batch_size)
         self.planned_steps = federated_steps(cfg) if planned_steps is None else planned_steps
         self.noise_multiplier = max(self._planned_noise(), min_noise)

@@ -21,6 +21,7 @@ from shared.baselines import lightgbm, seasonal_naive, statistical
 from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
 from shared.pipeline import ForecastPipeline
+from shared.privacy import federated_steps
 from shared.rundir import fresh_run_dir
 from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable
 from shared.sources import load_table
@@ -182,7 +183,7 @@ def run_contest(
             started = time.time()
             contest.add(f"{name}_personal", personalised(pipeline, splits), splits, cfg, seconds[name] + time.time() - started)
     load_adapter_state(pipeline.model, initial)  # local-only and centralised must not start where a federation ended
-    steps = cfg.federation.num_rounds * cfg.federation.local_steps
+    steps = federated_steps(cfg)
     for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
         started = time.time()
         contest.add(name, train(pipeline, splits, budget), splits, cfg, time.time() - started)
