@@ -43,13 +43,13 @@ PROGRESS = "progress.json"
 
 def in_slots(frame: pd.DataFrame, cfg: Config, known: list[str], observed: list[str], is_open: str | None) -> pd.DataFrame:
     """A corpus frame with its covariates renamed onto the config's, slot by slot (its first known
-    covariate becomes the config's first, ...), slots it lacks filled with zeros, and the open flag
-    under the config's name (dropped where the config has none)."""
+    covariate becomes the config's first, ...), slots it lacks or names "" filled with zeros, and the open
+    flag under the config's name (dropped where the config has none)."""
     columns = cfg.data.columns
     out = frame[[MERCHANT, ID, DS, "y"]].copy()
     for mine, theirs in ((known, columns.known), (observed, columns.observed)):
         for i, name in enumerate(theirs):
-            out[name] = frame[mine[i]].to_numpy() if i < len(mine) else 0.0
+            out[name] = frame[mine[i]].to_numpy() if i < len(mine) and mine[i] else 0.0
     if columns.open:
         out[columns.open] = frame[is_open].to_numpy() if is_open else 1.0
     return out.rename(columns={"y": columns.y, MERCHANT: columns.merchant_id or MERCHANT, ID: columns.unique_id, DS: columns.ds})
@@ -79,7 +79,7 @@ def corpus(cfg: Config) -> tuple[SeriesTable, SeriesTable]:
     """(training shops, held-out prior shops) as validated tables."""
     p = cfg.pretrain
     weekly = cfg.data.freq.upper().startswith("W")
-    prior = in_slots(retail_prior(p.shops + p.validation_shops, p.seed, weekly=weekly), cfg, ["promo", "holiday"], ["visits"], "open")
+    prior = in_slots(retail_prior(p.shops + p.validation_shops, p.seed, weekly=weekly), cfg, list(p.prior_known), list(p.prior_observed), "open")
     merchant_column = cfg.data.columns.merchant_id or MERCHANT
     held_out = prior[merchant_column].isin(sorted(prior[merchant_column].unique())[-p.validation_shops:])
     data = cfg.data

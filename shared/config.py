@@ -193,6 +193,11 @@ class PretrainConfig:
 
     shops: int = 120  # synthetic retail-prior shops (shared.prior)
     public: tuple[str, ...] = ()  # presets added without their benchmark merchants or last two horizons
+    # The prior's covariates, in the order they fill the config's known / observed slots; "" leaves a slot
+    # to the public presets alone. The prior's promotions and visits drive its sales, so a slot whose
+    # covariate means something else (Walmart's markdown dollars, temperature) must not get them.
+    prior_known: tuple[str, ...] = ("promo", "holiday")
+    prior_observed: tuple[str, ...] = ("visits",)
     windows_per_shop: int = 256  # training windows drawn from each shop
     validation_shops: int = 8  # prior shops held out for the loss curve
     steps: int = 3000
@@ -288,6 +293,8 @@ RULES: dict[str, Rule] = {
     "model.known_slots": _NON_NEGATIVE,
     "pretrain.shops": _COUNT,
     "pretrain.public": Rule("preset names among walmart, online_retail", lambda names: set(names) <= {"walmart", "online_retail"}),
+    "pretrain.prior_known": Rule('names among "promo", "holiday", ""', lambda names: set(names) <= {"promo", "holiday", ""}),
+    "pretrain.prior_observed": Rule('names among "visits", ""', lambda names: set(names) <= {"visits", ""}),
     "pretrain.windows_per_shop": _COUNT,
     "pretrain.validation_shops": _COUNT,
     "pretrain.steps": _COUNT,
