@@ -191,7 +191,7 @@ class BenchmarkConfig:
 class PretrainConfig:
     """The base adapter's central pretraining (server/pretrain.py); other runs ignore it."""
 
-    shops: int = 120  # synthetic retail-prior shops (shared.prior)
+    shops: int = 120  # synthetic retail-prior shops (shared.prior); 0: the public presets alone
     public: tuple[str, ...] = ()  # presets added without their benchmark merchants or last two horizons
     # The prior's covariates, in the order they fill the config's known / observed slots; "" leaves a slot
     # to the public presets alone. The prior's promotions and visits drive its sales, so a slot whose
@@ -291,7 +291,7 @@ RULES: dict[str, Rule] = {
                             lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs)),
     "model.seed": _NON_NEGATIVE,
     "model.known_slots": _NON_NEGATIVE,
-    "pretrain.shops": _COUNT,
+    "pretrain.shops": _NON_NEGATIVE,
     "pretrain.public": Rule("preset names among walmart, online_retail", lambda names: set(names) <= {"walmart", "online_retail"}),
     "pretrain.prior_known": Rule('names among "promo", "holiday", ""', lambda names: set(names) <= {"promo", "holiday", ""}),
     "pretrain.prior_observed": Rule('names among "visits", ""', lambda names: set(names) <= {"visits", ""}),

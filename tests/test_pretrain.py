@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from server.pretrain import _without_last_horizons, in_slots, pretrain
+from server.pretrain import _without_last_horizons, corpus, in_slots, pretrain
 from shared.adapter import adapter_state
 from shared.config import ConfigError, load_config
 from shared.pipeline import ForecastPipeline, base_folder
@@ -67,9 +67,20 @@ def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() 
     np.testing.assert_array_equal(mapped["markdown"], prior["promo"])
     np.testing.assert_array_equal(mapped["temperature"], prior["visits"])
     assert (mapped["extra"] == 0).all() and (mapped["open"] == prior["open"]).all()
+    unmapped = in_slots(prior, cfg, ["", "holiday"], [], "open")  # a slot whose covariate means something else
+    assert (unmapped["markdown"] == 0).all() and (unmapped["temperature"] == 0).all()
+    np.testing.assert_array_equal(unmapped["is_holiday"], prior["holiday"])
     frame = pd.DataFrame({ID: np.repeat(["a", "b"], 40), "y": np.arange(80.0)})
     kept = _without_last_horizons(frame, horizon=7)
     assert kept.groupby(ID).size().tolist() == [26, 26] and kept.groupby(ID)["y"].max().tolist() == [25.0, 65.0]
+
+
+def test_a_corpus_of_public_presets_alone_keeps_prior_shops_for_validation_only(monkeypatch) -> None:
+    cfg = load_config(None, SMALL | {"pretrain.shops": 0, "pretrain.validation_shops": 2})
+    public = in_slots(retail_prior(1, seed=5).assign(merchant_id="public_shop"), cfg, ["promo", "holiday"], ["visits"], "open")
+    monkeypatch.setattr("server.pretrain.public_frames", lambda cfg: [public])
+    train, validation = corpus(cfg)
+    assert train.merchants() == ["public_shop"] and validation.merchants() == ["prior_00000", "prior_00001"]
 
 
 def test_the_base_meets_the_same_prototypes_under_any_run_seed(base: Path, synthetic_table) -> None:
