@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, maxrss_mib, quiet
+from shared.config import PROJECT_ROOT
 
 # (n_merchants pooled, days, training-window stride, steps, canaries, inserted, backbone, blocks, seeds)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -287,7 +288,7 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
                    "windows_per_series_max": int(windows_per_series[ordinary].max()), "training_period_windows": len(splits.train)},
         "reference": {**ref_info, "series": len(ref_members), "data_seed": data_seed + 10_000},
         "init_loss_mean": float(np.nanmean(init_loss[ordinary])), "ref_loss_mean": float(np.nanmean(ref_loss[ordinary])),
-        "runs": runs, "torch_threads": torch.get_num_threads(),
+        "base": str(pipeline.base.relative_to(PROJECT_ROOT)) if pipeline.base else "", "runs": runs, "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         "noise come from a fresh secret seed in shared.privacy, so DP rows do not repeat exactly)"),
         (f"reference model (loss − ref): non-DP, {p['steps']} steps on {result['reference']['series']} series of a separate "
         f"synthetic draw (seed {result['reference']['data_seed']}), never on a target series; shared by all seeds"),
-        (f"mean loss over the ordinary series' training-period windows before any training (initial adapter): "
+        (f"initial adapter: {'the pretrained base ' + result['base'] if result.get('base') else 'the seeded init'}; "
+         f"mean loss over the ordinary series' training-period windows before any training: "
          f"{result['init_loss_mean']:.4f}; under the reference model: {result['ref_loss_mean']:.4f}"),
         f"peak RSS {maxrss_mib():.0f} MiB",
     ]
