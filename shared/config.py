@@ -139,6 +139,10 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise_multiplier: float | str = "auto"  # "auto": the σ with which the planned run ends on target_epsilon
     max_grad_norm: float = 1.0
+    # AdamW scales every coordinate's step to about lr whatever the gradient's size, so under DP, where
+    # the noise outweighs the signal, each step moves every coordinate about lr at random: DP steps
+    # take this smaller rate, which keeps that walk close to the base while the signal accumulates.
+    lr: float = 1e-4
     ledger_dir: str = "runs/ledgers"
 
     def __post_init__(self) -> None:
@@ -328,6 +332,7 @@ RULES: dict[str, Rule] = {
     "privacy.noise_multiplier": Rule('either "auto" or a number above 0',
                                      lambda value: value == "auto" if isinstance(value, str) else value > 0),
     "privacy.max_grad_norm": _POSITIVE,
+    "privacy.lr": _POSITIVE,
     "privacy.ledger_dir": _NOT_EMPTY,
     "federation.num_merchants": _COUNT,
     "federation.num_rounds": _COUNT,

@@ -137,7 +137,8 @@ def fit(
     torch.manual_seed(cfg.seed if seed is None else seed)
     params = list(shared_parameters(model).values())
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr if privacy is None else privacy.cfg.lr  # [privacy] lr: see shared/config.py
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     total = steps if steps is not None else cfg.max_steps
     stopping = _EarlyStopping(cfg.patience) if steps is None and val is not None and cfg.eval_every > 0 and privacy is None else None
     precision = cfg.precision
@@ -166,7 +167,7 @@ def fit(
             if anchor:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
-                        p.sub_(cfg.lr * proximal_mu * (p - a))
+                        p.sub_(lr * proximal_mu * (p - a))
             if on_step is not None:
                 on_step(done)
             if stopping is not None and done % cfg.eval_every == 0:

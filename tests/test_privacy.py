@@ -238,6 +238,17 @@ def test_dp_clips_and_noises_exactly_the_shared_part(make_forecaster, tmp_path: 
     assert moved == set(shared_state(model)) and any(n.startswith("reprogram.") for n in moved), moved
 
 
+
+def test_dp_steps_take_the_privacy_learning_rate(make_forecaster, tmp_path: Path) -> None:
+    """Under DP, AdamW's steps (about lr per coordinate, mostly noise) follow [privacy] lr, not [train] lr."""
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"train.lr": 1e-2, "privacy.lr": 1e-6})
+    before = adapter_state(model)
+    result = fit(model, splits.train, None, cfg.train, steps=3, privacy=_session(cfg, splits, tmp_path))
+    moved = max(float((after - before[name]).abs().max()) for name, after in adapter_state(model).items())
+    # one AdamW step moves a coordinate at most (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr
+    assert result.status == "ok" and 0 < moved <= 3 * 3.2 * 1e-6
+
+
 # --- privacy units and sampling ------------------------------------------------------------------------
 
 
