@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         f"the rest non-members; plus {s['canaries']} canaries (constant 20 with 6x spikes on random days, p = 0.08/day), "
         f"{p['insert']} inserted as members per seed"),
         (f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
-        f"{p['batch']}), AdamW lr {p['lr']}, no early stopping; DP-SGD unit = series, max_grad_norm "
+        f"{p['batch']}), AdamW lr {p['lr']} (DP steps: [privacy] lr {cfg['privacy']['lr']:g}), no early stopping; DP-SGD unit = series, max_grad_norm "
         f"{cfg['privacy']['max_grad_norm']}, δ = {result['delta']:g}, noise from get_noise_multiplier(ε, δ, q, steps, 'rdp'); "
         f"seeds {seeds} (the seed draws the member split, the inserted canaries and the non-DP batches; DP sampling and "
         "noise come from a fresh secret seed in shared.privacy, so DP rows do not repeat exactly)"),
