@@ -74,7 +74,7 @@ def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
 def base_folder(cfg: Config, shape: SeriesShape) -> Path | None:
     """The base adapter a model of `cfg` and `shape` starts from, or None. `base = "auto"`: the first
     shipped base (shared/base/*/<variant>) that fits, else none, so a config unlike every shipped base
-    (another backbone, weekly data) starts from the seeded init. A named folder must hold an adapter of
+    (another backbone, another context or horizon) starts from the seeded init. A named folder must hold an adapter of
     the variant that fits, or it is an error naming the setting, never a silent fresh start; the
     attention and random-LLM ablations have none (their blocks are not the pretrained LLM's)."""
     base, variant = cfg.model.base, cfg.model.variant
