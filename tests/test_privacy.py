@@ -238,7 +238,6 @@ def test_dp_clips_and_noises_exactly_the_shared_part(make_forecaster, tmp_path: 
     assert moved == set(shared_state(model)) and any(n.startswith("reprogram.") for n in moved), moved
 
 
-
 def test_dp_steps_take_the_privacy_learning_rate(make_forecaster, tmp_path: Path) -> None:
     """Under DP, AdamW's steps (about lr per coordinate, mostly noise) follow [privacy] lr, not [train] lr."""
     model, splits, cfg = _dp(make_forecaster, tmp_path, **{"train.lr": 1e-2, "privacy.lr": 1e-6})
