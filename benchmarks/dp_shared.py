@@ -13,7 +13,8 @@ federation without DP (whole adapter), local-only training from the base, the ba
 naive. Grid: every part of --parts at ε = --at, and the --sweep part at every ε of --epsilons.
 
 Beside ε: d (the shared part's size), the median over merchants of σ and of the signal-to-noise
-estimate shared.privacy.signal_to_noise (units, d, σ, steps, q). Writes <results>/<name>_dp_shared.md and .json.
+estimate shared.privacy.signal_to_noise (units, d, σ, steps, q) and of the DP steps' learning rate
+(shared.privacy.dp_learning_rate of that estimate under [privacy] lr = "auto"). Writes <results>/<name>_dp_shared.md and .json.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from shared.config import Config, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.presets import FILES
-from shared.privacy import federated_steps, merchant_units, noise_for, sample_rate, signal_to_noise
+from shared.privacy import dp_learning_rate, federated_steps, merchant_units, noise_for, sample_rate, signal_to_noise
 from shared.rundir import fresh_run_dir
 from shared.sources import load_table
 from shared.windows import Splits
@@ -46,8 +47,9 @@ def part_overrides(part: str) -> dict[str, Any]:
 
 
 def noise_plan(cfg: Config, splits: dict[str, Splits], d: int) -> dict[str, float]:
-    """Median over merchants of the σ "auto" picks and of the signal-to-noise estimate it leaves."""
-    sigmas, ratios = [], []
+    """Median over merchants of the σ "auto" picks, of the signal-to-noise estimate it leaves and of
+    the DP steps' learning rate (under [privacy] lr = "auto", set by that estimate)."""
+    sigmas, ratios, rates = [], [], []
     steps = federated_steps(cfg)
     for s in splits.values():
         q = sample_rate(cfg, s.train)
@@ -55,7 +57,8 @@ def noise_plan(cfg: Config, splits: dict[str, Splits], d: int) -> dict[str, floa
         sigma = noise_for(cfg.privacy.target_epsilon, cfg.privacy.delta, q, steps)
         sigmas.append(sigma)
         ratios.append(signal_to_noise(units, d, sigma, steps, q))
-    return {"sigma": float(np.median(sigmas)), "signal_to_noise": float(np.median(ratios))}
+        rates.append(dp_learning_rate(cfg.train.lr, ratios[-1]) if cfg.privacy.lr == "auto" else cfg.privacy.lr)
+    return {"sigma": float(np.median(sigmas)), "signal_to_noise": float(np.median(ratios)), "dp_lr": float(np.median(rates))}
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             load_adapter(pipeline.model, out / label / "final_adapter")
             contest.add(label, model_forecast(pipeline, splits), splits, cfg, seconds)
             contest.add(f"{label}_personal", personalised(pipeline, splits), splits, cfg, seconds)
-            plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf")}
+            plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr}
             rows.append({"run": label, "shared": part, "d": d, "epsilon": epsilon or float("inf"), **plan})
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)
     summary = accuracy_summary(contest).set_index("model")
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         f"config `{config}`, overrides {overrides}; {len(splits)} merchants; {cfg.federation.num_rounds} rounds x "
         f"{cfg.federation.local_steps} local steps; DP unit {cfg.privacy.unit}, δ {cfg.privacy.delta}, σ \"auto\"; "
         f"base {pipeline.base}; personal: {cfg.train.personalise} ({cfg.train.personal_steps} steps)",
-        "signal_to_noise: the upper estimate q·N·√T / (σ·√d) of shared.privacy.signal_to_noise (docs/privacy.md, section 5)",
+        "signal_to_noise: the upper estimate q·N·√T / (σ·√d) of shared.privacy.signal_to_noise (docs/privacy.md, section 5); "
+        f"dp_lr: the DP steps' rate ([privacy] lr = {cfg.privacy.lr!r}; \"auto\": train.lr {cfg.train.lr:g} x s²/(1 + s²))",
     ]
     payload = {"config": config, "overrides": overrides, "runs": rows, "summary": summary.reset_index().to_dict(orient="records")}
     return run.save(name, f"DP on a small shared part `{cfg.benchmark.name}`", extra_lines, body, payload, args.results)

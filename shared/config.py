@@ -139,17 +139,19 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise_multiplier: float | str = "auto"  # "auto": the σ with which the planned run ends on target_epsilon
     max_grad_norm: float = 1.0
-    # AdamW scales every coordinate's step to about lr whatever the gradient's size, so under DP, where
-    # the noise outweighs the signal, each step moves every coordinate about lr at random: DP steps
-    # take this smaller rate, which keeps that walk close to the base while the signal accumulates.
-    lr: float = 1e-4
+    # The DP steps' rate. "auto": [train] lr x s²/(1 + s²), s the run's signal-to-noise estimate
+    # (shared.privacy.dp_learning_rate): where noise outweighs signal, a step of train.lr is mostly a
+    # random walk away from the base, so the step shrinks with s. Or a fixed number.
+    lr: float | str = "auto"
     ledger_dir: str = "runs/ledgers"
 
     def __post_init__(self) -> None:
-        # The loader turns an integer into a float for plain float fields only, and σ may also be "auto":
-        # without this, `noise_multiplier = 2` would stay an int and read as 2, not 2.0, in errors and logs.
-        if isinstance(self.noise_multiplier, numbers.Real) and not isinstance(self.noise_multiplier, bool):
-            object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+        # The loader turns an integer into a float for plain float fields only, and σ and lr may also be
+        # "auto": without this, `noise_multiplier = 2` would stay an int and read as 2, not 2.0, in errors and logs.
+        for name in ("noise_multiplier", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ _COUNT = Rule("at least 1", lambda value: value >= 1)
 _NON_NEGATIVE = Rule("at least 0", lambda value: value >= 0)
 _POSITIVE = Rule("above 0", lambda value: value > 0)
 _OPEN_UNIT = Rule("strictly between 0 and 1", lambda value: 0 < value < 1)
+_AUTO_OR_POSITIVE = Rule('either "auto" or a number above 0', lambda value: value == "auto" if isinstance(value, str) else value > 0)
 _SHARE = Rule("above 0 and at most 1", lambda value: 0 < value <= 1)
 _NOT_EMPTY = Rule("not empty", lambda value: len(value) > 0)
 _CHARACTER = Rule("one character", lambda value: len(value) == 1)
@@ -329,10 +332,9 @@ RULES: dict[str, Rule] = {
     "privacy.window_days": _COUNT,
     "privacy.target_epsilon": _POSITIVE,
     "privacy.delta": _OPEN_UNIT,
-    "privacy.noise_multiplier": Rule('either "auto" or a number above 0',
-                                     lambda value: value == "auto" if isinstance(value, str) else value > 0),
+    "privacy.noise_multiplier": _AUTO_OR_POSITIVE,
     "privacy.max_grad_norm": _POSITIVE,
-    "privacy.lr": _POSITIVE,
+    "privacy.lr": _AUTO_OR_POSITIVE,
     "privacy.ledger_dir": _NOT_EMPTY,
     "federation.num_merchants": _COUNT,
     "federation.num_rounds": _COUNT,

@@ -33,7 +33,16 @@ from shared.config import ConfigError, PrivacyConfig
 from shared.ledger import LedgerError, PrivacyLedger
 from shared.model import pinball_loss
 from shared.pipeline import ForecastPipeline
-from shared.privacy import MerchantPins, PrivateTraining, noise_for, open_ledger, privacy_units, sample_rate, signal_to_noise
+from shared.privacy import (
+    MerchantPins,
+    PrivateTraining,
+    dp_learning_rate,
+    noise_for,
+    open_ledger,
+    privacy_units,
+    sample_rate,
+    signal_to_noise,
+)
 from shared.train import fit
 from shared.windows import WindowDataset
 
@@ -246,6 +255,32 @@ def test_dp_steps_take_the_privacy_learning_rate(make_forecaster, tmp_path: Path
     moved = max(float((after - before[name]).abs().max()) for name, after in adapter_state(model).items())
     # one AdamW step moves a coordinate at most (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr
     assert result.status == "ok" and 0 < moved <= 3 * 3.2 * 1e-6
+
+
+def test_dp_learning_rate_shrinks_with_the_signal_to_noise() -> None:
+    """s²/(1 + s²) of the plain rate: all of it without noise, half at s = 1, next to none where the
+    steps would be noise (a Walmart merchant's whole adapter at ε = 8, s ≈ 0.02)."""
+    assert dp_learning_rate(2e-3, 1e4) == pytest.approx(2e-3, rel=1e-6)
+    assert dp_learning_rate(2e-3, 1.0) == pytest.approx(1e-3)
+    assert dp_learning_rate(2e-3, 0.02) < 1e-6
+    rates = [dp_learning_rate(2e-3, s) for s in (0.0, 0.01, 0.1, 1.0, 10.0)]
+    assert rates[0] == 0.0 and rates == sorted(rates) and len(set(rates)) == len(rates)
+
+
+def test_auto_dp_steps_move_the_adapter_by_the_planned_rate(make_forecaster, tmp_path: Path) -> None:
+    """Under [privacy] lr = "auto" the session's rate comes from its own plan (units, σ, planned steps,
+    q) and the d numbers DP trains; fit steps at it: a larger shared part gets a smaller rate."""
+    model, splits, cfg = _dp(make_forecaster, tmp_path, **{"train.lr": 1e-2, "privacy.lr": "auto"})
+    session = _session(cfg, splits, tmp_path)
+    d = shared_size(model)
+    s = signal_to_noise(len(session.units), d, session.noise_multiplier, session.planned_steps, session.sample_rate)
+    rate = session.learning_rate(cfg.train.lr, d)
+    assert rate == pytest.approx(dp_learning_rate(1e-2, s)) and 0 < rate < 1e-2
+    assert session.learning_rate(cfg.train.lr, 100 * d) < rate
+    before = adapter_state(model)
+    assert fit(model, splits.train, None, cfg.train, steps=3, privacy=session).status == "ok"
+    moved = max(float((after - before[name]).abs().max()) for name, after in adapter_state(model).items())
+    assert 0 < moved <= 3 * 3.2 * rate  # AdamW: at most ~3.2 lr per coordinate per step
 
 
 # --- privacy units and sampling ------------------------------------------------------------------------
