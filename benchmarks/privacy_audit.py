@@ -164,7 +164,7 @@ def series_losses(model, windows, n_series: int, batch_size: int = 64) -> np.nda
 
 def train_once(model, initial: dict, train, cfg, steps: int, epsilon: float | None, ledger_dir: Path) -> dict[str, Any]:
     """Resets the adapter to `initial` and trains it on `train` (DP-SGD at ε when given); returns what ran."""
-    from shared.adapter import load_adapter_state
+    from shared.adapter import load_adapter_state, shared_size
     from shared.config import with_overrides
     from shared.ledger import PrivacyLedger
     from shared.privacy import PrivateTraining, noise_for, sample_rate
@@ -178,9 +178,11 @@ def train_once(model, initial: dict, train, cfg, steps: int, epsilon: float | No
         sigma = noise_for(epsilon, cfg.privacy.delta, rate, steps)
         pcfg = with_overrides(cfg, {"privacy.enabled": True, "privacy.target_epsilon": float(epsilon), "privacy.noise_multiplier": sigma})
         ledger = PrivacyLedger(ledger_dir / f"eps{epsilon:g}_{time.time_ns()}.json", epsilon, pcfg.privacy.delta, pcfg.privacy.unit)
-        privacy = PrivateTraining(pcfg, ledger, train)
+        privacy = PrivateTraining(pcfg, ledger, train, planned_steps=steps)
         info.update(noise_multiplier=sigma, sample_rate=rate, units=len(privacy.units), expected_batch=rate * len(privacy.units),
-                    max_grad_norm=pcfg.privacy.max_grad_norm)
+                    max_grad_norm=pcfg.privacy.max_grad_norm, lr=privacy.learning_rate(cfg.train.lr, shared_size(model)))
+    else:
+        info.update(lr=cfg.train.lr)
     started = time.time()
     result = fit(model, train, None, cfg.train, steps=steps, privacy=privacy)
     info.update(steps_run=result.steps, train_loss_last=result.train_loss, train_s=time.time() - started,
@@ -301,6 +303,7 @@ def summarise_runs(result: dict[str, Any]) -> pd.DataFrame:
         eps = group["epsilon"].iloc[0]
         private = not pd.isna(eps)  # the non-DP rows carry ε = None, which pandas turns into NaN
         row["noise σ"] = float(group["noise_multiplier"].mean()) if private else 0.0
+        row["lr"] = float(group["lr"].mean())
         row["ε spent"] = float(group["epsilon_spent"].max()) if private else float("inf")
         for attack in ATTACKS:
             for metric in ("auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr"):
@@ -326,14 +329,14 @@ def _pm(mean: float, sd: float, fmt: str = "{:.3f}") -> str:
 def markdown_tables(summary: pd.DataFrame, result: dict[str, Any]) -> list[str]:
     n_non = result["runs"][0]["nonmembers"]
     lines = [
-        ("| setting | noise σ | ε spent (RDP) | AUC, loss | AUC, loss − init | AUC, loss − ref (LiRA-lite) | "
+        ("| setting | noise σ | lr | ε spent (RDP) | AUC, loss | AUC, loss − init | AUC, loss − ref (LiRA-lite) | "
          "TPR@1%FPR, loss / − init / − ref | TPR@10%FPR, loss / − init / − ref | DP bound on TPR@10%FPR | member / non-member loss |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for _, r in summary.iterrows():
         eps_spent = "∞ (no DP)" if r["ε spent"] == float("inf") else f"{r['ε spent']:.3f}"
         lines.append(
-            f"| {r['setting']} | {r['noise σ']:.3f} | {eps_spent} | {_pm(r['loss:auc'], r['loss:auc:sd'])} | "
+            f"| {r['setting']} | {r['noise σ']:.3f} | {r['lr']:.2g} | {eps_spent} | {_pm(r['loss:auc'], r['loss:auc:sd'])} | "
             f"{_pm(r['loss_minus_init:auc'], r['loss_minus_init:auc:sd'])} | {_pm(r['loss_minus_ref:auc'], r['loss_minus_ref:auc:sd'])} | "
             + " / ".join(f"{r[f'{a}:tpr_at_1pct_fpr']:.3f}" for a in ATTACKS) + " | "
             + " / ".join(f"{r[f'{a}:tpr_at_10pct_fpr']:.3f}" for a in ATTACKS) + f" | {r['dp_bound_tpr_at_10pct_fpr']:.3f} | "
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         f"the rest non-members; plus {s['canaries']} canaries (constant 20 with 6x spikes on random days, p = 0.08/day), "
         f"{p['insert']} inserted as members per seed"),
         (f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
-        f"{p['batch']}), AdamW lr {p['lr']} (DP steps: [privacy] lr {cfg['privacy']['lr']:g}), no early stopping; DP-SGD unit = series, max_grad_norm "
+        f"{p['batch']}), AdamW lr {p['lr']} (DP steps: [privacy] lr {cfg['privacy']['lr']!r}, the table's lr), no early stopping; DP-SGD unit = series, max_grad_norm "
         f"{cfg['privacy']['max_grad_norm']}, δ = {result['delta']:g}, noise from get_noise_multiplier(ε, δ, q, steps, 'rdp'); "
         f"seeds {seeds} (the seed draws the member split, the inserted canaries and the non-DP batches; DP sampling and "
         "noise come from a fresh secret seed in shared.privacy, so DP rows do not repeat exactly)"),
