@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -20,6 +20,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from server.guard import GuardedAggregation, update_norm
 from shared.config import Config, ConfigError, FederationConfig
+from shared.privacy import dp_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,16 @@ class ClientLevelDP:
       std z·C/n matches that sensitivity (Flower would otherwise use the configured cohort size and
       under-noise a round in which some merchants failed or were rejected);
     - under client_fixed, an update longer than C (a merchant without the clipping mod) is rejected;
+    - the noised mean step is scaled by s²/(1 + s²), s = n·√R / (z·√d) the run's signal-to-noise
+      estimate (R planned rounds, d numbers), as DP-SGD's steps are (shared.privacy.dp_learning_rate):
+      a step that is mostly noise leaves the global adapter near where it was. It acts on the released
+      mean only, post-processing, so it costs no privacy;
     - each noised round is written to the round record with the ε any one merchant has spent so far.
     """
 
-    def __init__(self, *args: Any, client_dp_mode: str, client_dp_delta: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, client_dp_mode: str, client_dp_delta: float, client_dp_rounds: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.client_dp_mode, self.client_dp_delta = client_dp_mode, client_dp_delta
+        self.client_dp_mode, self.client_dp_delta, self.client_dp_rounds = client_dp_mode, client_dp_delta, client_dp_rounds
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [self._equal_weight(msg) for msg in replies if self._within_clip(server_round, msg)]
@@ -110,8 +115,17 @@ class ClientLevelDP:
             earlier = [r for r in self.history if r is not self._current]
             release_noise = self._release_noise_multiplier(update_noise)
             self._current["client_dp"] = release_record(self.client_dp_mode, clip, update_noise, len(replies), release_noise, self.client_dp_delta, earlier)
+            arrays, self._current["client_dp"]["step"] = self._scaled_step(arrays, update_noise, len(replies))
         self._apply_pending_clip()
         return arrays, metrics
+
+    def _scaled_step(self, arrays: ArrayRecord, update_noise: float, cohort: int) -> tuple[ArrayRecord, float]:
+        """The released adapter moved back towards this round's global: only s²/(1 + s²) of its step is kept."""
+        released = {k: v.numpy() for k, v in arrays.items()}
+        dims = sum(v.size for v in released.values())
+        factor = dp_learning_rate(1.0, cohort * math.sqrt(self.client_dp_rounds) / (update_noise * math.sqrt(dims)))
+        kept = {k: (self._global[k] + factor * (v - self._global[k])).astype(v.dtype) for k, v in released.items()}
+        return ArrayRecord({k: Array(v) for k, v in kept.items()}), factor
 
     def _equal_weight(self, msg: Message) -> Message:
         msg.content["metrics"] = MetricRecord({**dict(msg.content["metrics"]), DP_WEIGHT: 1.0})
@@ -195,4 +209,5 @@ def make_client_dp_strategy(cfg: Config, inner: FedAvg, guard: dict[str, Any]) -
     else:
         raise ConfigError(f"[federation] unknown client_dp {fed.client_dp!r}")
     strategy_class = type(f"Guarded{wrapper.__name__}", (GuardedAggregation, mixin, wrapper), {})
-    return strategy_class(inner, client_dp_mode=fed.client_dp, client_dp_delta=fed.client_dp_delta, **kwargs, **guard)
+    return strategy_class(inner, client_dp_mode=fed.client_dp, client_dp_delta=fed.client_dp_delta, client_dp_rounds=fed.num_rounds,
+                          **kwargs, **guard)

@@ -37,6 +37,7 @@ from server.strategy import make_strategy
 from shared.adapter import ADAPTER_KEYS, adapter_state
 from shared.config import ConfigError, load_config
 from shared.pipeline import ForecastPipeline
+from shared.privacy import dp_learning_rate
 from simulations.federated import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
@@ -116,14 +117,30 @@ def test_mean_is_unweighted_and_noise_is_calibrated_to_the_merchants_averaged(gl
     rng = np.random.default_rng(1)
     updates = [_random(rng, 5.0), _random(rng, 0.5), Error(code=901, reason="budget spent")]
     result = _round(strategy, global_, updates, examples=[10_000, 10, 1])
+    release = strategy.history[-1]["client_dp"]
     clipped = [_clip(u, clip) for u in updates[:2]]
-    noise = np.concatenate([(result[k] - (clipped[0][k] + clipped[1][k]) / 2).ravel() for k in SHAPES])
+    # the global is 0, so the released step is result / step: the noised mean before the step's scaling
+    noise = np.concatenate([(result[k] / release["step"] - (clipped[0][k] + clipped[1][k]) / 2).ravel() for k in SHAPES])
     expected_std = z * clip / 2  # two merchants averaged, not the three configured
     assert abs(noise.std() / expected_std - 1) < 0.02
     assert abs(noise.mean()) < 5 * expected_std / math.sqrt(noise.size)
-    release = strategy.history[-1]["client_dp"]
     assert release["cohort"] == 2 and release["noise_std"] == pytest.approx(expected_std)
     assert release["epsilon"] == client_epsilon([z], release["delta"])
+
+
+def test_a_mostly_noise_release_keeps_only_its_signal_to_noise_share_of_the_step(global_) -> None:
+    """The noised mean's step is scaled by s²/(1 + s²), s = n·√R / (z·√d): two merchants, 3 rounds and
+    60,050 numbers under z = 1 keep 0.02% of it (the global barely moves); a nearly noiseless one all of it."""
+    rounds, dims = load_config().federation.num_rounds, sum(math.prod(shape) for shape in SHAPES.values())
+    rng = np.random.default_rng(4)
+    for z, kept in ((1.0, dp_learning_rate(1.0, 2 * math.sqrt(rounds) / math.sqrt(dims))), (1e-9, 1.0)):
+        np.random.seed(4)
+        strategy = make_strategy(_cfg(client_dp="server_fixed", client_dp_noise=z, client_dp_clip=1.0), SHAPES)
+        updates = [_random(rng, 0.5), _random(rng, 0.5)]
+        result = _round(strategy, global_, updates)
+        assert strategy.history[-1]["client_dp"]["step"] == pytest.approx(kept)
+        released_norm = _norm({k: (updates[0][k] + updates[1][k]) / 2 for k in SHAPES}) if z < 1e-6 else z * 1.0 / 2 * math.sqrt(dims)
+        assert _norm(result) == pytest.approx(kept * released_norm, rel=0.02)
 
 
 def test_client_fixed_rejects_an_update_that_was_not_clipped(global_) -> None:
@@ -330,7 +347,8 @@ def _check_server_noise(cfg, summary, rounds, clip_on_server: bool) -> None:
         start = entries[0]["incoming"]["arrays"]
         after = rounds[r + 1][0]["incoming"]["arrays"] if r + 1 in rounds else final
         updates = [_clip(_update(e), clip) if clip_on_server else _update(e) for e in entries.values()]
-        noise = np.concatenate([(after[k] - start[k] - sum(u[k] for u in updates) / n).ravel() for k in start])
+        step = summary["history"][r - 1]["client_dp"]["step"]  # the share of the noised mean's step the server kept
+        noise = np.concatenate([((after[k] - start[k]) / step - sum(u[k] for u in updates) / n).ravel() for k in start])
         assert abs(noise.std() / (z * clip / n) - 1) < 0.03, f"round {r}: noise std {noise.std()} vs {z * clip / n}"
     releases = [h["client_dp"] for h in summary["history"]]
     assert [rel["epsilon"] for rel in releases] == [client_epsilon([z] * k, cfg.federation.client_dp_delta) for k in (1, 2)]
