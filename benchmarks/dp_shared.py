@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)
     summary = accuracy_summary(contest).set_index("model")
     table_rows = pd.DataFrame(rows)
+    table_rows["dp_lr"] = table_rows["dp_lr"].map(lambda rate: f"{rate:.2g}")  # 1e-6 and below would print as 0.000
     table_rows["wql_gmean_rel"] = table_rows["run"].map(summary["wql_gmean_rel"])
     table_rows["wql_gmean_rel_personal"] = table_rows["run"].map(lambda r: summary.loc[f"{r}_personal", "wql_gmean_rel"])
     by_epsilon = table_rows[(table_rows["shared"] == args.sweep) | (table_rows["epsilon"] == float("inf"))].sort_values("epsilon")
