@@ -127,15 +127,18 @@ def test_llm_layers_deeper_than_the_backbone_is_a_config_error() -> None:
         truncated_backbone("tiny", 5)
 
 
-def test_noise_multiplier_is_auto_by_default_or_a_number() -> None:
-    assert load_config().privacy.noise_multiplier == "auto"
-    sigma = load_config(overrides=parse_overrides(["privacy.noise_multiplier=2"])).privacy.noise_multiplier
-    assert isinstance(sigma, float) and sigma == 2.0
+@pytest.mark.parametrize("key", ["noise_multiplier", "lr"])
+def test_noise_and_dp_rate_are_auto_by_default_or_a_number(key: str) -> None:
+    assert getattr(load_config().privacy, key) == "auto"
+    value = getattr(load_config(overrides=parse_overrides([f"privacy.{key}=2"])).privacy, key)
+    assert isinstance(value, float) and value == 2.0
 
 
 @pytest.mark.parametrize("override, allowed", [
     ("privacy.noise_multiplier=loud", '"auto" or a number above 0'),
     ("privacy.noise_multiplier=-1", '"auto" or a number above 0'),
+    ("privacy.lr=fast", '"auto" or a number above 0'),
+    ("privacy.lr=0", '"auto" or a number above 0'),
     ("privacy.window_days=0", "an integer, at least 1"),
     ("privacy.window_days=2.5", "an integer, at least 1"),
     ("privacy.unit='week'", "['day', 'series', 'window']"),
