@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from shared.adapter import load_shared_state, shared_parameters, shared_state
+from shared.adapter import load_shared_state, shared_parameters, shared_size, shared_state
 from shared.config import TrainConfig
 from shared.model import Forecaster, pinball_loss
 from shared.privacy import PrivateTraining
@@ -137,7 +137,7 @@ def fit(
     torch.manual_seed(cfg.seed if seed is None else seed)
     params = list(shared_parameters(model).values())
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    lr = cfg.lr if privacy is None else privacy.learning_rate(cfg.lr, sum(p.numel() for p in params))
+    lr = cfg.lr if privacy is None else privacy.learning_rate(cfg.lr, shared_size(model))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     total = steps if steps is not None else cfg.max_steps
     stopping = _EarlyStopping(cfg.patience) if steps is None and val is not None and cfg.eval_every > 0 and privacy is None else None
