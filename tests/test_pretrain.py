@@ -93,3 +93,30 @@ def test_the_base_meets_the_same_prototypes_under_any_run_seed(base: Path, synth
         pipeline = ForecastPipeline.from_config(load_config(None, SMALL | {"model.base": str(base), "model.seed": seed}), synthetic_table)
         forecasts.append(predict(pipeline.model, pipeline.splits(synthetic_table).test, pipeline.device))
     np.testing.assert_array_equal(forecasts[0], forecasts[1])
+
+
+def test_the_prior_has_store_level_shops_closing_weekdays_promotion_cycles_and_totals() -> None:
+    prior = retail_prior(30, seed=0)
+    shops = []
+    for _, shop in prior.groupby("merchant_id"):
+        products = shop[~shop[ID].str.endswith("/total")]
+        closed_by_weekday = products.groupby(products["ds"].dt.dayofweek)["open"].mean()
+        shop_wide_promo = products.groupby("ds")["promo"].min()  # 1 on a day every product is on offer
+        shops.append((closed_by_weekday.min() == 0, shop_wide_promo.sum() > 0, shop[ID].str.endswith("/total").any()))
+        assert (products.loc[products["open"] == 0, "y"] == 0).all(), "a closed day sells nothing"
+        if shops[-1][2]:
+            total = shop[shop[ID].str.endswith("/total")].set_index("ds")["y"]
+            np.testing.assert_allclose(total, products.groupby("ds")["y"].sum().loc[total.index])
+    closing, cycling, totals = (sum(flags) for flags in zip(*shops))
+    assert 0 < closing < 30 and 0 < cycling < 30 and 0 < totals < 30, "each store-level effect in some shops, not all"
+
+
+@pytest.mark.parametrize(("horizon", "folder"), [(14, "daily"), (28, "daily28"), (21, None)])
+def test_auto_picks_the_shipped_daily_base_of_the_horizon(horizon: int, folder: str | None) -> None:
+    """The shipped bases are of two daily horizons: a config of either starts from its own, any other
+    daily horizon from the seeded init (never from a base cut for another horizon)."""
+    from shared.pipeline import SHIPPED_BASES, input_shape
+
+    cfg = load_config(None, {"data.horizon": horizon})
+    picked = base_folder(cfg, input_shape(cfg))
+    assert picked == (SHIPPED_BASES / folder / "llm" if folder else None)
