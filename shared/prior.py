@@ -6,8 +6,8 @@ starts from the embedded generator (shared.synthetic: weekly and yearly seasonal
 promotions, holidays, closed days, intermittent products, visits) and adds what it lacks: level
 shifts, dips after a promotion, stock-outs (zero sales on an open day), scales from single units to
 10^5, series that start late, and what store-level data has: a weekday some shops always close,
-shop-wide promotions on a fixed cycle, and the shop's total as a series of its own. Seeds are drawn from a range the embedded data never uses, so the
-corpus never holds a benchmark's series. `weekly` sums the days into weeks ending on Friday, as
+shop-wide promotions on a fixed cycle, and the shop's total as a series of its own. Seeds are drawn
+from a range the embedded data never uses, so the corpus never holds a benchmark's series. `weekly` sums the days into weeks ending on Friday, as
 Walmart's data is.
 """
 
@@ -21,6 +21,9 @@ from shared.synthetic import generate_merchants
 
 SEED_OFFSET = 1_000_000  # the embedded data and the tests use small seeds
 STORE_SHARE = 0.4  # the share of shops given each store-level effect (a closing weekday, a promotion cycle, a total)
+# How rows summed into one (a shop's total, a week) carry their flags: a promotion as the share of rows
+# on it, a holiday or an open day if any row had it
+COMBINED_FLAGS = {Y: (Y, "sum"), "promo": ("promo", "mean"), "holiday": ("holiday", "max"), "open": ("open", "max")}
 
 
 def _store_rhythm(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
@@ -47,8 +50,7 @@ def _store_rhythm(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame
 def _with_total(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """The shop's products plus their daily total as one more series (the share of products on
     promotion as its promo flag): a store-level series, far smoother than any one product."""
-    total = frame.groupby(DS, sort=True).agg(**{Y: (Y, "sum"), "promo": ("promo", "mean"), "holiday": ("holiday", "max"),
-                                                "open": ("open", "max"), "visits": ("visits", "first")}).reset_index()
+    total = frame.groupby(DS, sort=True).agg(**COMBINED_FLAGS, visits=("visits", "first")).reset_index()  # visits are the shop's
     return pd.concat([frame, total.assign(**{MERCHANT: name, ID: f"{name}/total"})], ignore_index=True)
 
 
@@ -77,8 +79,7 @@ def _weekly(frame: pd.DataFrame) -> pd.DataFrame:
     share of its days it was on; visits are summed."""
     weeks = frame.assign(week=frame[DS] + pd.to_timedelta((4 - frame[DS].dt.dayofweek) % 7, unit="D"))
     grouped = weeks.groupby([MERCHANT, ID, "week"], sort=True)
-    out = grouped.agg(**{Y: (Y, "sum"), "promo": ("promo", "mean"), "holiday": ("holiday", "max"), "open": ("open", "max"),
-                         "visits": ("visits", "sum"), "days": (DS, "size")}).reset_index()
+    out = grouped.agg(**COMBINED_FLAGS, visits=("visits", "sum"), days=(DS, "size")).reset_index()
     return out[out["days"] == 7].drop(columns="days").rename(columns={"week": DS})  # whole weeks only
 
 

@@ -14,7 +14,7 @@ import torch
 from server.pretrain import _without_last_horizons, corpus, in_slots, pretrain
 from shared.adapter import adapter_state
 from shared.config import ConfigError, load_config
-from shared.pipeline import ForecastPipeline, base_folder
+from shared.pipeline import SHIPPED_BASES, ForecastPipeline, base_folder, input_shape
 from shared.prior import retail_prior
 from shared.schema import ID
 
@@ -115,8 +115,6 @@ def test_the_prior_has_store_level_shops_closing_weekdays_promotion_cycles_and_t
 def test_auto_picks_the_shipped_daily_base_of_the_horizon(horizon: int, folder: str | None) -> None:
     """The shipped bases are of two daily horizons: a config of either starts from its own, any other
     daily horizon from the seeded init (never from a base cut for another horizon)."""
-    from shared.pipeline import SHIPPED_BASES, input_shape
-
     cfg = load_config(None, {"data.horizon": horizon})
     picked = base_folder(cfg, input_shape(cfg))
     assert picked == (SHIPPED_BASES / folder / "llm" if folder else None)
