@@ -4,7 +4,8 @@ Read top to bottom, one window's path is:
   scale by the mean |y| of the context's open days  ->  patches of (y, observed, known covariates)  ->  patch embedding
   ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
   tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head (+ a linear path from context and covariates)
-  ->  non-crossing quantiles  ->  rescale, and 0 on the horizon's closed days.
+  ->  non-crossing quantiles, their gaps in units of how much the context moves day to day  ->  rescale,
+  and 0 on the horizon's closed days.
 LoRA and the small layers defined here are the adapter; the part of it that [model] shared names
 trains and travels in federation, the rest stays at the base's values. Every trainable layer is an
 nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute per-sample gradients for it.
@@ -26,6 +27,7 @@ from shared.config import ConfigError, ModelConfig
 from shared.prompt import prompt_texts, tokenize_left_padded
 
 MAX_SCALED = 100.0  # guards the patch embedding against a window with one huge spike after scaling
+MIN_SPREAD = 0.02  # a flat context still gets bands (2% of its level per unit gap) and a loss weight at most 50x a typical one
 # The text prototypes are a property of the backbone, not of a run: an adapter trained under one run
 # seed (the pretrained base) must meet the same prototypes under any other.
 PROTOTYPE_SEED = 0
@@ -52,11 +54,25 @@ def mean_abs_scale(x: torch.Tensor, is_open: torch.Tensor | None = None) -> torc
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def monotone_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
-    """Median plus cumulative positive gaps either side, so quantiles never cross by construction."""
+def step_spread(series: torch.Tensor, is_open: torch.Tensor) -> torch.Tensor:
+    """[B, 1] the mean |change| from one open day to the next in a scaled context [B, L], at least
+    MIN_SPREAD: how much this series moves. A smooth department and a noisy corner shop share a window
+    scale of 1 but need bands many times apart; in these units the head learns one gap for both."""
+    both_open = is_open[:, 1:] * is_open[:, :-1]
+    moves = (series[:, 1:] - series[:, :-1]).abs() * both_open
+    spread = moves.sum(dim=1, keepdim=True) / both_open.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return spread.clamp_min(MIN_SPREAD)
+
+
+def monotone_quantiles(raw: torch.Tensor, mid: int, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """Median plus cumulative positive gaps either side, so quantiles never cross by construction; each
+    gap is softplus(raw) times the window's `unit` [B, 1] (its step spread) when given."""
     median = raw[..., mid : mid + 1]
-    upper = median + torch.cumsum(F.softplus(raw[..., mid + 1 :]), dim=-1)
-    lower = median - torch.cumsum(F.softplus(raw[..., :mid]).flip(-1), dim=-1).flip(-1)
+    gaps = F.softplus(torch.cat([raw[..., :mid], raw[..., mid + 1 :]], dim=-1))
+    if unit is not None:
+        gaps = gaps * unit.unsqueeze(-1)
+    upper = median + torch.cumsum(gaps[..., mid:], dim=-1)
+    lower = median - torch.cumsum(gaps[..., :mid].flip(-1), dim=-1).flip(-1)
     return torch.cat([lower, median, upper], dim=-1)
 
 
@@ -186,7 +202,7 @@ class Forecaster(nn.Module):
         weight.zero_()
         weight[:, self.mid, : self.shape.context] = 1.0 / self.shape.context
         bias = self.linear.bias.view(horizon, n_levels)
-        bias.fill_(-2.0)  # softplus(-2) = 0.13: each quantile starts 0.13 window-scales from the next
+        bias.fill_(-1.0)  # softplus(-1) = 0.31: each quantile starts 0.31 step spreads from the next
         bias[:, self.mid] = 0.0
 
     def _lora_config(self) -> PeftLoraConfig:
@@ -208,17 +224,16 @@ class Forecaster(nn.Module):
         self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, open: torch.Tensor, prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantiles in scaled units [B, H, Q] and the scale [B, 1] that maps them back to sales.
+        """Quantiles [B, H, Q] in units of the window's typical step change and that unit [B, 1] in sales.
         `open` [B, L + H] (also a channel of `known`) keeps closed context days out of the scale."""
-        tokens, linear_input, scale = self.encode(context, observed, known, open, prompt_ids, prompt_mask)
-        return self.decode(tokens, linear_input), scale
+        return self.outputs(*self.encode(context, observed, known, open, prompt_ids, prompt_mask))
 
     def encode(
         self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, open: torch.Tensor, prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything before the output layers: the LLM path's token features [B, T * d_ff], the linear
-        path's input [B, L + H * n_known] and the scale. A merchant refitting only the output layers
+        path's input [B, L + H * n_known], the scale and the step spread [B, 1]. A merchant refitting only the output layers
         (shared.personal) computes these once per window instead of once per step."""
         batch, L = context.shape
         P, S = self.cfg.patch_len, self.cfg.patch_stride
@@ -236,12 +251,23 @@ class Forecaster(nn.Module):
             tokens = torch.cat([self.embed_tokens(prompt_ids).to(tokens.dtype), tokens], dim=1)
             mask = torch.cat([prompt_mask, mask], dim=1)
         hidden = self._mix(tokens, mask)[:, -(self.n_patches + self.n_future) :]
-        return self.to_ff(hidden).flatten(1), torch.cat([series.squeeze(-1), known[:, L:].flatten(1)], dim=1), scale
+        scaled = series.squeeze(-1)
+        spread = step_spread(scaled, open[:, :L])
+        return self.to_ff(hidden).flatten(1), torch.cat([scaled, known[:, L:].flatten(1)], dim=1), scale, spread
 
-    def decode(self, tokens: torch.Tensor, linear_input: torch.Tensor) -> torch.Tensor:
-        """The output layers (the flatten head and the linear path): non-crossing quantiles [B, H, Q]."""
+    def decode(self, tokens: torch.Tensor, linear_input: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """The output layers (the flatten head and the linear path): non-crossing quantiles [B, H, Q] in
+        scaled units, their gaps in units of the context's step spread."""
         raw = (self.head(tokens) + self.linear(linear_input)).view(len(tokens), self.shape.horizon, -1)
-        return monotone_quantiles(raw.float(), self.mid)
+        return monotone_quantiles(raw.float(), self.mid, spread.float())
+
+    def outputs(self, tokens: torch.Tensor, linear_input: torch.Tensor, scale: torch.Tensor,
+                spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode's quantiles divided by the step spread, and the unit scale x spread that maps them to
+        sales: the mean |change| between open days of the context. A pinball loss in this unit is
+        M5's scaled pinball loss: a smooth department's bands weigh as much as a noisy shop's, as they
+        do in a metric relative to seasonal naive, instead of counting 50 times less."""
+        return self.decode(tokens, linear_input, spread) / spread.unsqueeze(-1), scale * spread
 
     def _positions(self, batch: int, count: int) -> torch.Tensor:
         """Position ids with a batch dimension, which Opacus needs to attribute gradients per window."""
@@ -256,7 +282,8 @@ class Forecaster(nn.Module):
         return self.llm(inputs_embeds=tokens, attention_mask=mask, position_ids=positions).last_hidden_state
 
     def loss(self, target: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        """Per-window pinball loss in scaled units over open days, so shops of any size weigh the same."""
+        """Per-window pinball loss over open days in units of the window's step change (forward), so
+        shops of any size and any noise weigh the same."""
         quantiles, scale = self(**inputs)
         return pinball_loss(quantiles, target / scale, self.levels, inputs["open"][:, -target.shape[1] :])
 

@@ -54,13 +54,13 @@ def _features(model: Forecaster, windows: Windows, batch_size: int = 64) -> dict
     """What the output layers read, per window: computed once, as nothing before them changes."""
     model.eval()
     device = model.levels.device
-    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "linear_input": [], "scale": [], "target": [], "open": []}
+    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "linear_input": [], "scale": [], "spread": [], "target": [], "open": []}
     for start in range(0, len(windows), batch_size):
         index = np.arange(start, min(start + batch_size, len(windows)))
         inputs = {k: v.to(device) for k, v in windows.tensors(index).items()}
-        tokens, linear_input, scale = model.encode(**inputs)
+        tokens, linear_input, scale, spread = model.encode(**inputs)
         horizon = windows.target.shape[1]
-        for key, value in (("tokens", tokens), ("linear_input", linear_input), ("scale", scale),
+        for key, value in (("tokens", tokens), ("linear_input", linear_input), ("scale", scale), ("spread", spread),
                            ("target", torch.as_tensor(windows.target[index], dtype=torch.float32, device=device)),
                            ("open", inputs["open"][:, -horizon:])):
             parts[key].append(value.float())
@@ -68,8 +68,8 @@ def _features(model: Forecaster, windows: Windows, batch_size: int = 64) -> dict
 
 
 def _loss(model: Forecaster, f: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
-    quantiles = model.decode(f["tokens"][index], f["linear_input"][index])
-    return pinball_loss(quantiles, f["target"][index] / f["scale"][index], model.levels, f["open"][index]).mean()
+    quantiles, unit = model.outputs(f["tokens"][index], f["linear_input"][index], f["scale"][index], f["spread"][index])
+    return pinball_loss(quantiles, f["target"][index] / unit, model.levels, f["open"][index]).mean()
 
 
 def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfig) -> tuple[float, float, int]:

@@ -25,7 +25,7 @@ from shared.adapter import (
 )
 from shared.backbone import load_pretrained, truncated_backbone
 from shared.config import ConfigError
-from shared.model import AttentionBlock, Forecaster, mean_abs_scale, monotone_quantiles, pinball_loss
+from shared.model import MIN_SPREAD, AttentionBlock, Forecaster, mean_abs_scale, monotone_quantiles, pinball_loss, step_spread
 from shared.pipeline import ForecastPipeline
 from shared.train import autocast, evaluate_loss, fit, predict, resolve_device
 
@@ -103,6 +103,18 @@ def test_monotone_quantiles_never_cross_on_random_raw_outputs():
     q = monotone_quantiles(raw, 4)
     _assert_monotone(q)
     assert torch.equal(q[..., 4], raw[..., 4])  # the median is passed through
+
+
+def test_band_gaps_are_in_units_of_the_contexts_step_spread():
+    series = torch.tensor([[1.0, 1.1, 0.9, 1.0, 0.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    is_open = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [1.0] * 6])
+    # pairs with a closed day (the drop to 0 and the jump back) do not count; a flat series gets the floor
+    assert torch.allclose(step_spread(series, is_open), torch.tensor([[0.4 / 3], [MIN_SPREAD]]))
+    raw = torch.zeros(2, 1, 3)
+    unit = torch.tensor([[1.0], [10.0]])
+    q = monotone_quantiles(raw, 1, unit)
+    width = q[:, 0, 2] - q[:, 0, 0]
+    assert torch.allclose(width[1], 10 * width[0])  # the same raw outputs, a band ten times as wide
 
 
 def test_forecaster_quantiles_never_cross_on_random_inputs(tiny_model_and_splits):
