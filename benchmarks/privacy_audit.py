@@ -143,7 +143,7 @@ def pooled_table(cfg, n_merchants: int, n_days: int, seed: int, n_canaries: int 
 
 
 def series_losses(model, windows, n_series: int, batch_size: int = 64) -> np.ndarray:
-    """Mean per-window pinball loss (Forecaster.loss, scaled units) of each series over `windows`; NaN where none."""
+    """Mean per-window pinball loss (Forecaster.loss, in units of each window's step change) of each series over `windows`; NaN where none."""
     import torch
 
     device = next(model.parameters()).device
