@@ -64,13 +64,11 @@ def step_spread(series: torch.Tensor, is_open: torch.Tensor) -> torch.Tensor:
     return spread.clamp_min(MIN_SPREAD)
 
 
-def monotone_quantiles(raw: torch.Tensor, mid: int, unit: torch.Tensor | None = None) -> torch.Tensor:
+def monotone_quantiles(raw: torch.Tensor, mid: int, unit: torch.Tensor) -> torch.Tensor:
     """Median plus cumulative positive gaps either side, so quantiles never cross by construction; each
-    gap is softplus(raw) times the window's `unit` [B, 1] (its step spread) when given."""
+    gap is softplus(raw) times the window's `unit` [B, 1] (its step spread)."""
     median = raw[..., mid : mid + 1]
-    gaps = F.softplus(torch.cat([raw[..., :mid], raw[..., mid + 1 :]], dim=-1))
-    if unit is not None:
-        gaps = gaps * unit.unsqueeze(-1)
+    gaps = F.softplus(torch.cat([raw[..., :mid], raw[..., mid + 1 :]], dim=-1)) * unit.unsqueeze(-1)
     upper = median + torch.cumsum(gaps[..., mid:], dim=-1)
     lower = median - torch.cumsum(gaps[..., :mid].flip(-1), dim=-1).flip(-1)
     return torch.cat([lower, median, upper], dim=-1)

@@ -100,7 +100,7 @@ def test_mean_abs_scale_and_pinball():
 def test_monotone_quantiles_never_cross_on_random_raw_outputs():
     torch.manual_seed(0)
     raw = torch.randn(64, 14, 9) * 50  # huge, unordered raw outputs
-    q = monotone_quantiles(raw, 4)
+    q = monotone_quantiles(raw, 4, torch.ones(64, 1))
     _assert_monotone(q)
     assert torch.equal(q[..., 4], raw[..., 4])  # the median is passed through
 
