@@ -128,6 +128,7 @@ class TrainConfig:
     personal_steps: int = 1000
     personal_lr: float = 1e-3
     personal_windows: int = 2048  # the most training windows it is refitted on (their features are computed once)
+    personal_refits: int = 4  # refits, each its own batch order, averaged (shared.personal)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ RULES: dict[str, Rule] = {
     "train.personal_steps": _COUNT,
     "train.personal_lr": _POSITIVE,
     "train.personal_windows": _COUNT,
+    "train.personal_refits": _COUNT,
     "privacy.unit": _one_of("series", "window", "day"),
     "privacy.window_days": _COUNT,
     "privacy.target_epsilon": _POSITIVE,

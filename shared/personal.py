@@ -8,6 +8,13 @@ move, so the frozen LLM and the shared adapter run once per window to give their
 refit itself is a small linear problem: hundreds of steps cost seconds. Early stopping on the
 merchant's validation window, counting the global adapter as step 0, means the refit is kept only
 where it measures better there.
+
+A shop with a few years of weekly sales has a few hundred overlapping windows and one validation
+window per series, so one refit depends on its batch order and where it happened to stop: on Walmart
+four seeds of the same refit scored 0.84 to 0.90 (gmean WQL rel.). Several refits (their own seeds
+and window draws) are averaged instead. The output layers are linear in the features they read, so
+the average of their weights is the average of their raw outputs: an ensemble at the cost of one
+model, kept in the same two layers.
 """
 
 from __future__ import annotations
@@ -73,8 +80,10 @@ def _loss(model: Forecaster, f: dict[str, torch.Tensor], index: torch.Tensor | s
 
 
 def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfig) -> tuple[float, float, int]:
-    """Refits the output layers in place on `train` (at most cfg.personal_windows of them, drawn evenly);
-    keeps the state with the lowest loss on `val`. Returns (val loss before, after, steps kept)."""
+    """Refits the output layers in place on `train` (at most cfg.personal_windows of them, drawn evenly)
+    cfg.personal_refits times, each with its own batch order and kept at its best state on `val`, and
+    averages them; the average is kept only if it beats the global adapter on `val`.
+    Returns (val loss before, after, mean steps the refits kept)."""
     rng = np.random.default_rng(cfg.seed)
     if len(train) == 0 or len(val) == 0:  # a shop too new to have a window to learn or judge from
         return float("nan"), float("nan"), 0
@@ -82,20 +91,40 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
         train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
     fit_on, judge_on = _features(model, train), _features(model, val)
     params = personal_parameters(model)
+    start = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        before = _loss(model, judge_on, slice(None)).item()
+    refits, steps = [], []
     with _trainable(params):
-        return _refit(model, params, fit_on, judge_on, cfg)
+        for seed in range(cfg.seed, cfg.seed + cfg.personal_refits):
+            _put(params, start)
+            steps.append(_refit(model, params, fit_on, judge_on, cfg, seed))
+            refits.append([p.detach().clone() for p in params])
+    _put(params, [torch.stack(layer).mean(dim=0) for layer in zip(*refits, strict=True)])
+    with torch.no_grad():
+        after = _loss(model, judge_on, slice(None)).item()
+    if not after < before:
+        _put(params, start)
+        return before, before, 0
+    return before, after, round(float(np.mean(steps)))
+
+
+@torch.no_grad()
+def _put(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    for p, value in zip(params, values, strict=True):
+        p.copy_(value)
 
 
 def _refit(model: Forecaster, params: list[torch.nn.Parameter], fit_on: dict[str, torch.Tensor], judge_on: dict[str, torch.Tensor],
-           cfg: TrainConfig) -> tuple[float, float, int]:
+           cfg: TrainConfig, seed: int) -> int:
     """AdamW on the output layers over the precomputed features, judged every personal_steps / 20 steps;
-    the best state judged (step 0 included) is put back."""
+    the best state judged (step 0 included) is put back. Returns its step."""
     optimizer = torch.optim.AdamW(params, lr=cfg.personal_lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     batch = max(cfg.batch_size, 32)
     every = max(1, cfg.personal_steps // 20)
     with torch.no_grad():
-        before = best = _loss(model, judge_on, slice(None)).item()
+        best = _loss(model, judge_on, slice(None)).item()
     best_state, best_step = [p.detach().clone() for p in params], 0
     for step in range(1, cfg.personal_steps + 1):
         index = torch.randint(len(fit_on["target"]), (batch,), generator=generator).to(model.levels.device)
@@ -107,7 +136,5 @@ def _refit(model: Forecaster, params: list[torch.nn.Parameter], fit_on: dict[str
                 now = _loss(model, judge_on, slice(None)).item()
             if now < best - 1e-6:
                 best, best_state, best_step = now, [p.detach().clone() for p in params], step
-    with torch.no_grad():
-        for p, kept in zip(params, best_state, strict=True):
-            p.copy_(kept)
-    return before, best, best_step
+    _put(params, best_state)
+    return best_step

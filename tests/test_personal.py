@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.adapter import adapter_state, shared_parameters
+from shared.adapter import adapter_state, load_adapter_state, shared_parameters
 from shared.config import with_overrides
 from shared.personal import PERSONAL_LAYERS, personal_state
 from shared.pipeline import ForecastPipeline
@@ -57,3 +57,26 @@ def test_the_output_layers_refit_in_or_out_of_the_shared_part_and_it_stays_as_it
     moved = {k for k in start if not torch.equal(start[k], end[k])}
     assert kept > 0 and moved == {f"{layer}.{p}" for layer in PERSONAL_LAYERS for p in ("weight", "bias")}, moved
     assert set(shared_parameters(pipeline.model)) == sharing
+
+
+def test_several_refits_are_kept_as_the_average_of_their_output_layers(tiny_cfg, synthetic_table) -> None:
+    """The output layers are linear in their features, so averaging the refits' weights averages their
+    forecasts: with two refits the kept layers are the mean of the two refits made one at a time."""
+    single = with_overrides(tiny_cfg, {"train.personal_refits": 1})
+    pipeline = ForecastPipeline.from_config(single, synthetic_table)
+    splits = pipeline.splits(synthetic_table)
+    start = adapter_state(pipeline.model)
+    alone = []
+    for seed in (0, 1):
+        pipeline.cfg = with_overrides(single, {"train.seed": seed})
+        _, _, kept = pipeline.personalise(splits)
+        assert kept > 0
+        alone.append(personal_state(pipeline.model))
+        load_adapter_state(pipeline.model, start)
+    assert any(not torch.equal(alone[0][k], alone[1][k]) for k in alone[0])  # each refit its own batch order
+    pipeline.cfg = with_overrides(single, {"train.personal_refits": 2})
+    before, after, _ = pipeline.personalise(splits)
+    assert after < before
+    both = personal_state(pipeline.model)
+    for name, value in both.items():
+        torch.testing.assert_close(value, (alone[0][name] + alone[1][name]) / 2)
