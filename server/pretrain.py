@@ -131,7 +131,7 @@ batch {p.batch_size}, lr {p.lr}, {progress['seconds'] / 60:.1f} min on {progress
 def pretrain(cfg: Config, command: str) -> Path:
     """Runs (or resumes) the pretraining of cfg.model.variant; returns the adapter's folder."""
     cfg = with_overrides(cfg, {"model.base": "", "train.batch_size": cfg.pretrain.batch_size, "train.lr": cfg.pretrain.lr,
-                               "data.short_series": "drop", "data.stride": max(cfg.data.stride, cfg.data.horizon)})
+                               "data.short_series": "drop", "data.stride": cfg.pretrain.stride or cfg.data.horizon})
     out = (PROJECT_ROOT / cfg.pretrain.out / cfg.model.variant).resolve()
     train_table, validation_table = corpus(cfg)
     pipeline = ForecastPipeline.from_config(cfg, train_table)

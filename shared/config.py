@@ -115,7 +115,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 2e-3
+    lr: float = 2e-4
     weight_decay: float = 0.0
     batch_size: int = 8
     max_steps: int = 150
@@ -206,6 +206,7 @@ class PretrainConfig:
     prior_known: tuple[str, ...] = ("promo", "holiday")
     prior_observed: tuple[str, ...] = ("visits",)
     windows_per_shop: int = 256  # training windows drawn from each shop
+    stride: int = 0  # steps between a series' training windows; 0: one horizon (targets that never overlap)
     validation_shops: int = 8  # prior shops held out for the loss curve
     steps: int = 3000
     checkpoint_every: int = 250
@@ -304,6 +305,7 @@ RULES: dict[str, Rule] = {
     "pretrain.prior_known": Rule('names among "promo", "holiday", ""', lambda names: set(names) <= {"promo", "holiday", ""}),
     "pretrain.prior_observed": Rule('names among "visits", ""', lambda names: set(names) <= {"visits", ""}),
     "pretrain.windows_per_shop": _COUNT,
+    "pretrain.stride": _NON_NEGATIVE,
     "pretrain.validation_shops": _COUNT,
     "pretrain.steps": _COUNT,
     "pretrain.checkpoint_every": _COUNT,

@@ -1,11 +1,13 @@
 """The forecaster: a frozen LLM reprogrammed for time series (Time-LLM), with a quantile head.
 
 Read top to bottom, one window's path is:
-  scale by the mean |y| of the context's open days  ->  patches of (y, observed, known covariates)  ->  patch embedding
-  ->  cross-attention onto frozen text prototypes (reprogramming)  ->  [prompt | patches | horizon
-  tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA  ->  flatten head (+ a linear path from context and covariates)
-  ->  non-crossing quantiles, their gaps in units of how much the context moves day to day  ->  rescale,
-  and 0 on the horizon's closed days.
+  scale by the mean |y| of the context's open days  ->  patches of (y, observed, known covariates)
+  ->  patch embedding  ->  cross-attention onto frozen text prototypes (reprogramming)
+  ->  [prompt | patches | horizon tokens carrying next steps' known covariates]  ->  frozen LLM blocks with LoRA
+  ->  flatten head  +  a linear path from context and covariates  +  a per-step path from each step's
+      own seasonal lags and covariates
+  ->  non-crossing quantiles, their gaps in units of how much the context moves day to day
+  ->  rescale, and 0 on the horizon's closed days.
 LoRA and the small layers defined here are the adapter; the part of it that [model] shared names
 trains and travels in federation, the rest stays at the base's values. Every trainable layer is an
 nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute per-sample gradients for it.
@@ -13,7 +15,9 @@ nn.Linear, nn.Embedding or nn.LayerNorm so Opacus can compute per-sample gradien
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +45,21 @@ class SeriesShape:
     horizon: int
     n_known: int  # calendar + the open flag + known-ahead covariates
     n_observed: int
+    season: int  # the frequency's seasonal period (7 for daily, 52 for weekly): which past steps are a step's seasonal lags
+
+
+STEP_LAGS = 4  # per horizon step: its two latest seasonal lags, their mean over the context, the recent level
+
+
+class Encoded(NamedTuple):
+    """What the output layers read, per window (Forecaster.encode): computed once per window when only
+    those layers are refitted (shared.personal)."""
+
+    tokens: torch.Tensor  # [B, T * d_ff] the LLM path's token features
+    linear_input: torch.Tensor  # [B, L + H * n_known] the scaled context and the horizon's known covariates
+    step_input: torch.Tensor  # [B, H, n_step_features] each horizon step's own seasonal lags and covariates
+    scale: torch.Tensor  # [B, 1] the context's mean |y| over open days
+    spread: torch.Tensor  # [B, 1] the scaled context's step spread
 
 
 def mean_abs_scale(x: torch.Tensor, is_open: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +81,37 @@ def step_spread(series: torch.Tensor, is_open: torch.Tensor) -> torch.Tensor:
     moves = (series[:, 1:] - series[:, :-1]).abs() * both_open
     spread = moves.sum(dim=1, keepdim=True) / both_open.sum(dim=1, keepdim=True).clamp_min(1.0)
     return spread.clamp_min(MIN_SPREAD)
+
+
+def seasonal_lag_index(context: int, horizon: int, season: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context positions [H, M] of each horizon step's same-phase steps, latest first (M = every cycle
+    the context holds), and which exist [H, M]. Step i (1-based) after a context ending at t is at
+    t + i; its latest seasonal lag is t + i - season * ceil(i / season). A season longer than the
+    context falls back to 1 (the last steps), as MASE does."""
+    period = season if season <= context else 1
+    steps = torch.arange(1, horizon + 1)
+    latest = context - 1 + steps - period * torch.ceil(steps / period).long()
+    cycles = latest[:, None] - period * torch.arange(math.ceil(context / period))[None, :]
+    return cycles.clamp_min(0), cycles >= 0
+
+
+def step_features(series: torch.Tensor, is_open: torch.Tensor, known_ahead: torch.Tensor, lags: torch.Tensor, exists: torch.Tensor,
+                  recent: int) -> torch.Tensor:
+    """[B, H, F] per horizon step, in the window's scale: its latest and second-latest seasonal lag, the
+    mean of its same-phase open steps in the context (the weekday profile of a daily shop), the mean of
+    the last `recent` open steps, then its known covariates (promotion, holiday, open, calendar) alone
+    and times that profile (a promotion lifts a busy weekday more than a quiet one). One set of weights
+    over these serves every step: what LightGBM reads from lags and flags, learnt from few windows.
+    A closed lag stands for nothing, so the profile takes its place."""
+    weight = is_open[:, lags] * exists  # [B, H, M]
+    values = series[:, lags]
+    profile = (values * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
+    latest = torch.where(weight[..., 0] > 0, values[..., 0], profile)
+    second = torch.where(weight[..., 1] > 0, values[..., 1], latest) if lags.shape[1] > 1 else latest
+    tail = is_open[:, -recent:]
+    level = (series[:, -recent:] * tail).sum(1, keepdim=True) / tail.sum(1, keepdim=True).clamp_min(1.0)
+    lagged = torch.stack([latest, second, profile, level.expand_as(profile)], dim=-1)
+    return torch.cat([lagged, known_ahead, known_ahead * profile.unsqueeze(-1)], dim=-1)
 
 
 def monotone_quantiles(raw: torch.Tensor, mid: int, unit: torch.Tensor) -> torch.Tensor:
@@ -163,6 +213,15 @@ class Forecaster(nn.Module):
         # output: the forecaster starts where a linear autoregression with promotions starts, and the
         # LLM path has to earn its place on top (the ablations measure by how much)
         self.linear = nn.Linear(shape.context + shape.horizon * shape.n_known, shape.horizon * n_quantiles)
+        # a per-step path: the same weights read every horizon step's own seasonal lags and covariates, so
+        # "like the same weekday last week, plus the promotion's lift" costs a handful of numbers to learn
+        # instead of one per step and input, and a shop with a few hundred windows can refit it
+        lags, exists = seasonal_lag_index(shape.context, shape.horizon, shape.season)
+        self.register_buffer("step_lags", lags, persistent=False)
+        self.register_buffer("step_lag_exists", exists.float(), persistent=False)
+        period = shape.season if shape.season <= shape.context else 1
+        self.recent = period if 4 * period <= shape.context else min(4, shape.context)
+        self.per_step = nn.Linear(STEP_LAGS + 2 * shape.n_known, n_quantiles, bias=False)
         self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
         self.mid = list(cfg.quantiles).index(0.5)
         self._start_at_the_window_mean()
@@ -196,6 +255,7 @@ class Forecaster(nn.Module):
         horizon, n_levels = self.shape.horizon, len(self.cfg.quantiles)
         nn.init.normal_(self.head.weight, std=1e-3)
         self.head.bias.zero_()
+        self.per_step.weight.zero_()
         weight = self.linear.weight.view(horizon, n_levels, -1)
         weight.zero_()
         weight[:, self.mid, : self.shape.context] = 1.0 / self.shape.context
@@ -224,15 +284,14 @@ class Forecaster(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantiles [B, H, Q] in units of the window's typical step change and that unit [B, 1] in sales.
         `open` [B, L + H] (also a channel of `known`) keeps closed context days out of the scale."""
-        return self.outputs(*self.encode(context, observed, known, open, prompt_ids, prompt_mask))
+        return self.outputs(self.encode(context, observed, known, open, prompt_ids, prompt_mask))
 
     def encode(
         self, context: torch.Tensor, observed: torch.Tensor, known: torch.Tensor, open: torch.Tensor, prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything before the output layers: the LLM path's token features [B, T * d_ff], the linear
-        path's input [B, L + H * n_known], the scale and the step spread [B, 1]. A merchant refitting only the output layers
-        (shared.personal) computes these once per window instead of once per step."""
+    ) -> Encoded:
+        """Everything before the output layers. A merchant refitting only the output layers
+        (shared.personal) computes it once per window instead of once per step."""
         batch, L = context.shape
         P, S = self.cfg.patch_len, self.cfg.patch_stride
         scale = mean_abs_scale(context, open[:, :L])
@@ -251,21 +310,21 @@ class Forecaster(nn.Module):
         hidden = self._mix(tokens, mask)[:, -(self.n_patches + self.n_future) :]
         scaled = series.squeeze(-1)
         spread = step_spread(scaled, open[:, :L])
-        return self.to_ff(hidden).flatten(1), torch.cat([scaled, known[:, L:].flatten(1)], dim=1), scale, spread
+        steps = step_features(scaled, open[:, :L], known[:, L:], self.step_lags, self.step_lag_exists, self.recent)
+        return Encoded(self.to_ff(hidden).flatten(1), torch.cat([scaled, known[:, L:].flatten(1)], dim=1), steps, scale, spread)
 
-    def decode(self, tokens: torch.Tensor, linear_input: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-        """The output layers (the flatten head and the linear path): non-crossing quantiles [B, H, Q] in
-        scaled units, their gaps in units of the context's step spread."""
-        raw = (self.head(tokens) + self.linear(linear_input)).view(len(tokens), self.shape.horizon, -1)
-        return monotone_quantiles(raw.float(), self.mid, spread.float())
+    def decode(self, encoded: Encoded) -> torch.Tensor:
+        """The output layers (the flatten head, the linear path and the per-step path): non-crossing
+        quantiles [B, H, Q] in scaled units, their gaps in units of the context's step spread."""
+        raw = (self.head(encoded.tokens) + self.linear(encoded.linear_input)).view(len(encoded.tokens), self.shape.horizon, -1)
+        return monotone_quantiles((raw + self.per_step(encoded.step_input)).float(), self.mid, encoded.spread.float())
 
-    def outputs(self, tokens: torch.Tensor, linear_input: torch.Tensor, scale: torch.Tensor,
-                spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """decode's quantiles divided by the step spread, and the unit scale x spread that maps them to
         sales: the mean |change| between open days of the context. A pinball loss in this unit is
         M5's scaled pinball loss: a smooth department's bands weigh as much as a noisy shop's, as they
         do in a metric relative to seasonal naive, instead of counting 50 times less."""
-        return self.decode(tokens, linear_input, spread) / spread.unsqueeze(-1), scale * spread
+        return self.decode(encoded) / encoded.spread.unsqueeze(-1), encoded.scale * encoded.spread
 
     def _positions(self, batch: int, count: int) -> torch.Tensor:
         """Position ids with a batch dimension, which Opacus needs to attribute gradients per window."""

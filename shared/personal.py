@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from shared.config import TrainConfig
-from shared.model import Forecaster, pinball_loss
+from shared.model import Encoded, Forecaster, pinball_loss
 from shared.windows import Windows
 
-PERSONAL_LAYERS = ("head", "linear")
+PERSONAL_LAYERS = ("head", "linear", "per_step")
 
 
 def personal_parameters(model: Forecaster) -> list[torch.nn.Parameter]:
@@ -61,21 +61,20 @@ def _features(model: Forecaster, windows: Windows, batch_size: int = 64) -> dict
     """What the output layers read, per window: computed once, as nothing before them changes."""
     model.eval()
     device = model.levels.device
-    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "linear_input": [], "scale": [], "spread": [], "target": [], "open": []}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*Encoded._fields, "target", "open")}
+    horizon = windows.target.shape[1]
     for start in range(0, len(windows), batch_size):
         index = np.arange(start, min(start + batch_size, len(windows)))
         inputs = {k: v.to(device) for k, v in windows.tensors(index).items()}
-        tokens, linear_input, scale, spread = model.encode(**inputs)
-        horizon = windows.target.shape[1]
-        for key, value in (("tokens", tokens), ("linear_input", linear_input), ("scale", scale), ("spread", spread),
-                           ("target", torch.as_tensor(windows.target[index], dtype=torch.float32, device=device)),
-                           ("open", inputs["open"][:, -horizon:])):
+        values = {**model.encode(**inputs)._asdict(), "open": inputs["open"][:, -horizon:],
+                  "target": torch.as_tensor(windows.target[index], dtype=torch.float32, device=device)}
+        for key, value in values.items():
             parts[key].append(value.float())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _loss(model: Forecaster, f: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
-    quantiles, unit = model.outputs(f["tokens"][index], f["linear_input"][index], f["scale"][index], f["spread"][index])
+    quantiles, unit = model.outputs(Encoded(*(f[key][index] for key in Encoded._fields)))
     return pinball_loss(quantiles, f["target"][index] / unit, model.levels, f["open"][index]).mean()
 
 

@@ -42,7 +42,8 @@ def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
         freq, n_known, n_observed = data.freq, len(data.columns.known), len(data.columns.observed) + (data.negative == "flag")
     n_known, n_observed = _slots(n_known, cfg.model.known_slots, "known"), _slots(n_observed, cfg.model.observed_slots, "observed")
     n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
-    return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed)  # + the open flag
+    return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed,  # + the open flag
+                       season=season_for(freq))
 
 
 def _slots(count: int, slots: int, kind: str) -> int:

@@ -25,7 +25,17 @@ from shared.adapter import (
 )
 from shared.backbone import load_pretrained, truncated_backbone
 from shared.config import ConfigError
-from shared.model import MIN_SPREAD, AttentionBlock, Forecaster, mean_abs_scale, monotone_quantiles, pinball_loss, step_spread
+from shared.model import (
+    MIN_SPREAD,
+    AttentionBlock,
+    Forecaster,
+    mean_abs_scale,
+    monotone_quantiles,
+    pinball_loss,
+    seasonal_lag_index,
+    step_features,
+    step_spread,
+)
 from shared.pipeline import ForecastPipeline
 from shared.train import autocast, evaluate_loss, fit, predict, resolve_device
 
@@ -115,6 +125,51 @@ def test_band_gaps_are_in_units_of_the_contexts_step_spread():
     q = monotone_quantiles(raw, 1, unit)
     width = q[:, 0, 2] - q[:, 0, 0]
     assert torch.allclose(width[1], 10 * width[0])  # the same raw outputs, a band ten times as wide
+
+
+def test_each_horizon_step_reads_its_own_latest_seasonal_lags():
+    # a daily context of 21 days ending at t = index 20: step 1 (t + 1) shares its weekday with t - 6 (index 14), step 7
+    # with t (20), step 8 again with t - 6 (14); their earlier cycles lie 7 and 14 days before
+    lags, exists = seasonal_lag_index(context=21, horizon=8, season=7)
+    assert lags[:, 0].tolist() == [14, 15, 16, 17, 18, 19, 20, 14]
+    assert lags[0].tolist() == [14, 7, 0] and exists.all()
+    lags, exists = seasonal_lag_index(context=10, horizon=7, season=7)  # 10 days hold a second cycle for the last 3 weekdays only
+    assert lags[:, 0].tolist() == [3, 4, 5, 6, 7, 8, 9] and lags[4:, 1].tolist() == [0, 1, 2]
+    assert exists[:, 1].tolist() == [False] * 4 + [True] * 3
+    lags, _ = seasonal_lag_index(context=5, horizon=3, season=52)  # a season longer than the context: the last steps
+    assert lags[:, 0].tolist() == [4, 4, 4]
+
+
+def test_a_closed_seasonal_lag_is_stood_in_for_by_the_weekday_profile():
+    series = torch.tensor([[2.0, 4.0, 0.0, 6.0]])  # season 2: step 1 reads index 2 (closed), then index 0
+    is_open = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    promo = torch.tensor([[[1.0]]])  # one known covariate at the single horizon step
+    lags, exists = seasonal_lag_index(context=4, horizon=1, season=2)
+    features = step_features(series, is_open, promo, lags, exists.float(), recent=2)
+    latest, second, profile, level, flag, lifted = features[0, 0].tolist()
+    assert profile == 2.0 and latest == 2.0  # the closed 0 is no sale: the open same-phase day stands in
+    assert second == 2.0 and level == 6.0  # the recent level counts open days only
+    assert flag == 1.0 and lifted == 2.0  # the promotion alone and times the profile
+
+
+def test_the_per_step_path_alone_can_be_seasonal_naive(make_forecaster):
+    """With every other output layer at zero and weight 1 on the latest seasonal lag, the median is
+    exactly last week's same weekday (scaled back): the structure a shop's few windows only have to
+    weight, not to learn step by step."""
+    model, splits, _ = make_forecaster(**{"data.columns.open": ""})
+    with torch.no_grad():
+        for layer in (model.head, model.linear):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.linear.bias.view(model.shape.horizon, -1)[:, model.mid] = 0.0
+        model.per_step.weight.zero_()
+        model.per_step.weight[:, 0] = 1.0
+    batch = _batch(splits.test, 3)
+    sales = model.predict(**batch)
+    context = batch["context"]
+    days = torch.arange(1, model.shape.horizon + 1)
+    expected = context[:, context.shape[1] - 1 + days - 7 * torch.ceil(days / 7).long()]
+    torch.testing.assert_close(sales[..., model.mid], expected.clamp_min(0), rtol=1e-4, atol=1e-3)
 
 
 def test_forecaster_quantiles_never_cross_on_random_inputs(tiny_model_and_splits):
