@@ -83,12 +83,17 @@ def step_spread(series: torch.Tensor, is_open: torch.Tensor) -> torch.Tensor:
     return spread.clamp_min(MIN_SPREAD)
 
 
+def lag_period(context: int, season: int) -> int:
+    """The season the per-step path reads its lags at: 1 (the last steps) when the context holds no
+    whole season, as MASE falls back to."""
+    return season if season <= context else 1
+
+
 def seasonal_lag_index(context: int, horizon: int, season: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Context positions [H, M] of each horizon step's same-phase steps, latest first (M = every cycle
     the context holds), and which exist [H, M]. Step i (1-based) after a context ending at t is at
-    t + i; its latest seasonal lag is t + i - season * ceil(i / season). A season longer than the
-    context falls back to 1 (the last steps), as MASE does."""
-    period = season if season <= context else 1
+    t + i; its latest seasonal lag is t + i - period * ceil(i / period), period = lag_period."""
+    period = lag_period(context, season)
     steps = torch.arange(1, horizon + 1)
     latest = context - 1 + steps - period * torch.ceil(steps / period).long()
     cycles = latest[:, None] - period * torch.arange(math.ceil(context / period))[None, :]
@@ -219,7 +224,8 @@ class Forecaster(nn.Module):
         lags, exists = seasonal_lag_index(shape.context, shape.horizon, shape.season)
         self.register_buffer("step_lags", lags, persistent=False)
         self.register_buffer("step_lag_exists", exists.float(), persistent=False)
-        period = shape.season if shape.season <= shape.context else 1
+        period = lag_period(shape.context, shape.season)
+        # the recent level: the last week of a daily shop; a month of weeks where a season is a year
         self.recent = period if 4 * period <= shape.context else min(4, shape.context)
         self.per_step = nn.Linear(STEP_LAGS + 2 * shape.n_known, n_quantiles, bias=False)
         self.register_buffer("levels", torch.tensor(cfg.quantiles, dtype=torch.float32), persistent=False)
