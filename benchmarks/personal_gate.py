@@ -1,0 +1,81 @@
+"""The personal part's check against its outcome: does the validation horizon that decides whether a
+merchant keeps its refit (shared.personal) say what the refit then does on the test horizon?
+
+    .venv/bin/python -m benchmarks.personal_gate configs/benchmarks/walmart.toml   # also synthetic.toml, online_retail.toml
+
+From the shipped base (no federation, so the rows are reproducible from a checkout), each merchant
+refits its output layers as `shopcast forecast` does; its mean pinball loss on the validation horizon
+and on the test horizon is measured before and after. A refit the check rejects changes nothing. A
+check worth its name keeps refits whose test loss falls; where validation and test disagree in sign,
+the shop's recent past misled it. Writes <results>/<benchmark.name>_personal_gate.md and .json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
+from shared.adapter import adapter_state, load_adapter_state
+from shared.config import load_config, parse_overrides
+from shared.metrics import to_markdown
+from shared.pipeline import ForecastPipeline
+from shared.presets import FILES
+from shared.sources import load_table
+from shared.train import evaluate_loss
+from simulations.compare import merchant_splits
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = arguments(__doc__)
+    parser.add_argument("config", help="dataset config, e.g. configs/benchmarks/walmart.toml")
+    args = parser.parse_args(argv)
+    quiet(progress=True)
+    overrides = parse_overrides(args.set)
+    cfg = load_config(args.config, overrides)
+    name = f"{cfg.benchmark.name}_personal_gate"
+    if cfg.data.source in FILES and data_missing(cfg.data.source, name):
+        return None
+    table = load_table(cfg)
+    rows = []
+    with Run("benchmarks.personal_gate", argv, threads=cfg.benchmark.threads) as run:
+        pipeline = ForecastPipeline.from_config(cfg, table)
+        if pipeline.base is None:
+            raise SystemExit("no shipped base adapter fits this config; pretrain one (python -m server.pretrain)")
+        base = adapter_state(pipeline.model)
+        for merchant, s in merchant_splits(pipeline, table).items():
+            load_adapter_state(pipeline.model, base)
+            val_before, test_before = (evaluate_loss(pipeline.model, w, pipeline.device) for w in (s.val, s.test))
+            _, _, steps = pipeline.personalise(s)
+            val_after, test_after = (evaluate_loss(pipeline.model, w, pipeline.device) for w in (s.val, s.test))
+            rows.append({"merchant": merchant, "train_windows": len(s.train), "val_windows": len(s.val),
+                         "kept": steps > 0, "steps": steps,
+                         "val_change": val_after / val_before - 1, "test_change": test_after / test_before - 1,
+                         "val_before": val_before, "test_before": test_before})
+    per_merchant = pd.DataFrame(rows)
+    kept = per_merchant[per_merchant["kept"]]
+    tally = pd.DataFrame([{
+        "merchants": len(per_merchant), "kept": len(kept),
+        "kept_and_test_better": int((kept["test_change"] < 0).sum()),
+        "kept_and_test_worse": int((kept["test_change"] > 0).sum()),
+        "mean_test_change_kept": float(kept["test_change"].mean()) if len(kept) else np.nan,
+    }])
+    print(per_merchant.to_string(), "\n", tally.to_string(), flush=True)
+    extra = [f"config: `{args.config}`, overrides {overrides}; base: the shipped one that fits; "
+             f"{cfg.train.personal_refits} refits x {cfg.train.personal_steps} steps at lr {cfg.train.personal_lr}, train seed {cfg.train.seed}; "
+             "loss: the model's mean pinball loss over the quantile levels, in the window's scale"]
+    body = "\n".join([
+        "## Refits the check kept, and what they did on the test horizon", "", to_markdown(tally),
+        "## Per merchant (`*_change`: relative change of the loss after the refit; 0 where the check rejected it)", "",
+        to_markdown(per_merchant),
+    ])
+    payload = {"config": args.config, "overrides": overrides, "tally": tally.to_dict(orient="records"),
+               "per_merchant": per_merchant.to_dict(orient="records")}
+    return run.save(name, f"Personal part `{cfg.benchmark.name}`: its validation check against its test outcome",
+                    extra, body, payload, args.results)
+
+
+if __name__ == "__main__":
+    command(main)
