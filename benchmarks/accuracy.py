@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, maxrss_mib, quiet
-from shared.config import PROJECT_ROOT, load_config, parse_overrides
+from benchmarks.scaffold import Run, arguments, command, dataset_config, maxrss_mib, quiet
+from shared.config import PROJECT_ROOT
 from shared.metrics import to_markdown
 from shared.plots import bar_chart, fan_chart
-from shared.presets import FILES
 from simulations.compare import ContestRun, run_contest
 from simulations.report import accuracy_summary, dp_spent, merchant_wql
 
@@ -130,11 +129,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parser.parse_args(argv)
     quiet(progress=True)
 
-    overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)
-    bench = cfg.benchmark
-    if cfg.data.source in FILES and data_missing(cfg.data.source, bench.name):
+    if (loaded := dataset_config(args.config, args.set)) is None:
         return None
+    overrides, cfg, _ = loaded
+    bench = cfg.benchmark
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work or PROJECT_ROOT / "runs" / "benchmarks" / bench.name
     runs: dict[int, ContestRun] = {}

@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
+from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
 from shared.adapter import adapter_state, load_adapter_state
 from shared.anomalies import find_anomalies
-from shared.config import load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
-from shared.presets import FILES
 from shared.privacy import federated_steps
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y
 from shared.sources import load_table
@@ -136,11 +134,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quiet(progress=True)
-    overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)
-    name = f"{cfg.benchmark.name}_calibration"
-    if cfg.data.source in FILES and data_missing(cfg.data.source, name):
+    if (loaded := dataset_config(args.config, args.set, "calibration")) is None:
         return None
+    overrides, cfg, name = loaded
     holdouts = [int(h) for h in args.holdouts.split(",")]
     min_scores = [float(m) for m in args.min_scores.split(",")]
     steps = federated_steps(cfg)

@@ -32,11 +32,10 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
-from shared.config import Config, load_config, parse_overrides, with_overrides
+from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
+from shared.config import Config, with_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
-from shared.presets import FILES
 from shared.schema import ID, OPEN, SeriesTable, prepare
 from shared.sources import raw_frame
 from simulations.compare import Contest, add_lightgbm, add_seasonal_naive, local_only, merchant_splits, model_forecast, personalised
@@ -102,10 +101,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--local-steps", type=int, default=100)
     args = parser.parse_args(argv)
     quiet(progress=True)
-    overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)
-    if cfg.data.source in FILES and data_missing(cfg.data.source, f"{cfg.benchmark.name}_cold_start"):
+    if (loaded := dataset_config(args.config, args.set, "cold_start")) is None:
         return None
+    overrides, cfg, _ = loaded
     weeks = [int(w) for w in args.weeks.split(",")]
     summaries: dict[int, pd.DataFrame] = {}
     with Run("benchmarks.cold_start", argv, threads=cfg.benchmark.threads) as run:

@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
+from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
 from shared.adapter import load_adapter
-from shared.config import Config, load_config, parse_overrides
+from shared.config import Config, load_config
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
-from shared.presets import FILES
 from shared.privacy import dp_learning_rate, federated_steps, merchant_units, noise_for, sample_rate, signal_to_noise
 from shared.rundir import fresh_run_dir
 from shared.sources import load_table
@@ -70,12 +69,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--at", type=float, default=8.0, help="the ε every part is run at")
     args = parser.parse_args(argv)
     quiet(progress=True)
-    overrides = parse_overrides(args.set)
     config = args.config
-    cfg = load_config(config, overrides)
-    name = f"{cfg.benchmark.name}_dp_shared"
-    if cfg.data.source in FILES and data_missing(cfg.data.source, name):
+    if (loaded := dataset_config(config, args.set, "dp_shared")) is None:
         return None
+    overrides, cfg, name = loaded
     out = fresh_run_dir(Path(cfg.federation.out_dir) / "dp_shared")
     epsilons = [float(e) for e in args.epsilons.split(",")]
     grid = [(part, args.at) for part in args.parts.split(";")] + [(args.sweep, e) for e in epsilons if e != args.at]

@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
+from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
 from shared.adapter import adapter_state, load_adapter_state
-from shared.config import load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
-from shared.presets import FILES
 from shared.sources import load_table
 from shared.train import evaluate_loss
 from simulations.compare import merchant_splits
@@ -33,11 +31,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("config", help="dataset config, e.g. configs/benchmarks/walmart.toml")
     args = parser.parse_args(argv)
     quiet(progress=True)
-    overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)
-    name = f"{cfg.benchmark.name}_personal_gate"
-    if cfg.data.source in FILES and data_missing(cfg.data.source, name):
+    if (loaded := dataset_config(args.config, args.set, "personal_gate")) is None:
         return None
+    overrides, cfg, name = loaded
     table = load_table(cfg)
     rows = []
     with Run("benchmarks.personal_gate", argv, threads=cfg.benchmark.threads) as run:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.scaffold import Run, arguments, command, data_missing, quiet
-from shared.config import load_config, parse_overrides, with_overrides
+from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
+from shared.config import with_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
-from shared.presets import FILES
 from shared.sources import load_table
 from simulations.compare import Contest, add_lightgbm, add_seasonal_naive, merchant_splits, personalised
 from simulations.report import accuracy_summary
@@ -34,11 +33,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated train seeds")
     args = parser.parse_args(argv)
     quiet(progress=True)
-    overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)
-    name = f"{cfg.benchmark.name}_personal_refits"
-    if cfg.data.source in FILES and data_missing(cfg.data.source, name):
+    if (loaded := dataset_config(args.config, args.set, "personal_refits")) is None:
         return None
+    overrides, cfg, name = loaded
     refits, seeds = [int(k) for k in args.refits.split(",")], [int(s) for s in args.seeds.split(",")]
     table = load_table(cfg)
     rows = []

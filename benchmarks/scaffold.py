@@ -33,7 +33,7 @@ import psutil
 import torch
 
 from shared import presets
-from shared.config import PROJECT_ROOT, ConfigError
+from shared.config import PROJECT_ROOT, Config, ConfigError, load_config, parse_overrides
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
@@ -283,6 +283,17 @@ def data_missing(preset: str, benchmark: str) -> bool:
     print(f"{benchmark}: skipped, {', '.join(files)} not found under {presets.SHARED_DATA / folder}; "
           f"set SHOPCAST_SHARED_DATA to the folder holding {folder}/")
     return True
+
+
+def dataset_config(path: str | Path, settings: list[str], suffix: str = "") -> tuple[dict[str, Any], Config, str] | None:
+    """A dataset benchmark's --set overrides, its config under them and its result name (benchmark.name,
+    then `_suffix`); None, saying so, where the preset's public files are absent."""
+    overrides = parse_overrides(settings)
+    cfg = load_config(path, overrides)
+    name = f"{cfg.benchmark.name}_{suffix}" if suffix else cfg.benchmark.name
+    if cfg.data.source in presets.FILES and data_missing(cfg.data.source, name):
+        return None
+    return overrides, cfg, name
 
 
 class Run:
