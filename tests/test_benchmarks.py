@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import accuracy, etth1
+from benchmarks import accuracy, etth1, personal_gate
 from benchmarks.merchant_dp import noise_for_merchants, release_noise
 from benchmarks.scaffold import ChildFailed, Run, run_child
 from server.client_dp import client_epsilon
 from shared import presets
 from shared.config import PROJECT_ROOT
 from shared.presets import preset_available
+from shared.schema import DS, ID
 from simulations.compare import Contest
 from simulations.report import ACCURACY_COLUMNS, accuracy_summary, merchant_wql
 
@@ -217,3 +218,10 @@ def test_merchant_level_noise_spends_the_target_epsilon_over_the_rounds() -> Non
         spent = client_epsilon([release_noise(z, merchants)] * 3, 1e-5)
         assert spent <= epsilon and spent == pytest.approx(epsilon, rel=1e-3)
         assert client_epsilon([release_noise(0.9 * z, merchants)] * 3, 1e-5) > epsilon  # less noise spends more
+
+
+def test_an_earlier_origin_cuts_every_series_by_the_same_steps(synthetic_table) -> None:
+    cut = personal_gate.earlier_origin(synthetic_table, 14)
+    before, after = (t.frame.groupby(ID)[DS].agg(["max", "size"]) for t in (synthetic_table, cut))
+    assert (after["size"] == before["size"] - 14).all()
+    assert (after["max"] == before["max"] - pd.Timedelta(days=14)).all()
