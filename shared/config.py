@@ -125,8 +125,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     personalise: str = "output"  # refit the output layers on the merchant's own windows (shared.personal), never sent; or "none"
-    personal_steps: int = 1000
-    personal_lr: float = 1e-3
+    personal_steps: int = 3000
+    personal_lr: float = 3e-4
     personal_windows: int = 2048  # the most training windows it is refitted on (their features are computed once)
     personal_refits: int = 4  # refits, each its own batch order, averaged (shared.personal)
 
