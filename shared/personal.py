@@ -5,7 +5,7 @@ them. After the federation each merchant refits the output layers (the flatten h
 path) of the global adapter on its own windows. They stay on the merchant's disk and are never sent,
 so they need no DP noise: DP covers what leaves the shop (docs/privacy.md). Only the output layers
 move, so the frozen LLM and the shared adapter run once per window to give their features, and the
-refit itself is a small linear problem: hundreds of steps cost seconds. Early stopping on the
+refit itself is a small linear problem: thousands of steps cost seconds. Early stopping on the
 merchant's validation window, counting the global adapter as step 0, means the refit is kept only
 where it measures better there.
 
