@@ -17,6 +17,7 @@ import inspect
 import warnings
 from collections.abc import Sequence
 
+import joblib
 import numpy as np
 import pandas as pd
 import statsforecast.models
@@ -115,6 +116,7 @@ def statistical(
     models: Sequence[str] = ("AutoETS", "AutoTheta"),
     *,
     freq: str | None = None,
+    jobs: int = 1,
 ) -> dict[str, pd.DataFrame]:
     """statsforecast models by class name; their Gaussian prediction intervals become quantiles.
 
@@ -122,6 +124,7 @@ def statistical(
     (200q - 100)% one, and the median is the mean forecast. Series shorter than
     MIN_STATISTICAL_LENGTH get seasonal-naive forecasts: statsforecast's own `fallback_model`
     mislabels interval columns (2.1.1) when the fallback's levels come out in another order.
+    Each series is fitted alone, so `jobs` worker processes give the same forecasts sooner.
     """
     freq = freq or infer_freq(history)
     keyed = _keyed(history)
@@ -133,7 +136,7 @@ def statistical(
         return {name: fallback.copy() for name in models}
 
     intervals = sorted({_interval(q) for q in levels if q != 0.5})
-    engine = StatsForecast(models=[_statistical_model(name, season) for name in models], freq=freq, n_jobs=1)
+    engine = StatsForecast(models=[_statistical_model(name, season) for name in models], freq=freq, n_jobs=jobs)
     raw = engine.forecast(df=fittable[[_KEY, DS, Y]], h=h, level=intervals, id_col=_KEY, time_col=DS, target_col=Y)
     nonnegative = bool((history[Y] >= 0).all())
     out = {}
@@ -212,6 +215,7 @@ def lightgbm(
     pooled: bool = True,
     *,
     freq: str | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """One quantile LightGBM per level over lags, rolling means, calendar and known covariates.
 
@@ -221,9 +225,12 @@ def lightgbm(
     (mlforecast's LocalStandardScaler), so one model can learn across series of any scale.
     `pooled` fits one model over all merchants; otherwise one per merchant, as a merchant that
     keeps its data would. Lags longer than a short series stay missing (LightGBM routes NaN), so
-    short series neither crash nor force shorter lags on the rest.
+    short series neither crash nor force shorter lags on the rest. Per merchant, the merchants'
+    models are fitted in `jobs` worker processes; each model still uses one thread, so the forecasts
+    are the same as fitted one after another.
     """
     freq = freq or infer_freq(history)
     groups = [history] if pooled else [group for _, group in history.groupby(MERCHANT, sort=True)]
-    frames = [_lgbm_one_group(group, h, season, levels, known, future_known, freq) for group in groups]
+    fit = joblib.delayed(_lgbm_one_group)
+    frames = joblib.Parallel(n_jobs=min(jobs, len(groups)))(fit(group, h, season, levels, known, future_known, freq) for group in groups)
     return pd.concat(frames, ignore_index=True).sort_values([MERCHANT, ID, DS]).reset_index(drop=True)

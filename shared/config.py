@@ -190,7 +190,7 @@ class BenchmarkConfig:
     name: str = "synthetic"  # results go to benchmarks/results/<name>.md
     federated: bool = True  # the Flower simulation rows (non-DP, and DP when privacy.enabled)
     ablations: tuple[str, ...] = ("no_llm", "attention", "random_llm")  # trained like shopcast_centralised
-    threads: int = 2
+    threads: int = 2  # torch threads in a benchmark, and the ETS/LightGBM baselines' worker processes
     test_stride: int = 1  # etth1: hours between test origins (the literature uses 1)
 
 

@@ -19,8 +19,7 @@ model, kept in the same two layers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import functools
 
 import numpy as np
 import torch
@@ -39,21 +38,6 @@ def personal_parameters(model: Forecaster) -> list[torch.nn.Parameter]:
 def personal_state(model: Forecaster) -> dict[str, torch.Tensor]:
     """The personal part's tensors by name, copied (for saving, and to tell it apart from the shared adapter)."""
     return {f"{layer}.{name}": t.detach().clone() for layer in PERSONAL_LAYERS for name, t in getattr(model, layer).state_dict().items()}
-
-
-@contextlib.contextmanager
-def _trainable(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Lets the output layers learn even where [model] shared keeps them out of the federation (frozen
-    at the base's values), then restores their flags, so the next round trains and sends exactly the
-    shared part again."""
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -93,19 +77,14 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
     start = [p.detach().clone() for p in params]
     with torch.no_grad():
         before = _loss(model, judge_on, slice(None)).item()
-    refits, steps = [], []
-    with _trainable(params):
-        for seed in range(cfg.seed, cfg.seed + cfg.personal_refits):
-            _put(params, start)
-            steps.append(_refit(model, params, fit_on, judge_on, cfg, seed))
-            refits.append([p.detach().clone() for p in params])
-    _put(params, [torch.stack(layer).mean(dim=0) for layer in zip(*refits, strict=True)])
+    refits, steps = _refit(model, fit_on, judge_on, cfg)
+    _put(params, [refits[name].mean(dim=0) for name in refits])
     with torch.no_grad():
         after = _loss(model, judge_on, slice(None)).item()
     if not after < before:
         _put(params, start)
         return before, before, 0
-    return before, after, round(float(np.mean(steps)))
+    return before, after, round(float(steps.float().mean()))
 
 
 @torch.no_grad()
@@ -114,26 +93,59 @@ def _put(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
         p.copy_(value)
 
 
-def _refit(model: Forecaster, params: list[torch.nn.Parameter], fit_on: dict[str, torch.Tensor], judge_on: dict[str, torch.Tensor],
-           cfg: TrainConfig, seed: int) -> int:
-    """AdamW on the output layers over the precomputed features, judged every personal_steps / 20 steps;
-    the best state judged (step 0 included) is put back. Returns its step."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.personal_lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    batch = max(cfg.batch_size, 32)
+class _OutputLoss(torch.nn.Module):
+    """The output layers' mean loss over some windows' features, as a module call: torch.func swaps
+    in one stacked copy of their weights per refit, so all refits take each step as one batched step.
+    It holds the model's own output layers (the same objects), not the model, so each call walks
+    three modules rather than the LLM's hundreds."""
+
+    def __init__(self, model: Forecaster) -> None:
+        super().__init__()
+        for layer in PERSONAL_LAYERS:
+            self.add_module(layer, getattr(model, layer))
+        self.model_loss = functools.partial(_loss, model)  # the model is no submodule: the LLM stays out of the walk
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model_loss(features, slice(None))
+
+
+def _refit(model: Forecaster, fit_on: dict[str, torch.Tensor], judge_on: dict[str, torch.Tensor],
+           cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """cfg.personal_refits refits at once, as separate as if run one after another: each has its own
+    copy of the output layers (stacked on dim 0), its own batch order (a generator seeded cfg.seed + r)
+    and its own early stop, and AdamW's update is per element. AdamW on the precomputed features,
+    judged on `judge_on` every personal_steps / 20 steps; each refit keeps its best state judged (step 0
+    included). Returns those states by parameter name [R, ...] and the step each was taken at [R]."""
+    count, device = cfg.personal_refits, model.levels.device
+    call = _OutputLoss(model)
+    stacked = {name: p.detach().expand(count, *p.shape).clone().requires_grad_(True) for name, p in call.named_parameters()}
+
+    def one(weights: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(call, weights, (features,))
+
+    def losses(features: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
+        """[R]: each refit's loss, on its own batch (`batched`) or on the same windows."""
+        return torch.func.vmap(one, in_dims=(0, 0 if batched else None))(stacked, features)
+
+    optimizer = torch.optim.AdamW(list(stacked.values()), lr=cfg.personal_lr, weight_decay=cfg.weight_decay)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in range(cfg.seed, cfg.seed + count)]
+    batch, windows = max(cfg.batch_size, 32), len(fit_on["target"])
     every = max(1, cfg.personal_steps // 20)
     with torch.no_grad():
-        best = _loss(model, judge_on, slice(None)).item()
-    best_state, best_step = [p.detach().clone() for p in params], 0
+        best = losses(judge_on, batched=False)
+    best_state = {name: value.detach().clone() for name, value in stacked.items()}
+    best_step = torch.zeros(count, dtype=torch.long)
     for step in range(1, cfg.personal_steps + 1):
-        index = torch.randint(len(fit_on["target"]), (batch,), generator=generator).to(model.levels.device)
+        index = torch.stack([torch.randint(windows, (batch,), generator=g) for g in generators]).to(device)
         optimizer.zero_grad(set_to_none=True)
-        _loss(model, fit_on, index).backward()
+        losses({key: value[index] for key, value in fit_on.items()}, batched=True).sum().backward()
         optimizer.step()
         if step % every == 0:
             with torch.no_grad():
-                now = _loss(model, judge_on, slice(None)).item()
-            if now < best - 1e-6:
-                best, best_state, best_step = now, [p.detach().clone() for p in params], step
-    _put(params, best_state)
-    return best_step
+                now = losses(judge_on, batched=False)
+                better = now < best - 1e-6
+                best = torch.where(better, now, best)
+                for name, value in stacked.items():
+                    best_state[name][better] = value[better]
+                best_step[better.cpu()] = step
+    return best_state, best_step

@@ -114,7 +114,7 @@ def baselines(contest: Contest, splits: dict[str, Splits], cfg: Config, known: t
     freq = next(iter(splits.values())).freq
     h, m, levels = cfg.data.horizon, season_for(freq), cfg.model.quantiles
     started = time.time()
-    for name, forecast in statistical(history, h, m, levels, freq=freq).items():
+    for name, forecast in statistical(history, h, m, levels, freq=freq, jobs=cfg.benchmark.threads).items():
         contest.add(name, forecast, splits, cfg, (time.time() - started) / 2)
     for pooled in (False, True) if pooled_lightgbm else (False,):
         add_lightgbm(contest, splits, cfg, known, history, pooled)
@@ -128,7 +128,7 @@ def add_lightgbm(contest: Contest, splits: dict[str, Splits], cfg: Config, known
     freq = next(iter(splits.values())).freq
     started = time.time()
     gbm = lightgbm(history, cfg.data.horizon, season_for(freq), cfg.model.quantiles, known=known,
-                   future_known=future_known(splits, known), pooled=pooled, freq=freq)
+                   future_known=future_known(splits, known), pooled=pooled, freq=freq, jobs=cfg.benchmark.threads)
     contest.add("lightgbm_pooled" if pooled else "lightgbm_per_merchant", gbm, splits, cfg, time.time() - started)
 
 

@@ -106,3 +106,14 @@ def test_lightgbm_needs_every_future_covariate() -> None:
     history, test = _split(_promo_panel(n=60))
     with pytest.raises(ValueError, match="future_known lacks"):
         lightgbm(history, H, SEASON, LEVELS, known=["promo"], future_known=test.iloc[1:].drop(columns=Y))
+
+
+def test_worker_processes_give_the_same_forecasts_as_one_after_another() -> None:
+    """`jobs` only buys time: each series (ETS) or merchant (LightGBM) is fitted alone either way."""
+    history, test = _split(_promo_panel(n=80))
+    future = test.drop(columns=Y)
+    pd.testing.assert_frame_equal(lightgbm(history, H, SEASON, LEVELS, known=["promo"], future_known=future, pooled=False, jobs=2),
+                                  lightgbm(history, H, SEASON, LEVELS, known=["promo"], future_known=future, pooled=False))
+    apart, together = (statistical(history, H, SEASON, LEVELS, freq="D", jobs=jobs) for jobs in (2, 1))
+    for name, forecast in apart.items():
+        pd.testing.assert_frame_equal(forecast, together[name])

@@ -51,8 +51,9 @@ def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> No
 
 @pytest.mark.parametrize("shared", [["llm"], ["llm", "head"]])
 def test_the_output_layers_refit_in_or_out_of_the_shared_part_and_it_stays_as_it_was(tiny_cfg, synthetic_table, shared) -> None:
-    """Outside [model] shared the output layers are frozen for the federation: the refit lets them
-    learn, then freezes them again, so the next round trains and sends exactly what it did before."""
+    """Outside [model] shared the output layers are frozen for the federation: the refit still moves
+    them (it trains copies and puts the result back) and leaves them frozen, so the next round trains
+    and sends exactly what it did before."""
     pipeline = ForecastPipeline.from_config(with_overrides(tiny_cfg, {"model.shared": shared}), synthetic_table)
     sharing = set(shared_parameters(pipeline.model))
     start = adapter_state(pipeline.model)
