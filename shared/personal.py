@@ -103,7 +103,7 @@ class _OutputLoss(torch.nn.Module):
         super().__init__()
         for layer in PERSONAL_LAYERS:
             self.add_module(layer, getattr(model, layer))
-        self.model_loss = functools.partial(_loss, model)  # the model is no submodule: the LLM stays out of the walk
+        self.model_loss = functools.partial(_loss, model)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model_loss(features, slice(None))
