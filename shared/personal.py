@@ -78,7 +78,7 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
     with torch.no_grad():
         before = _loss(model, judge_on, slice(None)).item()
     refits, steps = _refit(model, fit_on, judge_on, cfg)
-    _put(params, [refits[name].mean(dim=0) for name in refits])
+    _put([model.get_parameter(name) for name in refits], [refit.mean(dim=0) for refit in refits.values()])
     with torch.no_grad():
         after = _loss(model, judge_on, slice(None)).item()
     if not after < before:
