@@ -20,6 +20,8 @@ model, kept in the same two layers.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,10 +31,6 @@ from shared.model import Encoded, Forecaster, pinball_loss
 from shared.windows import Windows
 
 PERSONAL_LAYERS = ("head", "linear", "per_step")
-
-
-def personal_parameters(model: Forecaster) -> list[torch.nn.Parameter]:
-    return [p for layer in PERSONAL_LAYERS for p in getattr(model, layer).parameters()]
 
 
 def personal_state(model: Forecaster) -> dict[str, torch.Tensor]:
@@ -57,9 +55,22 @@ def _features(model: Forecaster, windows: Windows, batch_size: int = 64) -> dict
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def _loss(model: Forecaster, f: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
-    quantiles, unit = model.outputs(Encoded(*(f[key][index] for key in Encoded._fields)))
-    return pinball_loss(quantiles, f["target"][index] / unit, model.levels, f["open"][index]).mean()
+def _window_losses(model: Forecaster, f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B]: the output layers' pinball loss of each window whose features are `f`."""
+    quantiles, unit = model.outputs(Encoded(*(f[key] for key in Encoded._fields)))
+    return pinball_loss(quantiles, f["target"] / unit, model.levels, f["open"])
+
+
+@dataclass
+class PersonalFit:
+    """One merchant's output layers after its refit (by parameter name: the global ones where the refit
+    did not beat them on validation), with its validation loss before and after and the mean step its
+    refits were kept at (0: not kept, or nothing to learn or judge from)."""
+
+    state: dict[str, torch.Tensor]
+    before: float
+    after: float
+    steps: int
 
 
 def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfig) -> tuple[float, float, int]:
@@ -67,84 +78,135 @@ def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfi
     cfg.personal_refits times, each with its own batch order and kept at its best state on `val`, and
     averages them; the average is kept only if it beats the global adapter on `val`.
     Returns (val loss before, after, mean steps the refits kept)."""
-    rng = np.random.default_rng(cfg.seed)
-    if len(train) == 0 or len(val) == 0:  # a shop too new to have a window to learn or judge from
-        return float("nan"), float("nan"), 0
-    if len(train) > cfg.personal_windows:
-        train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
-    fit_on, judge_on = _features(model, train), _features(model, val)
-    params = personal_parameters(model)
-    start = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        before = _loss(model, judge_on, slice(None)).item()
+    (fit,) = personal_fits(model, [(train, val)], cfg)
+    use_personal(model, fit)
+    return fit.before, fit.after, fit.steps
+
+
+def use_personal(model: Forecaster, fit: PersonalFit) -> None:
+    """Puts a merchant's refitted output layers into the model (by parameter name)."""
+    _load(model, fit.state)
+
+
+MERCHANTS_AT_ONCE = 8  # their features, about 11 MB per merchant at the defaults, are held together
+
+
+def personal_fits(model: Forecaster, merchants: Sequence[tuple[Windows, Windows]], cfg: TrainConfig) -> list[PersonalFit]:
+    """`personalise` for several merchants (their (train, val) windows) from the same global adapter,
+    which the model keeps. In a federation each merchant refits on its own machine; a simulation runs
+    them all on one, where the refit's many small steps cost mostly per-step overhead: up to
+    MERCHANTS_AT_ONCE merchants' refits take each step as one batched step, each exactly as it would
+    run alone (its own window draw, batch orders and early stops)."""
+    fits = []
+    for start in range(0, len(merchants), MERCHANTS_AT_ONCE):
+        fits += _fits(model, merchants[start : start + MERCHANTS_AT_ONCE], cfg)
+    return fits
+
+
+def _fits(model: Forecaster, merchants: Sequence[tuple[Windows, Windows]], cfg: TrainConfig) -> list[PersonalFit]:
+    global_state = personal_state(model)
+    fits = [PersonalFit(global_state, float("nan"), float("nan"), 0) for _ in merchants]
+    learning = [i for i, (train, val) in enumerate(merchants) if len(train) and len(val)]  # a shop too new keeps the global layers
+    if not learning:
+        return fits
+    fit_on, judge_on = [], []
+    for i in learning:
+        train, val = merchants[i]
+        if len(train) > cfg.personal_windows:
+            rng = np.random.default_rng(cfg.seed)
+            train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
+        fit_on.append(_features(model, train))
+        judge_on.append(_features(model, val))
     refits, steps = _refit(model, fit_on, judge_on, cfg)
-    _put([model.get_parameter(name) for name in refits], [refit.mean(dim=0) for refit in refits.values()])
-    with torch.no_grad():
-        after = _loss(model, judge_on, slice(None)).item()
-    if not after < before:
-        _put(params, start)
-        return before, before, 0
-    return before, after, round(float(steps.float().mean()))
+    count = cfg.personal_refits
+    for k, i in enumerate(learning):
+        mine = slice(k * count, (k + 1) * count)
+        state = {name: refit[mine].mean(dim=0) for name, refit in refits.items()}
+        before = _judge(model, global_state, judge_on[k])
+        after = _judge(model, state, judge_on[k])
+        if after < before:
+            fits[i] = PersonalFit(state, before, after, round(float(steps[mine].float().mean())))
+        else:
+            fits[i] = PersonalFit(global_state, before, before, 0)
+    _load(model, global_state)
+    return fits
 
 
 @torch.no_grad()
-def _put(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
-    for p, value in zip(params, values, strict=True):
-        p.copy_(value)
+def _judge(model: Forecaster, state: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> float:
+    """The mean validation loss with the output layers `state` (left in the model)."""
+    _load(model, state)
+    return _window_losses(model, features).mean().item()
+
+
+@torch.no_grad()
+def _load(model: Forecaster, state: dict[str, torch.Tensor]) -> None:
+    for name, value in state.items():
+        model.get_parameter(name).copy_(value)
 
 
 class _OutputLoss(torch.nn.Module):
-    """The output layers' mean loss over some windows' features, as a module call: torch.func swaps
-    in one stacked copy of their weights per refit, so all refits take each step as one batched step.
-    It holds the model's own output layers (the same objects), not the model, so each call walks
-    three modules rather than the LLM's hundreds."""
+    """The output layers' loss per window, as a module call: torch.func swaps in one stacked copy of
+    their weights per refit, so all refits take each step as one batched step. It holds the model's
+    own output layers (the same objects), not the model, so each call walks three modules rather than
+    the LLM's hundreds."""
 
     def __init__(self, model: Forecaster) -> None:
         super().__init__()
         for layer in PERSONAL_LAYERS:
             self.add_module(layer, getattr(model, layer))
-        self.model_loss = functools.partial(_loss, model)
+        self.window_losses = functools.partial(_window_losses, model)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model_loss(features, slice(None))
+        return self.window_losses(features)
 
 
-def _refit(model: Forecaster, fit_on: dict[str, torch.Tensor], judge_on: dict[str, torch.Tensor],
+def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], judge_on: list[dict[str, torch.Tensor]],
            cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """cfg.personal_refits refits at once, as separate as if run one after another: each has its own
-    copy of the output layers (stacked on dim 0), its own batch order (a generator seeded cfg.seed + r)
-    and its own early stop, and AdamW's update is per element. One batched step costs about half of
-    four single ones; AdamW's fused kernel (one pass over the weights, the same update up to rounding)
-    saves a fifth more. AdamW on the precomputed features, judged on `judge_on` every
-    personal_steps / 20 steps; each refit keeps its best state judged (step 0 included).
-    Returns those states by parameter name [R, ...] and the step each was taken at [R]."""
-    count, device = cfg.personal_refits, model.levels.device
+    """cfg.personal_refits refits per merchant (the features it fits on and is judged on), all at once
+    and as separate as if run one after another: each has its own copy of the output layers (stacked
+    on dim 0, merchant by merchant), its own batch order (a generator seeded cfg.seed + r, r its
+    number within its merchant's) and its own early stop, and AdamW's update is per element. One
+    batched step of four refits costs about half of four single ones; AdamW's fused kernel (one pass
+    over the weights, the same update up to rounding) saves a fifth more. AdamW on the precomputed
+    features, judged on its merchant's `judge_on` every personal_steps / 20 steps; each refit keeps
+    its best state judged (step 0 included).
+    Returns those states by parameter name [merchants x R, ...] and the step each was taken at."""
+    refits, device = cfg.personal_refits, model.levels.device
+    count = refits * len(fit_on)
     call = _OutputLoss(model)
     stacked = {name: p.detach().expand(count, *p.shape).clone().requires_grad_(True) for name, p in call.named_parameters()}
+    fit_all = {key: torch.cat([f[key] for f in fit_on]) for key in fit_on[0]}
+    judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
+    sizes = torch.tensor([len(f["target"]) for f in fit_on]).repeat_interleave(refits).tolist()
+    offsets = (torch.tensor([0] + [len(f["target"]) for f in fit_on[:-1]]).cumsum(0)).repeat_interleave(refits).to(device)
+    judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on]).repeat_interleave(refits, dim=0).to(device)
 
     def one(weights: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(call, weights, (features,))
 
-    def losses(features: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
-        """[R]: each refit's loss, on its own batch (`batched`) or on the same windows."""
-        return torch.func.vmap(one, in_dims=(0, 0 if batched else None))(stacked, features)
+    def judged() -> torch.Tensor:
+        """[copies]: each refit's mean loss over its own merchant's validation windows."""
+        return (torch.func.vmap(one, in_dims=(0, None))(stacked, judge_all) * judged_by).sum(dim=1)
 
     optimizer = torch.optim.AdamW(list(stacked.values()), lr=cfg.personal_lr, weight_decay=cfg.weight_decay, fused=True)
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in range(cfg.seed, cfg.seed + count)]
-    batch, windows = max(cfg.batch_size, 32), len(fit_on["target"])
+    generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + c % refits) for c in range(count)]
+    batch = max(cfg.batch_size, 32)
     every = max(1, cfg.personal_steps // 20)
     with torch.no_grad():
-        best = losses(judge_on, batched=False)
+        best = judged()
     best_state = {name: value.detach().clone() for name, value in stacked.items()}
     best_step = torch.zeros(count, dtype=torch.long)
     for step in range(1, cfg.personal_steps + 1):
-        index = torch.stack([torch.randint(windows, (batch,), generator=g) for g in generators]).to(device)
+        draws = torch.stack([torch.randint(size, (batch,), generator=g) for size, g in zip(sizes, generators, strict=True)])
+        index = draws.to(device) + offsets[:, None]
         optimizer.zero_grad(set_to_none=True)
-        losses({key: value[index] for key, value in fit_on.items()}, batched=True).sum().backward()
+        batched = {key: value[index] for key, value in fit_all.items()}
+        torch.func.vmap(one)(stacked, batched).mean(dim=1).sum().backward()
         optimizer.step()
         if step % every == 0:
             with torch.no_grad():
-                now = losses(judge_on, batched=False)
+                now = judged()
                 better = now < best - 1e-6
                 best = torch.where(better, now, best)
                 for name, value in stacked.items():

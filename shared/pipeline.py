@@ -23,7 +23,7 @@ from shared.calibration import Calibration
 from shared.config import PROJECT_ROOT, Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
-from shared.personal import personalise
+from shared.personal import PersonalFit, personal_fits, personalise
 from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
@@ -191,6 +191,11 @@ class ForecastPipeline:
         """Refits the output layers on this merchant's own windows (shared.personal), in place; they stay
         here. (validation loss before, after, steps kept)."""
         return personalise(self.model, splits.train, splits.val, self.cfg.train)
+
+    def personal_fits(self, merchants: list[Splits]) -> list[PersonalFit]:
+        """`personalise` for several merchants at once (a simulation's), leaving the model as it was:
+        each one's refit is put in with shared.personal.use_personal."""
+        return personal_fits(self.model, [(s.train, s.val) for s in merchants], self.cfg.train)
 
     def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None,
                          planned_steps: int | None = None) -> PrivateTraining | None:

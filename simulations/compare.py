@@ -20,6 +20,7 @@ from shared.adapter import adapter_state, load_adapter, load_adapter_state
 from shared.baselines import lightgbm, seasonal_naive, statistical
 from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
+from shared.personal import use_personal
 from shared.pipeline import ForecastPipeline
 from shared.privacy import federated_steps
 from shared.rundir import fresh_run_dir
@@ -73,9 +74,8 @@ def personalised(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.Da
     """The pipeline's adapter with each merchant's own output layers refitted on its windows (shared.personal)."""
     global_adapter = adapter_state(pipeline.model)
     forecasts = []
-    for merchant, s in splits.items():
-        load_adapter_state(pipeline.model, global_adapter)
-        pipeline.personalise(s)
+    for (merchant, s), fit in zip(splits.items(), pipeline.personal_fits(list(splits.values())), strict=True):
+        use_personal(pipeline.model, fit)
         forecasts.append(model_forecast(pipeline, {merchant: s}))
     load_adapter_state(pipeline.model, global_adapter)
     return pd.concat(forecasts, ignore_index=True)

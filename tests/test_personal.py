@@ -11,6 +11,8 @@ from shared.adapter import adapter_state, load_adapter_state, shared_parameters
 from shared.config import with_overrides
 from shared.personal import PERSONAL_LAYERS, personal_state
 from shared.pipeline import ForecastPipeline
+from shared.schema import prepare
+from shared.synthetic import generate_merchants
 from shared.train import evaluate_loss
 
 
@@ -85,3 +87,23 @@ def test_several_refits_are_kept_as_the_average_of_their_output_layers(tiny_cfg,
     both = personal_state(pipeline.model)
     for name, value in both.items():
         torch.testing.assert_close(value, (alone[0][name] + alone[1][name]) / 2)
+
+
+def test_merchants_refitted_together_get_what_each_gets_alone(tiny_cfg) -> None:
+    """A simulation refits all its merchants in one batched refit (shared.personal.personal_fits): each
+    must end where it would refitting alone on its own machine, and the global adapter stays as it was."""
+    table = prepare(generate_merchants(n_merchants=3, n_days=240, seed=1), tiny_cfg.data, "synthetic")
+    pipeline = ForecastPipeline.from_config(with_overrides(tiny_cfg, {"train.personal_refits": 2, "train.personal_steps": 400}), table)
+    merchants = [pipeline.splits(table.for_merchant(m)) for m in table.merchants()]
+    start = adapter_state(pipeline.model)
+    together = pipeline.personal_fits(merchants)
+    end = adapter_state(pipeline.model)
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    assert sum(fit.steps > 0 for fit in together) >= 2
+    for splits, fit in zip(merchants, together, strict=True):
+        (alone,) = pipeline.personal_fits([splits])
+        assert fit.steps == alone.steps and np.isclose(fit.before, alone.before) and np.isclose(fit.after, alone.after)
+        for name, value in fit.state.items():
+            torch.testing.assert_close(value, alone.state[name])
+    first, second = (fit.state for fit in together[:2])
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # each merchant its own layers
