@@ -158,12 +158,16 @@ class Reprogramming(nn.Module):
 
     def forward(self, patches: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         batch = patches.shape[0]
-        # expanded per window so Opacus sees a batch dimension on key/value's inputs
-        source = prototypes.unsqueeze(0).expand(batch, -1, -1)
 
         def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, x.shape[1], self.heads, self.d_head).transpose(1, 2)
+            return x.expand(batch, -1, -1).view(batch, x.shape[1], self.heads, self.d_head).transpose(1, 2)
 
+        # In training the prototypes are expanded per window before key/value, so Opacus sees a batch
+        # dimension on their inputs; without gradients they are keyed once for the whole batch (a tenth
+        # of a forecast's multiplications, the same values).
+        source = prototypes.unsqueeze(0)
+        if torch.is_grad_enabled():
+            source = source.expand(batch, -1, -1)
         q, k, v = split(self.query(patches)), split(self.key(source)), split(self.value(source))
         mixed = F.scaled_dot_product_attention(q, k, v)
         return self.out(mixed.transpose(1, 2).reshape(batch, -1, self.heads * self.d_head))
