@@ -155,7 +155,7 @@ class _OutputLoss(torch.nn.Module):
         super().__init__()
         for layer in PERSONAL_LAYERS:
             self.add_module(layer, getattr(model, layer))
-        self.window_losses = functools.partial(_window_losses, model)
+        self.window_losses = functools.partial(_window_losses, model)  # the model is no submodule: the LLM stays out of the walk
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.window_losses(features)
@@ -178,8 +178,9 @@ def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], judge_on: l
     stacked = {name: p.detach().expand(count, *p.shape).clone().requires_grad_(True) for name, p in call.named_parameters()}
     fit_all = {key: torch.cat([f[key] for f in fit_on]) for key in fit_on[0]}
     judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
-    sizes = torch.tensor([len(f["target"]) for f in fit_on]).repeat_interleave(refits).tolist()
-    offsets = (torch.tensor([0] + [len(f["target"]) for f in fit_on[:-1]]).cumsum(0)).repeat_interleave(refits).to(device)
+    windows = [len(f["target"]) for f in fit_on]  # each merchant's, at its offset in fit_all
+    sizes = np.repeat(windows, refits).tolist()
+    offsets = torch.as_tensor(np.repeat(np.cumsum([0, *windows[:-1]]), refits), device=device)
     judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on]).repeat_interleave(refits, dim=0).to(device)
 
     def one(weights: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> torch.Tensor:
