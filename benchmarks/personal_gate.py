@@ -5,7 +5,8 @@ merchant keeps its refit (shared.personal) say what the refit then does on the t
 
 From the shipped base (no federation, so the rows are reproducible from a checkout), each merchant
 refits its output layers as `shopcast forecast` does; its mean pinball loss on the validation horizon
-and on the test horizon is measured before and after. A refit the check rejects changes nothing. A
+and on the test horizon is measured before and after (on validation, of the refits the check chose:
+the layers kept are then rerun with the latest windows, validation's among them). A refit the check rejects changes nothing. A
 check worth its name keeps refits whose test loss falls; where validation and test disagree in sign,
 the shop's recent past misled it. Writes <results>/<benchmark.name>_personal_gate.md and .json.
 
@@ -61,9 +62,9 @@ def main(argv: list[str] | None = None) -> Path | None:
             seen = earlier_origin(table, origin * cfg.data.horizon)
             for merchant, s in merchant_splits(pipeline, seen).items():
                 load_adapter_state(pipeline.model, base)
-                val_before, test_before = (evaluate_loss(pipeline.model, w, pipeline.device) for w in (s.val, s.test))
-                _, _, steps = pipeline.personalise(s)
-                val_after, test_after = (evaluate_loss(pipeline.model, w, pipeline.device) for w in (s.val, s.test))
+                test_before = evaluate_loss(pipeline.model, s.test, pipeline.device)
+                val_before, val_after, steps = pipeline.personalise(s)  # the refits the check chose, before the rerun with the latest windows
+                test_after = evaluate_loss(pipeline.model, s.test, pipeline.device)
                 rows.append({"origin": origin, "test_ends": str(s.test_actuals()[DS].max().date()), "merchant": merchant,
                              "train_windows": len(s.train), "val_windows": len(s.val), "kept": steps > 0, "steps": steps,
                              "val_change": val_after / val_before - 1, "test_change": test_after / test_before - 1,

@@ -15,6 +15,11 @@ four seeds of the same refit scored 0.84 to 0.90 (gmean WQL rel.). Several refit
 and window draws) are averaged instead. The output layers are linear in the features they read, so
 the average of their weights is the average of their raw outputs: an ensemble at the cost of one
 model, kept in the same two layers.
+
+Validation only chooses: how many steps each refit takes, and whether the merchant keeps the refit at
+all. The refits kept are then rerun for their chosen steps on the training windows plus the latest
+ones, whose targets reach into the validation horizon, as a merchant's own LightGBM learns from its
+whole history: those days, the closest to the forecast, would otherwise never be learnt from.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from shared.config import TrainConfig
 from shared.model import Encoded, Forecaster, pinball_loss
-from shared.windows import Windows
+from shared.windows import Splits, Windows
 
 PERSONAL_LAYERS = ("head", "linear", "per_step")
 
@@ -64,8 +69,9 @@ def _window_losses(model: Forecaster, f: dict[str, torch.Tensor]) -> torch.Tenso
 @dataclass
 class PersonalFit:
     """One merchant's output layers after its refit (by parameter name: the global ones where the refit
-    did not beat them on validation), with its validation loss before and after and the mean step its
-    refits were kept at (0: not kept, or nothing to learn or judge from)."""
+    did not beat them on validation), with its validation loss before and after (of the refits the
+    check chose, before their rerun with the latest windows) and the mean step its refits were kept at
+    (0: not kept, or nothing to learn or judge from)."""
 
     state: dict[str, torch.Tensor]
     before: float
@@ -73,12 +79,13 @@ class PersonalFit:
     steps: int
 
 
-def personalise(model: Forecaster, train: Windows, val: Windows, cfg: TrainConfig) -> tuple[float, float, int]:
-    """Refits the output layers in place on `train` (at most cfg.personal_windows of them, drawn evenly)
-    cfg.personal_refits times, each with its own batch order and kept at its best state on `val`, and
-    averages them; the average is kept only if it beats the global adapter on `val`.
-    Returns (val loss before, after, mean steps the refits kept)."""
-    (fit,) = personal_fits(model, [(train, val)], cfg)
+def personalise(model: Forecaster, splits: Splits, cfg: TrainConfig) -> tuple[float, float, int]:
+    """Refits the output layers in place on the merchant's training windows (at most
+    cfg.personal_windows of them, drawn evenly) cfg.personal_refits times, each with its own batch
+    order and stopped at its best step on the validation windows, and averages them; the average is
+    kept only if it beats the global adapter there, and then rerun with the latest windows added.
+    Returns (val loss before, after (of the refits validation chose), mean steps the refits kept)."""
+    (fit,) = personal_fits(model, [splits], cfg)
     use_personal(model, fit)
     return fit.before, fit.after, fit.steps
 
@@ -91,8 +98,8 @@ def use_personal(model: Forecaster, fit: PersonalFit) -> None:
 MERCHANTS_AT_ONCE = 8  # their features, about 11 MB per merchant at the defaults, are held together
 
 
-def personal_fits(model: Forecaster, merchants: Sequence[tuple[Windows, Windows]], cfg: TrainConfig) -> list[PersonalFit]:
-    """`personalise` for several merchants (their (train, val) windows) from the same global adapter,
+def personal_fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> list[PersonalFit]:
+    """`personalise` for several merchants (their windows) from the same global adapter,
     which the model keeps. In a federation each merchant refits on its own machine; a simulation runs
     them all on one, where the refit's many small steps cost mostly per-step overhead: up to
     MERCHANTS_AT_ONCE merchants' refits take each step as one batched step, each exactly as it would
@@ -103,33 +110,40 @@ def personal_fits(model: Forecaster, merchants: Sequence[tuple[Windows, Windows]
     return fits
 
 
-def _fits(model: Forecaster, merchants: Sequence[tuple[Windows, Windows]], cfg: TrainConfig) -> list[PersonalFit]:
+def _fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> list[PersonalFit]:
     global_state = personal_state(model)
     fits = [PersonalFit(global_state, float("nan"), float("nan"), 0) for _ in merchants]
-    learning = [i for i, (train, val) in enumerate(merchants) if len(train) and len(val)]  # a shop too new keeps the global layers
+    learning = [i for i, s in enumerate(merchants) if len(s.train) and len(s.val)]  # a shop too new keeps the global layers
     if not learning:
         return fits
-    fit_on, judge_on = [], []
+    fit_on, judge_on, with_latest = [], [], []
     for i in learning:
-        train, val = merchants[i]
+        train, latest = merchants[i].train, merchants[i].latest
         if len(train) > cfg.personal_windows:
             rng = np.random.default_rng(cfg.seed)
             train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
         fit_on.append(_features(model, train))
-        judge_on.append(_features(model, val))
-    refits, steps = _refit(model, fit_on, judge_on, cfg)
-    count = cfg.personal_refits
+        judge_on.append(_features(model, merchants[i].val))
+        newest = _features(model, latest) if len(latest) else {key: value[:0] for key, value in fit_on[-1].items()}
+        with_latest.append({key: torch.cat([value, newest[key]]) for key, value in fit_on[-1].items()})
+    refits, steps = _refit(model, fit_on, cfg, judge_on=judge_on)
+    mine = [slice(k * cfg.personal_refits, (k + 1) * cfg.personal_refits) for k in range(len(learning))]
+    losses = []
+    for k in range(len(learning)):
+        before, after = (_judge(model, state, judge_on[k]) for state in (global_state, _mean(refits, mine[k])))
+        if after >= before:
+            steps[mine[k]], after = 0, before  # the merchant keeps the global layers
+        losses.append((before, after))
+    _load(model, global_state)  # the rerun starts where the refits did
+    rerun, _ = _refit(model, with_latest, cfg, stop_at=steps)
     for k, i in enumerate(learning):
-        mine = slice(k * count, (k + 1) * count)
-        state = {name: refit[mine].mean(dim=0) for name, refit in refits.items()}
-        before = _judge(model, global_state, judge_on[k])
-        after = _judge(model, state, judge_on[k])
-        if after < before:
-            fits[i] = PersonalFit(state, before, after, round(float(steps[mine].float().mean())))
-        else:
-            fits[i] = PersonalFit(global_state, before, before, 0)
-    _load(model, global_state)
+        fits[i] = PersonalFit(_mean(rerun, mine[k]), *losses[k], round(float(steps[mine[k]].float().mean())))
     return fits
+
+
+def _mean(refits: dict[str, torch.Tensor], mine: slice) -> dict[str, torch.Tensor]:
+    """One merchant's refits (`mine` of the stacked copies) averaged."""
+    return {name: refit[mine].mean(dim=0) for name, refit in refits.items()}
 
 
 @torch.no_grad()
@@ -161,30 +175,34 @@ class _OutputLoss(torch.nn.Module):
         return self.window_losses(features)
 
 
-def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], judge_on: list[dict[str, torch.Tensor]],
-           cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """cfg.personal_refits refits per merchant (the features it fits on and is judged on), all at once
-    and as separate as if run one after another: each has its own copy of the output layers (stacked
-    on dim 0, merchant by merchant), its own batch order (a generator seeded cfg.seed + r, r its
-    number within its merchant's) and its own early stop, and AdamW's update is per element. One
-    batched step of four refits costs about half of four single ones; AdamW's fused kernel (one pass
-    over the weights, the same update up to rounding) saves a fifth more. AdamW on the precomputed
-    features, judged on its merchant's `judge_on` every personal_steps / 20 steps; each refit keeps
-    its best state judged (step 0 included).
+def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], cfg: TrainConfig, *,
+           judge_on: list[dict[str, torch.Tensor]] | None = None, stop_at: torch.Tensor | None = None
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """cfg.personal_refits refits per merchant (the features it fits on), all at once and as separate
+    as if run one after another: each has its own copy of the output layers (stacked on dim 0, merchant
+    by merchant), its own batch order (a generator seeded cfg.seed + r, r its number within its
+    merchant's) and its own stop, and AdamW's update is per element. One batched step of four refits
+    costs about half of four single ones; AdamW's fused kernel (one pass over the weights, the same
+    update up to rounding) saves a fifth more. AdamW on the precomputed features. With `judge_on`,
+    each refit is judged on its merchant's every personal_steps / 20 steps and keeps its best state
+    judged (step 0 included); with `stop_at` [copies], each keeps its state at that step (0: as it began).
     Returns those states by parameter name [merchants x R, ...] and the step each was taken at."""
     refits, device = cfg.personal_refits, model.levels.device
     count = refits * len(fit_on)
     call = _OutputLoss(model)
     stacked = {name: p.detach().expand(count, *p.shape).clone().requires_grad_(True) for name, p in call.named_parameters()}
     fit_all = {key: torch.cat([f[key] for f in fit_on]) for key in fit_on[0]}
-    judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
     windows = [len(f["target"]) for f in fit_on]  # each merchant's, at its offset in fit_all
     sizes = np.repeat(windows, refits).tolist()
     offsets = torch.as_tensor(np.repeat(np.cumsum([0, *windows[:-1]]), refits), device=device)
-    judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on]).repeat_interleave(refits, dim=0).to(device)
 
     def one(weights: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(call, weights, (features,))
+
+    if judge_on is not None:
+        judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
+        judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on])
+        judged_by = judged_by.repeat_interleave(refits, dim=0).to(device)
 
     def judged() -> torch.Tensor:
         """[copies]: each refit's mean loss over its own merchant's validation windows."""
@@ -194,23 +212,29 @@ def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], judge_on: l
     generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + c % refits) for c in range(count)]
     batch = max(cfg.batch_size, 32)
     every = max(1, cfg.personal_steps // 20)
-    with torch.no_grad():
-        best = judged()
+    if judge_on is not None:
+        with torch.no_grad():
+            best = judged()
     best_state = {name: value.detach().clone() for name, value in stacked.items()}
     best_step = torch.zeros(count, dtype=torch.long)
-    for step in range(1, cfg.personal_steps + 1):
+    for step in range(1, cfg.personal_steps + 1 if stop_at is None else int(stop_at.max()) + 1):
         draws = torch.stack([torch.randint(size, (batch,), generator=g) for size, g in zip(sizes, generators, strict=True)])
         index = draws.to(device) + offsets[:, None]
         optimizer.zero_grad(set_to_none=True)
         batched = {key: value[index] for key, value in fit_all.items()}
         torch.func.vmap(one)(stacked, batched).mean(dim=1).sum().backward()
         optimizer.step()
-        if step % every == 0:
+        if stop_at is not None:
+            keep = (stop_at == step).to(device)
+        elif step % every == 0:
             with torch.no_grad():
                 now = judged()
-                better = now < best - 1e-6
-                best = torch.where(better, now, best)
-                for name, value in stacked.items():
-                    best_state[name][better] = value[better]
-                best_step[better.cpu()] = step
+                keep = now < best - 1e-6
+                best = torch.where(keep, now, best)
+        else:
+            continue
+        with torch.no_grad():
+            for name, value in stacked.items():
+                best_state[name][keep] = value[keep]
+        best_step[keep.cpu()] = step
     return best_state, best_step

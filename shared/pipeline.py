@@ -190,12 +190,12 @@ class ForecastPipeline:
     def personalise(self, splits: Splits) -> tuple[float, float, int]:
         """Refits the output layers on this merchant's own windows (shared.personal), in place; they stay
         here. (validation loss before, after, steps kept)."""
-        return personalise(self.model, splits.train, splits.val, self.cfg.train)
+        return personalise(self.model, splits, self.cfg.train)
 
     def personal_fits(self, merchants: list[Splits]) -> list[PersonalFit]:
         """`personalise` for several merchants at once (a simulation's), leaving the model as it was:
         each one's refit is put in with shared.personal.use_personal."""
-        return personal_fits(self.model, [(s.train, s.val) for s in merchants], self.cfg.train)
+        return personal_fits(self.model, merchants, self.cfg.train)
 
     def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None,
                          planned_steps: int | None = None) -> PrivateTraining | None:

@@ -2,7 +2,9 @@
 
 For a series of length T and horizon H: the test targets are its last H steps, the validation
 targets the H before them, and every training window's target ends before validation starts. The
-window right after the last date is the one a merchant actually forecasts.
+windows whose targets reach into the validation horizon are kept apart (`latest`): a fit may learn
+from them once validation has chosen how long to fit. The window right after the last date is the
+one a merchant actually forecasts.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Splits:
 
     train: Windows
     val: Windows
+    latest: Windows  # the windows after the last training one up to the validation window (included), at the same stride
     test: Windows
     future: Windows
     series_ids: list[str]
@@ -143,7 +146,7 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
     covariates with zero channels up to the model's slots.
     """
     L, H = cfg.context, cfg.horizon
-    parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "test": [], "future": []}
+    parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "latest": [], "test": [], "future": []}
     series_ids, merchant_of = [], []
     for sid, (uid, g) in enumerate(table.frame.groupby(ID, sort=True)):
         series_ids.append(uid)
@@ -167,17 +170,20 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         )
         if widths is not None:
             known, observed = _pad_channels(known, widths[0]), _pad_channels(observed, widths[1])
-        last_train_start = T - 2 * H - (L + H)
+        last_train_start, val_start = T - 2 * H - (L + H), T - 2 * H - L
         train_starts = sorted(set(range(0, last_train_start + 1, cfg.stride)) | {last_train_start})
-        for name, starts in (("train", train_starts), ("val", [T - 2 * H - L]), ("test", [T - H - L]), ("future", [T - L])):
+        latest_starts = sorted(set(range(last_train_start + cfg.stride, val_start + 1, cfg.stride)) | {val_start})
+        for name, starts in (("train", train_starts), ("val", [val_start]), ("latest", latest_starts), ("test", [T - H - L]),
+                             ("future", [T - L])):
             parts[name].append(series_windows(y, observed, known, is_open, all_dates, starts, L, H, sid))
     windows = {name: stack_windows(pieces) for name, pieces in parts.items()}
     for w in windows.values():
         w.prompt_ids, w.prompt_mask = encode_prompts(w.context)
     # A training window needs an open day in its context (the scale comes from them) and in its target
     # (the loss does): before a new shop's first day there is neither, only padding.
-    learnable = (windows["train"].open[:, :L] > 0).any(axis=1) & (windows["train"].open[:, L:] > 0).any(axis=1)
-    windows["train"] = windows["train"].subset(np.flatnonzero(learnable))
+    for name in ("train", "latest"):
+        learnable = (windows[name].open[:, :L] > 0).any(axis=1) & (windows[name].open[:, L:] > 0).any(axis=1)
+        windows[name] = windows[name].subset(np.flatnonzero(learnable))
     return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)
 
 

@@ -3,6 +3,8 @@ kept, and what a merchant sends in a round does not depend on it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from shared.pipeline import ForecastPipeline
 from shared.schema import prepare
 from shared.synthetic import generate_merchants
 from shared.train import evaluate_loss
+from shared.windows import Splits
 
 
 def _is_personal(name: str) -> bool:
@@ -25,8 +28,10 @@ def _personal_names(pipeline: ForecastPipeline) -> set[str]:
 
 
 def test_personalise_moves_only_the_output_layers_and_keeps_what_helps(tiny_cfg, synthetic_table) -> None:
+    """Without latest windows the rerun for the chosen steps retraces the refit exactly: the layers kept
+    score on validation what the check measured."""
     pipeline = ForecastPipeline.from_config(tiny_cfg, synthetic_table)
-    splits = pipeline.splits(synthetic_table)
+    splits = _without_latest(pipeline.splits(synthetic_table))
     pipeline.fit(splits.train, steps=5)
     shared_before, device = adapter_state(pipeline.model), pipeline.device
     before, after, kept = pipeline.personalise(splits)
@@ -36,6 +41,26 @@ def test_personalise_moves_only_the_output_layers_and_keeps_what_helps(tiny_cfg,
     assert kept > 0 and after < before
     assert np.isclose(evaluate_loss(pipeline.model, splits.val, device), after, rtol=1e-4)
     assert set(personal_state(pipeline.model)) == _personal_names(pipeline)
+
+
+def _without_latest(splits: Splits) -> Splits:
+    return dataclasses.replace(splits, latest=splits.latest.subset(np.arange(0)))
+
+
+def test_the_refit_kept_learns_from_the_latest_windows_that_validation_did_not_choose_with(tiny_cfg, synthetic_table) -> None:
+    """Validation chooses the steps and whether to keep the refit; the layers kept are then refitted
+    with the latest windows too: their targets change the layers, not the choice."""
+    pipeline = ForecastPipeline.from_config(tiny_cfg, synthetic_table)
+    splits = pipeline.splits(synthetic_table)
+    start = adapter_state(pipeline.model)
+    kept = []
+    for latest_target in (splits.latest.target, splits.latest.target * 3):
+        changed = dataclasses.replace(splits, latest=dataclasses.replace(splits.latest, target=latest_target))
+        load_adapter_state(pipeline.model, start)
+        kept.append((pipeline.personalise(changed), personal_state(pipeline.model)))
+    (choice, layers), (same_choice, other_layers) = kept
+    assert choice == same_choice and choice[2] > 0
+    assert any(not torch.equal(layers[k], other_layers[k]) for k in layers)
 
 
 def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> None:

@@ -105,7 +105,7 @@ def test_splits_shapes(splits, ramp_table):
     n_series = len(LENGTHS)
     n_known = 4 + 1 + 1  # sin/cos day of week, sin/cos day of year, the open flag, promo
     assert splits.series_ids == ["a", "b"] and splits.merchant_of == ["m", "m"]
-    for windows in (splits.train, splits.val, splits.test, splits.future):
+    for windows in (splits.train, splits.val, splits.latest, splits.test, splits.future):
         n = len(windows)
         assert windows.context.shape == (n, L) and windows.target.shape == (n, H)
         assert windows.observed.shape == (n, L, 1) and windows.known.shape == (n, L + H, n_known)
@@ -141,6 +141,21 @@ def test_splits_are_time_ordered_and_test_is_the_last_horizon(splits, ramp_table
             assert train.target_start[i] == dates[o + L].to_datetime64()
         assert train.offset[0] == 0
         assert set(np.diff(train.offset)) <= {STRIDE} | set(range(1, STRIDE))
+
+
+def test_the_latest_windows_reach_from_the_last_training_one_to_the_validation_window(splits, ramp_table):
+    """A fit that learns from them after validation has chosen (shared.personal) sees every day before
+    the test horizon, at the training stride, and never a test day."""
+    frame = ramp_table.frame
+    for sid, uid in enumerate(splits.series_ids):
+        y = frame.loc[frame[ID] == uid, Y].to_numpy()
+        train, latest, val = (w.subset(w.series == sid) for w in (splits.train, splits.latest, splits.val))
+        assert latest.offset[0] > train.offset[-1] and latest.offset[-1] == val.offset[0]
+        assert set(np.diff(np.concatenate([train.offset, latest.offset]))) <= set(range(1, STRIDE + 1))
+        for i, o in enumerate(latest.offset):
+            np.testing.assert_array_equal(latest.context[i], y[o : o + L])
+            np.testing.assert_array_equal(latest.target[i], y[o + L : o + L + H])
+        assert (latest.offset + L + H <= len(y) - H).all()
 
 
 def test_splits_of_the_synthetic_merchant_do_not_leak(synthetic_table, tiny_cfg):
@@ -196,11 +211,12 @@ def test_prompts_are_attached_to_every_window(ramp_table):
         return tokenize_left_padded(ByteTokenizer(), prompt_texts(context, "Shop.", H), 40)
 
     splits = build_splits(ramp_table, cfg.data, encoder)
-    for windows in (splits.train, splits.val, splits.test, splits.future):
+    kinds = (splits.train, splits.val, splits.latest, splits.test, splits.future)
+    for windows in kinds:
         assert windows.prompt_ids.shape == windows.prompt_mask.shape == (len(windows), 40)
         expected, _ = encoder(windows.context)
         np.testing.assert_array_equal(windows.prompt_ids, expected)  # each window's own statistics
-    assert len(texts_seen) == 4 + 4
+    assert len(texts_seen) == 2 * len(kinds)
 
 
 def test_splits_do_not_depend_on_privacy_settings(ramp_table, splits):
