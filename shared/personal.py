@@ -199,22 +199,20 @@ def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], cfg: TrainC
     def one(weights: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(call, weights, (features,))
 
-    if judge_on is not None:
-        judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
-        judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on])
-        judged_by = judged_by.repeat_interleave(refits, dim=0).to(device)
-
     def judged() -> torch.Tensor:
         """[copies]: each refit's mean loss over its own merchant's validation windows."""
         return (torch.func.vmap(one, in_dims=(0, None))(stacked, judge_all) * judged_by).sum(dim=1)
 
+    if judge_on is not None:
+        judge_all = {key: torch.cat([f[key] for f in judge_on]) for key in judge_on[0]}
+        judged_by = torch.block_diag(*[torch.ones(1, len(f["target"])) / len(f["target"]) for f in judge_on])
+        judged_by = judged_by.repeat_interleave(refits, dim=0).to(device)
+        with torch.no_grad():
+            best = judged()
     optimizer = torch.optim.AdamW(list(stacked.values()), lr=cfg.personal_lr, weight_decay=cfg.weight_decay, fused=True)
     generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + c % refits) for c in range(count)]
     batch = max(cfg.batch_size, 32)
     every = max(1, cfg.personal_steps // 20)
-    if judge_on is not None:
-        with torch.no_grad():
-            best = judged()
     best_state = {name: value.detach().clone() for name, value in stacked.items()}
     best_step = torch.zeros(count, dtype=torch.long)
     for step in range(1, cfg.personal_steps + 1 if stop_at is None else int(stop_at.max()) + 1):
