@@ -62,6 +62,7 @@ class DataConfig:
     sep: str = ","  # CSV only, as are decimal and encoding: ";" and "," for a European spreadsheet export
     decimal: str = "."
     encoding: str = "utf-8"
+    date_format: str = "auto"  # strftime, e.g. "%d.%m.%Y"; "auto" infers one format for the whole column
     max_abs_value: float = 1e9  # a sale or covariate beyond it is an error naming its cell, never trained on
     columns: Columns = field(default_factory=Columns)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -278,6 +279,7 @@ RULES: dict[str, Rule] = {
     "data.sep": _CHARACTER,
     "data.decimal": _CHARACTER,
     "data.encoding": Rule('a text encoding Python knows, e.g. "utf-8", "latin-1" or "cp1252"', _is_encoding),
+    "data.date_format": Rule('"auto" or a strftime format such as "%d.%m.%Y"', lambda value: value == "auto" or "%" in value),
     "data.max_abs_value": _POSITIVE,
     "data.columns.unique_id": _NOT_EMPTY,
     "data.columns.ds": _NOT_EMPTY,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ OPEN = "is_open"  # 1 on a day the shop sold, 0 when closed (or before the serie
 NEGATIVE_FLAG = "y_was_negative"
 DESCRIPTION = "description"  # the product's text, read once per series into SeriesTable.descriptions
 _FILL_IT = "fill it in the export or drop the row"
+ISO = "ISO8601"  # pandas' name for ISO 8601 in any of its spellings: 2024-01-31, 2024-01-31 10:00, 20240131
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ def _numbers(values: pd.Series, source: str | Path, column: str, max_abs_value: 
 
 def to_long(
     raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>", negative: str = "clip",
-    max_abs_value: float = DataConfig.max_abs_value,
+    max_abs_value: float = DataConfig.max_abs_value, date_format: str = DataConfig.date_format,
 ) -> pd.DataFrame:
     """Renames a merchant's columns onto the schema and checks every value; columns it does not map
     (a second target, notes) are left out."""
@@ -209,12 +211,7 @@ def to_long(
     frame[MERCHANT] = frame[MERCHANT].astype(str)
     frame[ID] = frame[ID].astype(str)
 
-    dates = pd.to_datetime(frame[DS], errors="coerce")
-    bad = dates.isna()
-    if bad.any():
-        value = frame.loc[bad, DS].iloc[0]
-        raise DataValidationError(f"unparseable date {value!r}", file=source, row=_spreadsheet_row(bad), column=columns.ds)
-    frame[DS] = dates
+    frame[DS] = parse_dates(frame[DS], date_format, source, columns.ds)
 
     for name, original in [(Y, columns.y)] + [(c, c) for c in covariates] + ([(OPEN, columns.open)] if columns.open else []):
         frame[name] = _numbers(frame[name], source, original, max_abs_value, covariate=name != Y)
@@ -232,6 +229,80 @@ def to_long(
             f"duplicate timestamp {key[DS].date()} for series {key[ID]!r}", file=source, row=row, column=columns.ds
         )
     return _apply_negative_policy(frame, negative, source, columns.y)
+
+
+def parse_dates(values: pd.Series, date_format: str, source: str | Path, column: str) -> pd.Series:
+    """`values` as timestamps, every row read with ONE format: `date_format` (strftime) or, for "auto",
+    the one the whole column fits (`column_date_format`). Reading row by row would take 01.02.2013 as
+    2 January and fail only at 13.01.2013, the misread rows already in the data."""
+    if pd.api.types.is_datetime64_any_dtype(values):  # Parquet, or a preset that parsed its own dates
+        return values
+    text = values.astype("string")
+    missing = text.isna().to_numpy()
+    if missing.any():
+        raise DataValidationError(f"missing date; {_FILL_IT}", file=source, row=_spreadsheet_row(missing), column=column)
+    chosen = column_date_format(text, source, column) if date_format == "auto" else date_format
+    dates = _read_dates(text, chosen)
+    misfit = dates.isna().to_numpy()
+    if misfit.any():
+        how = f"[data] date_format = {chosen!r}" if date_format != "auto" else f"the column's format, {_format_name(chosen)}"
+        raise DataValidationError(
+            f"unparseable date {text[misfit].iloc[0]!r}: it does not fit {how}; fix the row"
+            + ("" if date_format != "auto" else ' or set [data] date_format, e.g. "%d.%m.%Y"'),
+            file=source, row=_spreadsheet_row(misfit), column=column,
+        )
+    return dates
+
+
+def column_date_format(text: pd.Series, source: str | Path, column: str) -> str:
+    """The format of a whole date column: ISO 8601 when every row is; else the day-first or the
+    month-first reading of its first dates, whichever every row fits. Where both fit every row and
+    disagree (no day above 12), only the merchant knows: an error naming [data] date_format. Where none
+    fits, the one that fits most rows, so the error names the first row that breaks it."""
+    candidates = [ISO, *_guessed_formats(text)]
+    readings = {fmt: _read_dates(text, fmt) for fmt in candidates}
+    complete = [fmt for fmt, dates in readings.items() if dates.notna().all()]
+    if not complete:
+        return max(candidates, key=lambda fmt: int(readings[fmt].notna().sum()))
+    first = complete[0]
+    if first == ISO:
+        return ISO
+    for other in complete[1:]:
+        differ = (readings[other] != readings[first]).to_numpy()
+        if differ.any():
+            row = int(np.flatnonzero(differ)[0])
+            raise DataValidationError(
+                f"ambiguous dates: {text.iloc[row]!r} is {readings[first].iloc[row].date()} as {first!r} but "
+                f'{readings[other].iloc[row].date()} as {other!r}, and no row tells which; set [data] date_format = "{first}" or "{other}"',
+                file=source, column=column,
+            )
+    return first
+
+
+def _guessed_formats(text: pd.Series, tries: int = 20) -> list[str]:
+    """The month-first and day-first formats pandas guesses from the column's first distinct dates
+    (fewer when they coincide, as for 31.01.2013 or 01 Mar 2024)."""
+    formats: list[str] = []
+    with warnings.catch_warnings():  # pandas warns when a dayfirst=False guess comes out day-first: the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for dayfirst in (False, True):
+            guesses = (pd.tseries.api.guess_datetime_format(value, dayfirst=dayfirst) for value in text.unique()[:tries])
+            guess = next((fmt for fmt in guesses if fmt), None)
+            if guess and guess not in formats:
+                formats.append(guess)
+    return formats
+
+
+def _read_dates(text: pd.Series, date_format: str) -> pd.Series:
+    """Every row read with `date_format` exactly; a row that does not fit it is NaT."""
+    try:
+        return pd.to_datetime(text, format=date_format, errors="coerce")
+    except ValueError as exc:  # a directive strftime lacks ("%Q"), a stray %
+        raise DataValidationError(f"[data] date_format = {date_format!r} is no strftime format: {exc}") from exc
+
+
+def _format_name(date_format: str) -> str:
+    return "ISO 8601 (e.g. 2024-01-31)" if date_format == ISO else repr(date_format)
 
 
 def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path, y_name: str) -> pd.DataFrame:
@@ -324,7 +395,7 @@ def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, sour
 
 def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
     """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
-    frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value)
+    frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value, cfg.date_format)
     descriptions = _descriptions(frame.pop(DESCRIPTION), frame[ID]) if DESCRIPTION in frame else {}
     frame = regularise(frame, cfg.freq, cfg.fill, source)
     if OPEN not in frame:  # after regularising: without an open column, a filled gap is a day without sales, not a closed one

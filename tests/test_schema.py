@@ -94,6 +94,59 @@ def test_missing_date_cell_is_unparseable():
     _where(_error(to_long, raw, COLUMNS, SOURCE), SOURCE, row=3, column=DS)
 
 
+def _written(fmt: str, n: int = 20, start: str = "2013-01-01") -> tuple[pd.DataFrame, pd.DatetimeIndex]:
+    """A frame whose dates are written with strftime `fmt`, and the dates they stand for."""
+    dates = pd.date_range(start, periods=n, freq="D")
+    return _frame(n).assign(**{DS: dates.strftime(fmt)}), dates
+
+
+@pytest.mark.parametrize("fmt", ["%d.%m.%Y", "%m/%d/%Y", "%d-%m-%Y %H:%M", "%Y-%m-%d", "%Y-%m-%d %H:%M:%S"])
+def test_the_one_format_every_row_fits_reads_the_whole_column(fmt):
+    """01.01.2013 ... 12.01.2013 are read day-first because 13.01.2013 further down is: never 1 December, then an error.
+    ISO stays ISO although its days, read as months, would fit too."""
+    raw, dates = _written(fmt)
+    assert to_long(raw, COLUMNS, SOURCE)[DS].tolist() == list(dates)
+
+
+def test_ambiguous_dates_are_one_error_naming_the_option():
+    raw, _ = _written("%d.%m.%Y", n=12)  # no day above 12: 02.01.2013 may be 1 February or 2 January
+    error = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(error, SOURCE, column=DS)
+    assert "'02.01.2013'" in str(error) and '[data] date_format = "%m.%d.%Y" or "%d.%m.%Y"' in str(error)
+
+
+@pytest.mark.parametrize("fmt, second", [("%d.%m.%Y", "2013-01-02"), ("%m.%d.%Y", "2013-02-01")])
+def test_date_format_decides_an_ambiguous_column(fmt, second):
+    raw, _ = _written("%d.%m.%Y", n=12)
+    assert to_long(raw, COLUMNS, SOURCE, date_format=fmt)[DS].iloc[1] == pd.Timestamp(second)  # written "02.01.2013"
+
+
+def test_a_row_that_does_not_fit_the_format_names_row_column_and_format():
+    raw, _ = _written("%d.%m.%Y")
+    raw.loc[15, DS] = "2013-01-16"
+    inferred = _error(to_long, raw, COLUMNS, SOURCE)
+    _where(inferred, SOURCE, row=17, column=DS)
+    assert "unparseable date '2013-01-16'" in str(inferred) and "'%d.%m.%Y'" in str(inferred)
+    explicit = _error(to_long, raw, COLUMNS, SOURCE, date_format="%d.%m.%Y")
+    _where(explicit, SOURCE, row=17, column=DS)
+    assert "[data] date_format = '%d.%m.%Y'" in str(explicit)
+
+
+def test_date_format_from_the_config_reaches_a_file(tmp_path):
+    raw, dates = _written("%m/%d/%Y", n=40, start="2024-02-01")  # 02/13/2024 would decide it; 12 rows less and nothing does
+    path = tmp_path / "us.csv"
+    raw.iloc[:12].to_csv(path, index=False)
+    assert "date_format" in str(_error(load_file, path, _config().data))
+    raw.to_csv(path, index=False)
+    frame = load_file(path, _config(**{"data.date_format": "%m/%d/%Y"}).data).frame
+    assert frame[DS].tolist() == list(dates)
+
+
+def test_a_date_format_strftime_cannot_read_is_one_line():
+    raw, _ = _written("%d.%m.%Y")
+    assert "[data] date_format = '%Q'" in str(_error(to_long, raw, COLUMNS, SOURCE, date_format="%Q"))
+
+
 def test_duplicate_timestamp_names_the_second_row():
     raw = pd.concat([_frame(4), _frame(4, uid="b"), _frame(1, start="2024-01-03")], ignore_index=True)
     error = _error(to_long, raw, COLUMNS, SOURCE)
