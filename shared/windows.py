@@ -9,6 +9,8 @@ one a merchant actually forecasts.
 
 from __future__ import annotations
 
+from calendar import day_name
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +23,7 @@ from shared.config import DataConfig
 from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable, Y
 
 PromptEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+MIN_CLOSED_WEEKS = 4  # a weekday closed fewer times than this in the recent history is no pattern yet
 
 
 def calendar_features(ds: pd.DatetimeIndex, freq: str) -> np.ndarray:
@@ -98,6 +101,7 @@ class Splits:
     merchant_of: list[str]
     frame: pd.DataFrame  # the validated long frame the windows came from
     freq: str
+    assumed: str = ""  # what the future windows took as given where no plan said otherwise, one line for the merchant
 
     def history_before_test(self) -> pd.DataFrame:
         return self.frame[self.frame.groupby(ID).cumcount(ascending=False) >= self.test.target.shape[1]]
@@ -136,18 +140,57 @@ def series_windows(
     }
 
 
+def closed_weekdays(table: SeriesTable, days: int) -> dict[str, frozenset[int]]:
+    """Per series, the weekdays (0 = Monday) it was closed on at every occurrence, at least
+    MIN_CLOSED_WEEKS of them, in the last `days` days of its own history (padding before a new
+    series' first date is none): a shop shut every Sunday is forecast shut on the coming Sundays, not
+    at a weekday's usual sales, unless a plan says otherwise. Daily data only: a weekly or hourly step
+    has no weekday that recurs as a whole day."""
+    if pd.tseries.frequencies.to_offset(table.freq) != pd.offsets.Day():
+        return {}
+    closed = {}
+    for uid, g in table.frame.groupby(ID, sort=True):
+        recent = g.iloc[table.padded.get(uid, 0):].tail(days)
+        per_weekday = recent[OPEN].groupby(pd.DatetimeIndex(recent[DS]).dayofweek).agg(["max", "size"])
+        always = per_weekday.index[(per_weekday["max"] == 0) & (per_weekday["size"] >= MIN_CLOSED_WEEKS)]
+        if len(always):
+            closed[uid] = frozenset(int(day) for day in always)
+    return closed
+
+
+def _planned(future_known: pd.DataFrame | None, uid: str, future_dates: pd.DatetimeIndex, known: tuple[str, ...]) -> pd.DataFrame:
+    """`future_known`'s covariates and open flag for series `uid` on `future_dates`, NaN where it plans nothing."""
+    columns = [*known, OPEN]
+    if future_known is None:
+        return pd.DataFrame(np.nan, index=future_dates, columns=columns)
+    return future_known[future_known[ID] == uid].set_index(DS).reindex(index=future_dates, columns=columns)
+
+
+def _assumed(known: tuple[str, ...], unplanned: int, closed: Counter[int], n_series: int, days: int) -> str:
+    """One line on the defaults the future windows used: what the merchant should plan if it is wrong."""
+    def share(count: int) -> str:
+        return "" if count == n_series else f" for {count} of {n_series} series"
+    parts = [f"{', '.join(known)} assumed 0 over the horizon{share(unplanned)}"] if known and unplanned else []
+    parts += [f"{day_name[day]}s assumed closed{share(count)} (closed every {day_name[day]} of the last {days} days)"
+              for day, count in sorted(closed.items())]
+    return "; ".join(parts)
+
+
 def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEncoder, future_known: pd.DataFrame | None = None,
                  widths: tuple[int, int] | None = None) -> Splits:
     """Cuts every series of `table` into train/val/test/future windows and attaches prompt tokens.
 
     `future_known` holds known covariates for the H dates after the last one (promotions planned,
-    and the open flag: days the shop will be closed); without it they are taken as zero, i.e. no
-    promotion and no holiday, and the shop as open. `widths` (known, observed channels) pads the
-    covariates with zero channels up to the model's slots.
+    and the open flag: days the shop will be closed). Where it plans nothing, the covariates are taken
+    as zero, i.e. no promotion and no holiday, and the shop as open except on the weekdays it was closed
+    on all through its last context (`closed_weekdays`); `Splits.assumed` says which defaults were used.
+    `widths` (known, observed channels) pads the covariates with zero channels up to the model's slots.
     """
     L, H = cfg.context, cfg.horizon
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "latest": [], "test": [], "future": []}
     series_ids, merchant_of = [], []
+    usually_closed = closed_weekdays(table, L)
+    unplanned, assumed_closed = 0, Counter[int]()
     for sid, (uid, g) in enumerate(table.frame.groupby(ID, sort=True)):
         series_ids.append(uid)
         merchant_of.append(str(g[MERCHANT].iloc[0]))
@@ -155,12 +198,12 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         dates = pd.DatetimeIndex(g[DS])
         future_dates = pd.date_range(dates[-1], periods=H + 1, freq=table.freq)[1:]
         all_dates = dates.append(future_dates)
-        future_cov, future_open = np.zeros((H, len(table.known)), dtype=np.float64), np.ones(H, dtype=np.float32)
-        if future_known is not None:
-            rows = future_known[future_known[ID] == uid].set_index(DS).reindex(future_dates)
-            future_cov = rows[list(table.known)].fillna(0.0).to_numpy(dtype=np.float64)
-            if OPEN in rows:
-                future_open = rows[OPEN].fillna(1.0).to_numpy(dtype=np.float32)
+        plan = _planned(future_known, uid, future_dates, table.known)
+        usual = np.where(future_dates.dayofweek.isin(usually_closed.get(uid, ())), 0.0, 1.0)
+        future_cov = plan[list(table.known)].fillna(0.0).to_numpy(dtype=np.float64)
+        future_open = np.where(plan[OPEN].isna(), usual, plan[OPEN]).astype(np.float32)
+        unplanned += bool(plan[list(table.known)].isna().to_numpy().any())
+        assumed_closed.update({int(day) for day in future_dates[plan[OPEN].isna().to_numpy() & (usual == 0)].dayofweek})
         is_open = np.concatenate([g[OPEN].to_numpy(dtype=np.float32), future_open])
         raw_known = np.concatenate([g[list(table.known)].to_numpy(dtype=np.float64), future_cov])
         known = np.concatenate([calendar_features(all_dates, table.freq), is_open[:, None], _standardise_known(raw_known)], axis=1)
@@ -184,7 +227,8 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
     for name in ("train", "latest"):
         learnable = (windows[name].open[:, :L] > 0).any(axis=1) & (windows[name].open[:, L:] > 0).any(axis=1)
         windows[name] = windows[name].subset(np.flatnonzero(learnable))
-    return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq)
+    return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq,
+                  assumed=_assumed(table.known, unplanned, assumed_closed, len(series_ids), L))
 
 
 def concat_windows(parts: list[Windows]) -> Windows:

@@ -3,6 +3,8 @@ statistics the prompt states about each window, checked on series whose answers 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,8 +13,8 @@ import torch
 from shared.backbone import ByteTokenizer
 from shared.config import load_config
 from shared.prompt import prompt_texts, tokenize_left_padded, window_statistics
-from shared.schema import DS, ID, MERCHANT, Y, prepare
-from shared.windows import WindowDataset, build_splits, calendar_features
+from shared.schema import DS, ID, MERCHANT, OPEN, Y, prepare
+from shared.windows import WindowDataset, build_splits, calendar_features, closed_weekdays
 
 L, H, STRIDE = 14, 7, 3
 LENGTHS = {"a": 50, "b": 57}
@@ -298,3 +300,46 @@ def test_a_new_series_is_padded_and_trains_only_where_it_has_open_days():
     assert len(kept.train) == 1 and kept.train.open[0, :L].sum() == 3 and (kept.train.open[0, L:] == 1).all()
     new = splits_of(2 * H + 6)  # its context would be all padding
     assert len(new.train) == 0 and (new.test.open[:, L:] == 1).all() and new.test.open[0, :L].sum() == 6 + H
+
+
+def _closed_on_sundays(n: int = 70, opened: tuple[int, ...] = (), **overrides):
+    """A shop closed every Sunday (2024-01-01 is a Monday) but on the days `opened`; context 28 days."""
+    dates = pd.date_range("2024-01-01", periods=n, freq="D")
+    is_open = (dates.dayofweek != 6).astype(float)
+    is_open[list(opened)] = 1.0
+    raw = pd.DataFrame({MERCHANT: "m", ID: "a", DS: dates, Y: 10.0 * is_open, "promo": 0.0, "visits": 1.0, "open": is_open})
+    cfg = _config(**{"data.context": 28, "data.columns.open": "open", **overrides})
+    return prepare(raw, cfg.data, "shop"), cfg
+
+
+def test_a_weekday_closed_all_through_the_context_is_closed_in_the_future_unless_planned():
+    table, cfg = _closed_on_sundays()
+    future_dates = pd.date_range("2024-03-11", periods=H, freq="D")
+    splits = build_splits(table, cfg.data, no_prompt)
+    np.testing.assert_array_equal(splits.future.open[0, -H:], future_dates.dayofweek != 6)
+    np.testing.assert_array_equal(splits.future.known[0, -H:, 4], future_dates.dayofweek != 6)  # the model's open channel
+    assert splits.assumed == "promo assumed 0 over the horizon; Sundays assumed closed (closed every Sunday of the last 28 days)"
+    planned = pd.DataFrame({ID: "a", DS: future_dates, "promo": 1.0, OPEN: 1.0})  # a Sunday opening, planned
+    opens = build_splits(table, cfg.data, no_prompt, future_known=planned)
+    assert (opens.future.open[0, -H:] == 1).all() and opens.assumed == ""
+    promo_only = build_splits(table, cfg.data, no_prompt, future_known=planned.drop(columns=OPEN))
+    assert promo_only.assumed == "Sundays assumed closed (closed every Sunday of the last 28 days)"
+
+
+@pytest.mark.parametrize("opened, overrides, closed", [
+    ((), {}, {"a": frozenset({6})}),
+    ((62,), {}, {}),  # one Sunday open in the last 28 days: no rule
+    ((6, 13), {}, {"a": frozenset({6})}),  # Sundays open before the last 28 days do not count
+    ((), {"data.context": 21}, {}),  # three Sundays seen: too few to call it a pattern
+])
+def test_closed_weekdays_needs_every_occurrence_of_the_recent_history(opened, overrides, closed):
+    table, cfg = _closed_on_sundays(opened=opened, **overrides)
+    assert closed_weekdays(table, cfg.data.context) == closed
+    assert closed_weekdays(replace(table, freq="7D"), cfg.data.context) == {}  # weekly: no weekday to close
+
+
+def test_a_new_series_padding_is_no_closed_history():
+    """Five days Monday to Friday, padded with closed days: Saturdays and Sundays appear only in the padding."""
+    table, cfg = _closed_on_sundays(n=5, **{"data.short_series": "pad"})
+    assert table.padded == {"a": 44}
+    assert closed_weekdays(table, cfg.data.context) == {}
