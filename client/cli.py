@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
-import numpy as np
 import pandas as pd
 import typer
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, add_indicators, read_table
+from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, read_table, to_long
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.windows import Splits
@@ -51,7 +50,11 @@ ConfigOption = Annotated[
 ]
 MerchantOption = Annotated[str | None, typer.Option("--merchant", "-m", help="merchant id; optional if the data holds one")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key, e.g. --set train.max_steps=50")]
-FutureOption = Annotated[Path | None, typer.Option("--future", help="CSV of known covariates (unique_id, ds, ...) for the horizon")]
+FutureOption = Annotated[Path | None, typer.Option("--future", help=(
+    "CSV or Parquet plan for the horizon, in the data file's own column names ([data.columns]): the series id, the date, "
+    "every known covariate and optionally the open flag, one row per series and horizon date. A series left out is forecast "
+    "with known covariates 0 and closed on a weekday it was closed at every occurrence of its last context; a listed series "
+    "missing a date is an error"))]
 AdapterOption = Annotated[Path | None, typer.Option(help="adapter directory (default: runs/local/<merchant>)")]
 OutOption = Annotated[Path | None, typer.Option(help="output directory (default: the adapter directory)")]
 
@@ -75,23 +78,42 @@ def merchant_table(cfg: Config, merchant: str | None) -> tuple[str, SeriesTable]
 
 
 def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFrame | None:
-    """The planned known covariates, with the file's id/date columns renamed like the data file's."""
+    """The plan for the horizon: the known covariates (and, where the file has the open column, the
+    open flags) of each series it lists. It is the data file's layout without sales, read by the same
+    to_long, so it is checked as strictly (numbers, 0/1 flags, one date format, no duplicates) and its
+    columns become model channels the same way. A series the file leaves out keeps build_splits'
+    defaults, which the forecast names; a series it lists must cover every date of the horizon, as a
+    half-planned series is a mistake more often than a plan."""
     if path is None:
         return None
-    columns = cfg.data.columns
-    names = {columns.unique_id: ID, columns.ds: DS} | ({columns.open: OPEN} if columns.open else {})  # no open column: open every day
-    raw = add_indicators(read_table(path, cfg.data), table.known, path).rename(columns=names)
-    missing = [c for c in (ID, DS, *table.known) if c not in raw]
-    if missing:
-        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=path)
-    raw[ID] = raw[ID].astype(str)
-    raw[DS] = pd.to_datetime(raw[DS], errors="coerce")
-    if raw[DS].isna().any():
-        raise DataValidationError("unparseable date", file=path, row=int(np.flatnonzero(raw[DS].isna())[0]) + 2, column=columns.ds)
-    unknown = sorted(set(raw[ID]) - set(table.frame[ID]))
+    data, columns = cfg.data, cfg.data.columns
+    raw = read_table(path, data)
+    layout = replace(columns, merchant_id="", observed=(), description="", open=columns.open if columns.open in raw else "")
+    no_sales = raw.assign(**{columns.y: 0.0})  # sales are what the forecast is for: zeros stand in
+    planned = to_long(no_sales, layout, path, max_abs_value=data.max_abs_value, date_format=data.date_format)
+    unknown = sorted(set(planned[ID]) - set(table.frame[ID]))
     if unknown:
         typer.secho(f"warning: {path}: series {unknown[:3]} are not in the data and are ignored", fg=typer.colors.YELLOW, err=True)
-    return raw
+    gaps = unplanned_dates(planned, table, data.horizon)
+    if not gaps.empty:
+        first = gaps.iloc[0]
+        raise DataValidationError(
+            f"series {first[ID]!r} lacks {int((gaps[ID] == first[ID]).sum())} of the horizon's {data.horizon} dates, first "
+            f"{first[DS].date()}; list every date of a series you plan (leave a series out to forecast it with the defaults)",
+            file=path, column=columns.ds,
+        )
+    return planned[[ID, DS, *table.known, *([OPEN] if OPEN in planned else [])]]
+
+
+def unplanned_dates(planned: pd.DataFrame, table: SeriesTable, horizon: int) -> pd.DataFrame:
+    """The (series, date) pairs of the horizon that `planned` lists the series of but not the date."""
+    last = table.frame.groupby(ID)[DS].max()
+    listed = last[last.index.isin(planned[ID])]
+    horizon_dates = pd.DataFrame(
+        [(uid, ds) for uid, end in listed.items() for ds in pd.date_range(end, periods=horizon + 1, freq=table.freq)[1:]], columns=[ID, DS],
+    )
+    found = horizon_dates.merge(planned[[ID, DS]], on=[ID, DS], how="left", indicator=True)["_merge"] == "both"
+    return horizon_dates[~found.to_numpy()]
 
 
 def mean_scores(scores: pd.DataFrame) -> dict[str, float]:
@@ -133,6 +155,8 @@ def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: 
 
 def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path, calibration: Calibration) -> None:
     """The horizon after the last date: forecast.csv and a fan chart under `out`."""
+    if splits.assumed:
+        typer.secho(f"warning: where --future plans nothing, {splits.assumed}", fg=typer.colors.YELLOW, err=True)
     frame = pipeline.predict_frame(splits, splits.future, calibration)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")

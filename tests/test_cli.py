@@ -73,6 +73,60 @@ def test_forecast_reloads_the_adapter_and_uses_planned_covariates(local_run: Pat
     assert not np.allclose(again.loc[promoted, QUANTILES], first.loc[promoted, QUANTILES], atol=1e-5)
 
 
+def _shop_01_file(tmp_path: Path) -> dict[str, str]:
+    """shop_01's data as a file with the shop closed every Sunday: the overrides that read it."""
+    data = generate_merchants(n_merchants=2, n_days=240)
+    sunday = data["ds"].dt.dayofweek == 6
+    data.loc[sunday, ["open", "y"]] = 0.0
+    data.to_csv(tmp_path / "sales.csv", index=False)
+    return {"data.source": '"file"', "data.path": f'"{tmp_path / "sales.csv"}"'}
+
+
+def test_forecast_without_future_closes_a_weekday_closed_all_through_the_history_and_says_so(local_run: Path, tmp_path: Path) -> None:
+    result = invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path), **_shop_01_file(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert ("where --future plans nothing, promo, holiday assumed 0 over the horizon; "
+            "Sundays assumed closed (closed every Sunday of the last 84 days)") in result.output
+    forecast = pd.read_csv(tmp_path / "forecast.csv", parse_dates=["ds"])
+    sunday = forecast["ds"].dt.dayofweek == 6
+    assert sunday.any() and (forecast.loc[sunday, QUANTILES] == 0).all().all()
+    assert (forecast.loc[~sunday, "q0.5"] > 0).any()
+
+
+def test_a_future_file_in_its_own_date_format_may_leave_series_out_but_not_dates(local_run: Path, tmp_path: Path) -> None:
+    """The plan is read like the data (here day-first dates); a series left out keeps the named defaults."""
+    data = _shop_01_file(tmp_path)
+    dates = pd.read_csv(local_run / "forecast.csv", parse_dates=["ds"])["ds"].drop_duplicates()
+    plan = pd.DataFrame({"unique_id": "shop_01/p00", "ds": dates.dt.strftime("%d.%m.%Y"), "promo": "yes", "holiday": 0, "open": 1})
+    plan.to_csv(tmp_path / "planned.csv", index=False)
+    result = invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                    "--future", str(tmp_path / "planned.csv"), **data)
+    assert result.exit_code == 0, result.output
+    series = pd.read_csv(tmp_path / "forecast.csv")["unique_id"].nunique()
+    left_out = f"for {series - 1} of {series} series"
+    assert f"promo, holiday assumed 0 over the horizon {left_out}; Sundays assumed closed {left_out}" in result.output
+    forecast = pd.read_csv(tmp_path / "forecast.csv", parse_dates=["ds"])
+    planned_sunday = (forecast["unique_id"] == "shop_01/p00") & (forecast["ds"].dt.dayofweek == 6)
+    assert (forecast.loc[planned_sunday, "q0.5"] > 0).all()  # the plan opens it
+
+    plan.drop(index=3).to_csv(tmp_path / "planned.csv", index=False)
+    line = one_error_line(invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                                 "--future", str(tmp_path / "planned.csv"), **data))
+    assert str(tmp_path / "planned.csv") in line
+    assert f"series 'shop_01/p00' lacks 1 of the horizon's 14 dates, first {dates.iloc[3].date()}" in line
+
+
+@pytest.mark.parametrize("column, value, shown", [("promo", "soon", "non-numeric value 'soon'"), ("open", 2, "not an open flag")])
+def test_a_future_file_is_checked_like_the_data(local_run: Path, tmp_path: Path, column: str, value: object, shown: str) -> None:
+    dates = pd.read_csv(local_run / "forecast.csv")["ds"].drop_duplicates()
+    plan = pd.DataFrame({"unique_id": "shop_01/p00", "ds": dates, "promo": 0, "holiday": 0, "open": 1}).astype({column: object})
+    plan.loc[5, column] = value
+    plan.to_csv(tmp_path / "planned.csv", index=False)
+    line = one_error_line(invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                                 "--future", str(tmp_path / "planned.csv")))
+    assert shown in line and "row 7" in line and f"column {column!r}" in line
+
+
 def test_file_missing_y_exits_2_naming_file_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "sales.csv"
     generate_merchants(n_merchants=1, n_days=200).drop(columns="y").to_csv(bad, index=False)
