@@ -51,7 +51,7 @@ ConfigOption = Annotated[
 MerchantOption = Annotated[str | None, typer.Option("--merchant", "-m", help="merchant id; optional if the data holds one")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key, e.g. --set train.max_steps=50")]
 FutureOption = Annotated[Path | None, typer.Option("--future", help=(
-    "CSV or Parquet plan for the horizon, in the data file's own column names ([data.columns]): the series id, the date, "
+    "CSV or Parquet plan for the horizon, in the data file's own column names (the config's data.columns): the series id, the date, "
     "every known covariate and optionally the open flag, one row per series and horizon date. A series left out is forecast "
     "with known covariates 0 and closed on a weekday it was closed at every occurrence of its last context; a listed series "
     "missing a date is an error"))]
