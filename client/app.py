@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import numpy as np
 import torch
@@ -114,17 +114,31 @@ def _decline(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def _declines_a_bad_adapter(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Replies to a received adapter that does not fit this model (AdapterMismatch, raised while `_setup`
+    loads it) with an Error, for train and evaluate alike: raising instead ends the merchant's process."""
+
+    @wraps(handler)
+    def replying(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except AdapterMismatch as exc:
+            return _decline(msg, ADAPTER_REJECTED, f"received adapter rejected: {exc}")
+
+    return replying
+
+
+@_declines_a_bad_adapter
 def train(msg: Message, context: Context) -> Message:
-    try:
-        pipeline, merchant, splits = _setup(msg, context)
-    except AdapterMismatch as exc:
-        return _decline(msg, ADAPTER_REJECTED, f"received adapter rejected: {exc}")
+    pins = MerchantPins.from_node_config(context.node_config)
+    pipeline, merchant, splits = _setup(msg, context)
     cfg = pipeline.cfg
     try:
         mu, round_seed = _proximal_mu(msg, cfg.train.lr), _round_seed(msg, cfg.train.seed)
+        pins.check_round(cfg)
     except ValueError as exc:
         return _decline(msg, BAD_INSTRUCTION, f"merchant {merchant}: {exc}")
-    privacy = pipeline.private_training(merchant, splits.train, MerchantPins.from_node_config(context.node_config))
+    privacy = pipeline.private_training(merchant, splits.train, pins)
     result = pipeline.fit(splits.train, steps=cfg.federation.local_steps, privacy=privacy, proximal_mu=mu, seed=round_seed)
     if result.status == "budget_exhausted":
         return _decline(msg, BUDGET_EXHAUSTED, f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of "
@@ -145,6 +159,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": _finite(metrics)}), reply_to=msg)
 
 
+@_declines_a_bad_adapter
 def evaluate(msg: Message, context: Context) -> Message:
     """Holdout metrics on the merchant's last horizon (the test split), as means over its series."""
     pipeline, _, splits = _setup(msg, context)

@@ -4,10 +4,12 @@ Under `<out_dir>`:
   checkpoint/        the newest: the global adapter (shared/adapter.py's layout), meta.json with the
                      round records ("history") and the strategy's scalars, strategy.safetensors
   checkpoint.prev/   the one before it
-A checkpoint is written whole into `.checkpoint.partial/`, fsynced, then renamed in while the one it
-replaces becomes `checkpoint.prev/` (shared.adapter.write_atomically), so a crash at any moment
-leaves at least one complete checkpoint. On restart the newest that reads back whole is used; a
-corrupt `checkpoint/` is moved to `checkpoint.corrupt/` so the next save cannot push the good one out.
+A checkpoint is written whole into `.checkpoint.partial/` (its meta.json last), fsynced, then renamed in
+while the one it replaces becomes `checkpoint.prev/` (shared.adapter.write_atomically), so a crash at
+any moment leaves at least one complete checkpoint. On restart a staged checkpoint that reads back
+whole had only its renames cut short, so they are finished first: its round is not run (and its ε
+spent) again. Then the newest that reads back whole is used; a corrupt `checkpoint/` is moved to
+`checkpoint.corrupt/` so the next save cannot push the good one out.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file as load_tensors
 
-from shared.adapter import check_update, save_adapter, write_atomically
+from shared.adapter import check_update, fsync_path, save_adapter, write_atomically
 from shared.model import Forecaster
 
 log = logging.getLogger(__name__)
 
 CURRENT, PREVIOUS, CORRUPT = "checkpoint", "checkpoint.prev", "checkpoint.corrupt"
+STAGED = f".{CURRENT}.partial"  # where write_atomically stages the next checkpoint
 STRATEGY_FILE = "strategy.safetensors"
 MOMENTS = ("m_t", "v_t")  # FedOpt's (FedAdam, FedYogi, FedAdagrad) moments: one array per shared tensor
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a truncated or missing part raises
@@ -95,11 +98,15 @@ def _moments(tensors: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]
 
 
 def save_checkpoint(out_dir: Path, model: Forecaster, history: list[dict[str, Any]], state: StrategyState) -> None:
-    """The model's adapter, the round records and the strategy's state as the newest checkpoint."""
+    """The model's adapter, the round records and the strategy's state as the newest checkpoint.
+
+    The staged folder's meta.json is written last, each part durable before the next: a staged
+    checkpoint holding it is complete, which is what lets `load_checkpoint` finish a cut-short commit."""
 
     def fill(staged: Path) -> None:
+        staged.mkdir(parents=True)
+        write_atomically(staged / STRATEGY_FILE, lambda path: save_arrays(state.tensors, str(path)))
         save_adapter(model, staged, {"round": len(history), "history": history, "strategy": state.scalars})
-        save_arrays(state.tensors, str(staged / STRATEGY_FILE))
 
     write_atomically(out_dir / CURRENT, fill, previous=out_dir / PREVIOUS)
 
@@ -132,6 +139,7 @@ def _read_strategy_state(directory: Path, scalars: dict[str, Any], expected: dic
 def load_checkpoint(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: dict[str, tuple[int, ...]]) -> Checkpoint | None:
     """The newest usable checkpoint under `out_dir`, None for a new run; CheckpointError if there are
     checkpoints but none is usable."""
+    _finish_commit(out_dir, adapter, shared)
     candidates = [out_dir / CURRENT, out_dir / PREVIOUS]
     if not any(c.exists() for c in candidates):
         return None
@@ -147,6 +155,25 @@ def load_checkpoint(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: 
             _set_aside(out_dir / CURRENT, out_dir / CORRUPT)
         return checkpoint
     raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}): restore one, or use a new out_dir for a new federation")
+
+
+def _finish_commit(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: dict[str, tuple[int, ...]]) -> None:
+    """Completes the renames of a staged checkpoint that reads back whole: a crash cut short its commit,
+    not its round, and resuming from the one before would run that round again and spend its ε twice.
+    Every save starts by clearing the staging folder, so a whole staged checkpoint is always the newest."""
+    staged = out_dir / STAGED
+    if not staged.is_dir():
+        return
+    try:
+        rounds = len(read_checkpoint(staged, adapter, shared).history)
+    except UNREADABLE:
+        return  # cut short while being written: the next save clears it
+    log.warning("finishing the interrupted commit of the checkpoint after round %d", rounds)
+    if (out_dir / CURRENT).exists():
+        shutil.rmtree(out_dir / PREVIOUS, ignore_errors=True)
+        os.replace(out_dir / CURRENT, out_dir / PREVIOUS)
+    os.replace(staged, out_dir / CURRENT)
+    fsync_path(out_dir)
 
 
 def _set_aside(corrupt: Path, destination: Path) -> None:

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +91,29 @@ def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) ->
         raise ValueError(f"need noise_multiplier > 0 and 0 < sample_rate <= 1, got {noise_multiplier}, {sample_rate}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+def _exact(value: Any, kind: type) -> Any:
+    """`value` if it is exactly of `kind`: JSON's true is Python's 1 and "40" is no number, and either,
+    hand-edited into a ledger, would rewrite what was spent without a trace."""
+    if type(value) is not kind:
+        raise TypeError(f"expected a JSON {kind.__name__}, got {value!r}")
+    return value
+
+
+def _number(value: Any) -> float:
+    """A JSON number (an int or a float, not a bool or a string) as a float."""
+    if type(value) not in (int, float):
+        raise TypeError(f"expected a JSON number, got {value!r}")
+    return float(value)
+
+
+def _entry(item: Any) -> Entry:
+    """One stored history entry, as `_save` writes it: [noise, rate, steps], steps a whole number."""
+    noise, rate, steps = _exact(item, list)
+    entry = (_number(noise), _number(rate), _exact(steps, int))
+    _check_step_args(*entry)
+    return entry
 
 
 class PrivacyLedger:
@@ -167,10 +189,17 @@ class PrivacyLedger:
     def _locked(self) -> Iterator[None]:
         """Holds the ledger's lock file and re-reads the ledger under it: a change is decided on what
         is on disk now, not on what this process read earlier."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.path.parent / f".{self.path.name}.lock"):
+        lock = FileLock(self.path.parent / f".{self.path.name}.lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as exc:  # the folder is a file, the lock a folder, no permission: the operator's to fix
+            raise LedgerError(f"privacy ledger folder {self.path.parent} cannot hold a ledger ({exc})") from exc
+        try:
             self._history = self._load() if self.path.exists() else []
             yield
+        finally:
+            lock.release()
 
     def accountant(self) -> RDPAccountant:
         """A fresh Opacus accountant holding this history, e.g. to resume a PrivacyEngine(accountant="rdp")."""
@@ -183,13 +212,13 @@ class PrivacyLedger:
 
     def _load(self) -> list[Entry]:
         try:
+            if not self.path.is_file():
+                raise ValueError("not a regular file")
             stored: dict[str, Any] = json.loads(self.path.read_text())
-            if stored["version"] != _FORMAT_VERSION:
+            if _exact(stored["version"], int) != _FORMAT_VERSION:
                 raise ValueError(f"unknown ledger format version {stored['version']!r}")
-            budget = (stored["target_epsilon"], stored["delta"], stored["unit"])
-            history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in stored["history"]]
-            for noise, rate, steps in history:
-                _check_step_args(noise, rate, steps)
+            budget = (_number(stored["target_epsilon"]), _number(stored["delta"]), _exact(stored["unit"], str))
+            history = [_entry(item) for item in _exact(stored["history"], list)]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Starting from an empty history here would silently hand the merchant a fresh budget.
             raise LedgerError(f"privacy ledger {self.path} is unreadable ({exc}); refusing to start from ε = 0") from exc
@@ -203,7 +232,9 @@ class PrivacyLedger:
         return history
 
     def _save(self, history: list[Entry]) -> None:
-        """Writes a temp file beside the ledger, then renames it over, so a crash leaves old or new, never half."""
+        """Writes a temp file beside the ledger, then renames it over, so a crash leaves old or new, never
+        half. Only the lock's holder writes, so the temp file can have one fixed name: a writer killed
+        mid-write leaves one, which the next write reuses, instead of a new one per kill."""
         stored = {
             "version": _FORMAT_VERSION,
             "target_epsilon": self.target_epsilon,
@@ -211,16 +242,15 @@ class PrivacyLedger:
             "unit": self.unit,
             "history": [list(entry) for entry in history],
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            with os.fdopen(fd, "w") as f:
+            with open(tmp, "w") as f:
                 json.dump(stored, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         self._history = history
         if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX); Windows cannot open dirs

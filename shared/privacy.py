@@ -133,51 +133,122 @@ def ledger_unit(cfg: PrivacyConfig) -> str:
     return f"window-{cfg.window_days}" if cfg.unit == "window" else cfg.unit
 
 
-def open_ledger(cfg: PrivacyConfig, merchant: str) -> PrivacyLedger:
-    """The merchant's own ledger file, kept on its disk across rounds and restarts."""
+def unit_strength(unit: str) -> float:
+    """How much a ledger unit (ledger_unit's spelling) protects, for ordering them: any w consecutive days
+    (a "day" is w = 1) protect more the larger w is, and a whole series protects every run of its days.
+    Steps charged at a stronger unit's sampling rate are a valid, conservative charge for a weaker one:
+    a weaker unit's data sits in at most one stronger unit, so it is sampled no more often."""
+    if unit == "series":
+        return math.inf
+    if unit == "day":
+        return 1
+    days = unit.removeprefix("window-")
+    if days != unit and days.isdigit() and int(days) >= 1:
+        return int(days)
+    raise ValueError(f"privacy-unit must be series, day or window-<days>, got {unit!r}")
+
+
+def open_ledger(cfg: PrivacyConfig, merchant: str, pins: MerchantPins | None = None) -> PrivacyLedger:
+    """The merchant's own ledger file, kept on its disk across rounds and restarts, at its pinned δ and unit."""
     path = Path(cfg.ledger_dir) / f"{merchant.replace('/', '_')}.json"
-    return PrivacyLedger(path, cfg.target_epsilon, cfg.delta, ledger_unit(cfg))
+    return PrivacyLedger(path, cfg.target_epsilon, *(pins or MerchantPins()).ledger_terms(cfg))
+
+
+class PinRefused(ValueError):
+    """The run config asks a merchant for less privacy than its node config pins."""
+
+
+DEFAULT_MAX_LOCAL_STEPS = 1000  # 20x the most any shipped config asks a round (50); far fewer than 10^7
+PIN_KEYS = ("ledger-dir", "require-dp", "max-epsilon", "min-noise", "max-delta", "privacy-unit", "max-local-steps")
 
 
 @dataclass(frozen=True)
 class MerchantPins:
     """What a merchant's own node config fixes, whatever the server's run config asks: the server may
-    ask for less privacy spending, never more, and never for a fresh ledger.
+    ask for more privacy and less spending, never the reverse, and never for a fresh ledger.
 
     Node config keys (flower-supernode --node-config): `ledger-dir` (where its budget is kept),
     `require-dp` (DP-SGD even if the server turns it off), `max-epsilon` (the ledger's budget; the
-    server's privacy.target_epsilon can only lower what a run may spend), `min-noise` (a floor on σ).
+    server's privacy.target_epsilon can only lower what a run may spend), `min-noise` (a floor on σ),
+    `max-delta` (the ledger's δ; a run asking a larger one is refused), `privacy-unit` (the ledger's
+    unit; a run protecting a weaker one is refused, see `unit_strength`), `max-local-steps` (the most
+    steps one round may reserve). Setting any of them pins δ and the unit too (1e-5 and "series" unless
+    given), and a node with its own data-path must then name its merchant, which names its ledger.
     """
 
     ledger_dir: str | None = None
     require_dp: bool = False
     max_epsilon: float | None = None
     min_noise: float = 0.0
+    max_delta: float | None = None  # None, like unit: not pinned, the run config's (as in the simulation)
+    unit: str | None = None
+    max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> MerchantPins:
+        pinned = any(key in node_config for key in PIN_KEYS)
         try:
             pins = cls(
                 ledger_dir=str(node_config["ledger-dir"]) if "ledger-dir" in node_config else None,
                 require_dp=_as_bool(node_config.get("require-dp", False)),
                 max_epsilon=float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None,
                 min_noise=float(node_config.get("min-noise", 0.0)),
+                max_delta=float(node_config.get("max-delta", 1e-5)) if pinned else None,
+                unit=str(node_config.get("privacy-unit", "series")) if pinned else None,
+                max_local_steps=_as_count(node_config.get("max-local-steps", DEFAULT_MAX_LOCAL_STEPS)),
             )
+            if pins.unit is not None:
+                unit_strength(pins.unit)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node config: {exc}") from exc
         if pins.max_epsilon is not None and not (pins.max_epsilon > 0 and math.isfinite(pins.max_epsilon)):
             raise ConfigError(f"node config: max-epsilon must be a finite number > 0, got {pins.max_epsilon}")
         if not (pins.min_noise >= 0 and math.isfinite(pins.min_noise)):
             raise ConfigError(f"node config: min-noise must be a finite number >= 0, got {pins.min_noise}")
+        if pins.max_delta is not None and not 0 < pins.max_delta < 1:
+            raise ConfigError(f"node config: max-delta must be a number in (0, 1), got {pins.max_delta}")
+        if pinned and "data-path" in node_config and "merchant" not in node_config:
+            raise ConfigError("node config: a merchant with privacy pins must name itself (merchant=...): its ledger is named "
+                              "after it, and otherwise the name comes from data columns that the server's run config chooses")
         return pins
 
+    def ledger_terms(self, cfg: PrivacyConfig) -> tuple[float, str]:
+        """The δ and unit the ledger is kept at: the pinned ones, which a run cannot change (it may only
+        ask for more privacy, whose steps the ledger charges conservatively), else the run config's."""
+        return (cfg.delta if self.max_delta is None else self.max_delta,
+                ledger_unit(cfg) if self.unit is None else self.unit)
+
+    def check_privacy(self, cfg: PrivacyConfig) -> None:
+        """Raises PinRefused when `cfg` asks for a larger δ or a weaker unit than pinned."""
+        if self.max_delta is not None and cfg.delta > self.max_delta:
+            raise PinRefused(f"the run asks for privacy.delta {cfg.delta:g}, above this merchant's max-delta {self.max_delta:g}")
+        if self.unit is not None and unit_strength(ledger_unit(cfg)) < unit_strength(self.unit):
+            raise PinRefused(f"the run protects a {ledger_unit(cfg)!r}, less than this merchant's privacy-unit {self.unit!r} "
+                             f"(day < window-<w>, growing with w < series)")
+
+    def check_round(self, cfg: Config) -> None:
+        """Raises PinRefused, before any budget is reserved, when a round's config asks for less privacy
+        than pinned or for more local steps than one round may reserve (each reserves its steps up front)."""
+        self.check_privacy(cfg.privacy)
+        if cfg.federation.local_steps > self.max_local_steps:
+            raise PinRefused(f"the run asks for {cfg.federation.local_steps} local steps a round, above this "
+                             f"merchant's max-local-steps {self.max_local_steps}")
+
     def apply(self, cfg: PrivacyConfig) -> tuple[PrivacyConfig, float]:
-        """The privacy settings this merchant trains under, and the ε a run may spend up to. The σ floor
-        is not folded in here: it must floor the σ that "auto" picks, which `PrivateTraining` decides."""
+        """The privacy settings this merchant trains under, and the ε a run may spend up to; PinRefused
+        if the run asks for less privacy than pinned. The σ floor is not folded in here: it must floor
+        the σ that "auto" picks, which `PrivateTraining` decides."""
+        self.check_privacy(cfg)
         budget = cfg.target_epsilon if self.max_epsilon is None else self.max_epsilon
         pinned = replace(cfg, enabled=cfg.enabled or self.require_dp, ledger_dir=self.ledger_dir or cfg.ledger_dir,
                          target_epsilon=budget)
         return pinned, min(cfg.target_epsilon, budget)
+
+
+def _as_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max-local-steps must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def _as_bool(value: Any) -> bool:
@@ -208,7 +279,8 @@ class PrivateTraining:
     def _planned_noise(self) -> float:
         if self.cfg.noise_multiplier != "auto":
             return float(self.cfg.noise_multiplier)
-        return noise_for(self.ledger.limit(self.ceiling), self.ledger.delta, self.sample_rate, self.planned_steps)
+        # at the run's δ, which is at most the ledger's: a run asking for a smaller δ gets the larger σ it asks for
+        return noise_for(self.ledger.limit(self.ceiling), self.cfg.delta, self.sample_rate, self.planned_steps)
 
     @classmethod
     def for_merchant(cls, cfg: Config, merchant: str, train: Windows, pins: MerchantPins | None = None,
@@ -216,7 +288,7 @@ class PrivateTraining:
         """The session of `merchant`, charged to its own ledger on its disk, under its own pins."""
         pins = pins or MerchantPins()
         privacy, ceiling = pins.apply(cfg.privacy)
-        return cls(replace(cfg, privacy=privacy), open_ledger(privacy, merchant), train, ceiling,
+        return cls(replace(cfg, privacy=privacy), open_ledger(privacy, merchant, pins), train, ceiling,
                    min_noise=pins.min_noise, planned_steps=planned_steps)
 
     def learning_rate(self, base_lr: float, dims: int) -> float:

@@ -124,19 +124,40 @@ def test_no_usable_checkpoint_is_one_clear_error_not_a_fresh_start(model, tmp_pa
     assert "\n" not in message and str(tmp_path / CURRENT) in message
 
 
-def test_a_crash_between_the_renames_leaves_the_previous_checkpoint(model, tmp_path, monkeypatch):
-    _two_checkpoints(model, tmp_path)
+def _crash_on_renaming(monkeypatch, name: str) -> None:
+    """os.replace fails ("power cut") when it moves the file or folder named `name`."""
     real_replace = os.replace
 
-    def crash_on_the_new_one(src, dst):
-        if Path(src).name == f".{CURRENT}.partial":  # the complete new checkpoint, after the old one became PREVIOUS
+    def crash(src, dst):
+        if Path(src).name == name:
             raise OSError("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr("shared.adapter.os.replace", crash_on_the_new_one)
+    monkeypatch.setattr("shared.adapter.os.replace", crash)
+
+
+@pytest.mark.parametrize("cut", [f".{CURRENT}.partial", CURRENT], ids=["between the renames", "before the first rename"])
+def test_a_crash_while_committing_a_complete_checkpoint_resumes_after_its_round(model, tmp_path, monkeypatch, cut):
+    """The staged checkpoint of round 3 was whole when the renames were cut short; resuming from round 2
+    ran round 3 again, and the merchants spent its ε twice."""
+    _two_checkpoints(model, tmp_path)
+    _crash_on_renaming(monkeypatch, cut)
     with pytest.raises(OSError, match="power cut"):
         save_checkpoint(tmp_path, model, _history(3), StrategyState())
-    assert not (tmp_path / CURRENT).exists()
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path, *_shapes(model)).history == _history(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CURRENT, PREVIOUS]
+    assert read_checkpoint(tmp_path / PREVIOUS, *_shapes(model)).history == _history(2)
+
+
+def test_a_crash_while_staging_a_checkpoint_resumes_from_the_last_complete_one(model, tmp_path, monkeypatch):
+    """meta.json is the staged checkpoint's last file: without it the staging was cut short, and the
+    staged files are not taken for a round."""
+    _two_checkpoints(model, tmp_path)
+    _crash_on_renaming(monkeypatch, ".meta.json.partial")
+    with pytest.raises(OSError, match="power cut"):
+        save_checkpoint(tmp_path, model, _history(3), _moments(model, 3))
+    monkeypatch.undo()
     assert load_checkpoint(tmp_path, *_shapes(model)).history == _history(2)
 
 

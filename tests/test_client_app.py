@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fed_helpers import TINY_CONFIG, enter_task
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
 from shared.adapter import shared_state
@@ -25,14 +26,16 @@ def run(monkeypatch, tmp_path: Path):
     enter_task(monkeypatch)
     overrides = {"privacy.enabled": True, "privacy.ledger_dir": str(tmp_path / "ledgers"), "federation.local_steps": 2}
 
-    def train(config: dict, node: dict | None = None, **more) -> Message:
+    def train(config: dict, node: dict | None = None, evaluate: bool = False, arrays: ArrayRecord | None = None, **more) -> Message:
+        """Sends `config` (and by default the adapter the server would send) to a train, or an evaluate, message."""
         monkeypatch.setenv("SHOPCAST_CONFIG", str(TINY_CONFIG))
         monkeypatch.setenv("SHOPCAST_OVERRIDES", json.dumps(overrides | more))
         cfg = load_config(TINY_CONFIG, overrides | more)
-        arrays = ArrayRecord(shared_state(ForecastPipeline.from_config(cfg).model))  # what the server sends
-        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.TRAIN)
+        arrays = arrays or ArrayRecord(shared_state(ForecastPipeline.from_config(cfg).model))  # what the server sends
+        kind = MessageType.EVALUATE if evaluate else MessageType.TRAIN
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=kind)
         context = Context(run_id=1, node_id=1, node_config=node or {"partition-id": 0}, state=RecordDict(), run_config={})
-        return client_app.train(msg, context)
+        return (client_app.evaluate if evaluate else client_app.train)(msg, context)
 
     return train, tmp_path / "ledgers"
 
@@ -107,3 +110,52 @@ def test_a_file_of_several_merchants_needs_the_merchant_named(run, tmp_path: Pat
         train({}, node={"data-path": str(path)})
     named = train({}, node={"data-path": str(path), "merchant": "shop_01"})
     assert not named.has_error()
+
+
+@pytest.mark.parametrize("evaluate", [False, True], ids=["train", "evaluate"])
+def test_an_adapter_of_the_wrong_shape_is_declined_not_raised(run, evaluate: bool) -> None:
+    """Evaluate let AdapterMismatch escape (issue 33, item 1), which ended the merchant's process."""
+    train, _ = run
+    wrong = ArrayRecord({"linear.weight": Array(np.zeros((1, 1), dtype=np.float32))})
+    reply = train({}, evaluate=evaluate, arrays=wrong)
+    assert reply.has_error() and reply.error.code == client_app.ADAPTER_REJECTED and "adapter" in reply.error.reason
+
+
+# --- the merchant's pins against the run config (issue 33, item 2) -------------------------------------
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> dict:
+    """A deployed merchant's node config: its own file of one shop, its own ledger, its ε pinned at 2."""
+    path = tmp_path / "sales.csv"
+    generate_merchants(1, 200, 0).to_csv(path, index=False)
+    return {"data-path": str(path), "ledger-dir": str(tmp_path / "mine"), "max-epsilon": 2.0}
+
+
+def test_a_pinned_merchant_with_its_own_data_must_name_itself(run, shop: dict) -> None:
+    """Its ledger was named after the data's merchant column, which the run config chooses: with
+    data.columns.merchant_id = "" the merchant became the file's stem and got a fresh budget."""
+    train, _ = run
+    with pytest.raises(ConfigError, match="merchant="):
+        train({}, node=shop)
+
+
+def test_the_run_config_cannot_rename_a_pinned_merchant_to_a_fresh_ledger(run, shop: dict, tmp_path: Path) -> None:
+    train, _ = run
+    node = shop | {"merchant": "shop_00"}
+    assert not train({}, node=node).has_error()
+    with pytest.raises(ConfigError, match="unknown merchant"):
+        train({}, node=node, **{"data.columns.merchant_id": ""})
+    assert sorted(p.name for p in (tmp_path / "mine").glob("*.json")) == ["shop_00.json"]
+
+
+@pytest.mark.parametrize("asked", [{"privacy.delta": 0.5}, {"privacy.unit": "day"}, {"privacy.unit": "window"},
+                                   {"federation.local_steps": 3}], ids=["delta", "day", "window", "local steps"])
+def test_a_run_asking_for_less_privacy_than_pinned_is_declined_before_any_budget_is_spent(run, shop: dict, tmp_path: Path,
+                                                                                         asked: dict) -> None:
+    """δ 0.5 from the run config lowered σ from 2.28 to 0.62, unit "day" to 1.68; local_steps 10^7
+    reserved ε 5.3 of 8 in one round."""
+    train, _ = run
+    reply = train({}, node=shop | {"merchant": "shop_00", "max-local-steps": 2}, **asked)
+    assert reply.has_error() and reply.error.code == client_app.BAD_INSTRUCTION
+    assert not any((tmp_path / "mine").glob("*.json"))

@@ -206,3 +206,72 @@ def test_an_infinite_noise_multiplier_is_refused_at_once(tmp_path: Path) -> None
     path.write_text(path.read_text().replace("1.0,", "Infinity,", 1))
     with pytest.raises(LedgerError, match="refusing to start from"):
         _ledger(path)
+
+
+# --- hand-edited files, folders of the wrong kind, writers killed mid-write (issue 33, item 6) -------------
+
+
+def _stored(history: str) -> str:
+    return f'{{"version": 1, "target_epsilon": 8.0, "delta": {DELTA}, "unit": "series", "history": {history}}}'
+
+
+@pytest.mark.parametrize("history", ["[[1.0, 0.05, true]]", '[[1.0, 0.05, "40"]]', "[[1.0, 0.05, 40.0]]", '[["1.0", 0.05, 40]]',
+                                     "[[true, 0.05, 40]]", "[[1.0, 0.05]]", "[[1.0, 1e309, 40]]", '{"a": 1}'])
+def test_a_hand_edited_entry_of_the_wrong_type_is_refused(tmp_path: Path, history: str) -> None:
+    """`steps: true` read as 1 step and `"40"` as 40: a hand edit could rewrite the spending unnoticed."""
+    path = tmp_path / "m.json"
+    path.write_text(_stored(history))
+    with pytest.raises(LedgerError, match="refusing to start from"):
+        _ledger(path)
+
+
+@pytest.mark.parametrize("edit", [('"version": 1', '"version": true'), ('"target_epsilon": 8.0', '"target_epsilon": "8.0"'),
+                                  (f'"delta": {DELTA}', f'"delta": [{DELTA}]')])
+def test_a_hand_edited_budget_field_of_the_wrong_type_is_refused(tmp_path: Path, edit: tuple[str, str]) -> None:
+    """`"version": true` passed as version 1 (True == 1)."""
+    path = tmp_path / "m.json"
+    path.write_text(_stored("[[1.0, 0.05, 40]]").replace(*edit))
+    with pytest.raises(LedgerError, match="refusing to start from"):
+        _ledger(path)
+
+
+def _make_ledger_dir_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "ledgers").write_text("not a folder")
+    return tmp_path / "ledgers" / "m.json"
+
+
+def _make_ledger_a_folder(tmp_path: Path) -> Path:
+    (tmp_path / "m.json").mkdir()
+    return tmp_path / "m.json"
+
+
+def _make_lock_a_folder(tmp_path: Path) -> Path:
+    (tmp_path / ".m.json.lock").mkdir()
+    return tmp_path / "m.json"
+
+
+@pytest.mark.parametrize("make", [_make_ledger_dir_a_file, _make_ledger_a_folder, _make_lock_a_folder])
+def test_a_ledger_path_of_the_wrong_kind_is_one_ledger_error(tmp_path: Path, make) -> None:
+    path = make(tmp_path)
+    with pytest.raises(LedgerError) as error:
+        _ledger(path).reserve(1.0, 0.05, 10)
+    assert "\n" not in str(error.value) and str(path.parent) in str(error.value)
+
+
+def _killed_while_writing(path: str) -> None:
+    """Spends, and is killed -9 between writing the new ledger and renaming it over the old one."""
+    import os
+    import signal
+
+    os.replace = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+    _ledger(Path(path)).record(1.0, 0.05, 10)
+
+
+def test_a_writer_killed_mid_write_leaves_no_temp_files_behind(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    _ledger(path).record(1.0, 0.05, 10)
+    for _ in range(3):
+        _processes(_killed_while_writing, lambda _: (str(path),))
+    assert _ledger(path).history == [(1.0, 0.05, 10)]  # the killed writers recorded nothing
+    _ledger(path).record(1.0, 0.05, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.json.lock", "m.json"]

@@ -35,6 +35,7 @@ from shared.model import pinball_loss
 from shared.pipeline import ForecastPipeline
 from shared.privacy import (
     MerchantPins,
+    PinRefused,
     PrivateTraining,
     dp_learning_rate,
     noise_for,
@@ -42,6 +43,7 @@ from shared.privacy import (
     privacy_units,
     sample_rate,
     signal_to_noise,
+    unit_strength,
 )
 from shared.train import fit
 from shared.windows import WindowDataset
@@ -515,7 +517,59 @@ def test_the_merchants_node_config_pins_its_budget_against_the_server(make_forec
 
 
 @pytest.mark.parametrize("node_config", [{"max-epsilon": float("inf")}, {"max-epsilon": -1}, {"min-noise": float("nan")},
-                                         {"require-dp": "yes"}, {"max-epsilon": "lots"}])
+                                         {"require-dp": "yes"}, {"max-epsilon": "lots"}, {"max-delta": 1.0},
+                                         {"max-delta": float("nan")}, {"privacy-unit": "week"}, {"privacy-unit": "window-0"},
+                                         {"max-local-steps": 0}, {"max-local-steps": "10"}, {"max-local-steps": True}])
 def test_a_bad_pin_is_a_config_error(node_config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="node config"):
         MerchantPins.from_node_config(node_config)
+
+
+def test_units_are_ordered_by_what_they_protect() -> None:
+    assert unit_strength("day") == unit_strength("window-1") < unit_strength("window-7") < unit_strength("window-28") < unit_strength("series")
+
+
+@pytest.mark.parametrize(("asked", "refused"), [({"unit": "day"}, True), ({"unit": "window", "window_days": 3}, True),
+                                                ({"unit": "window", "window_days": 14}, False), ({"unit": "series"}, False),
+                                                ({"delta": 2e-5}, True), ({"delta": 1e-6}, False)])
+def test_the_run_may_ask_for_more_privacy_than_pinned_never_less(asked: dict, refused: bool) -> None:
+    pins = MerchantPins.from_node_config({"privacy-unit": "window-7", "max-delta": 1e-5})
+    asking = replace(PrivacyConfig(), **{"unit": "window", **asked})
+    if refused:
+        with pytest.raises(PinRefused):
+            pins.apply(asking)
+    else:
+        pins.apply(asking)
+
+
+def test_any_pin_pins_delta_and_the_unit_too() -> None:
+    """δ and the unit were not pinned at all: a node pinning only its ε took δ 0.5 and unit "day" from the server."""
+    pins = MerchantPins.from_node_config({"max-epsilon": 2})
+    assert (pins.max_delta, pins.unit) == (1e-5, "series")
+    assert (MerchantPins.from_node_config({"partition-id": 0}).max_delta, MerchantPins().unit) == (None, None)  # the simulation
+
+
+def test_a_round_may_reserve_only_so_many_steps(tiny_cfg) -> None:
+    """local_steps = 10^7 reserved ε 5.3 of 8 up front in one round."""
+    huge = replace(tiny_cfg, federation=replace(tiny_cfg.federation, local_steps=10**7))
+    with pytest.raises(PinRefused, match="max-local-steps"):
+        MerchantPins().check_round(huge)
+    MerchantPins().check_round(tiny_cfg)
+
+
+def test_a_pinned_ledger_keeps_its_delta_and_unit_whatever_more_privacy_a_run_asks(tiny_model_and_splits, tiny_cfg,
+                                                                                    tmp_path: Path) -> None:
+    """The ledger is kept at the pinned δ and unit: a run asking a smaller δ or a stronger unit charges its
+    steps (at its own, lower sampling rate: a conservative charge) into that ledger, not into a new one."""
+    _, splits = tiny_model_and_splits
+    pins = MerchantPins.from_node_config({"ledger-dir": str(tmp_path), "privacy-unit": "day"})
+    sessions = []
+    for asked in ({"unit": "day"}, {"unit": "series", "delta": 1e-6}, {"unit": "window", "window_days": 7}):
+        cfg = replace(tiny_cfg, privacy=replace(tiny_cfg.privacy, **asked))
+        sessions.append(PrivateTraining.for_merchant(cfg, "m0", splits.train, pins))
+        assert sessions[-1].reserve(2) == 2
+    ledger = PrivacyLedger(tmp_path / "m0.json", tiny_cfg.privacy.target_epsilon, 1e-5, "day")
+    assert {s.ledger.path for s in sessions} == {ledger.path} and sum(steps for *_, steps in ledger.history) == 6
+    smaller_delta = sessions[1]
+    assert smaller_delta.noise_multiplier == noise_for(ledger.limit(smaller_delta.ceiling), 1e-6, smaller_delta.sample_rate,
+                                                       smaller_delta.planned_steps)
