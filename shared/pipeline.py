@@ -130,7 +130,8 @@ def _shipped_base(cfg: Config, shape: SeriesShape) -> Path | None:
     relative = fits.relative_to(PROJECT_ROOT)
     if (folder := _with_weights(relative)) is None:
         raise ConfigError(f'[model] base = "auto" picks {relative}, but its weights are in none of {", ".join(map(str, base_roots()))}: '
-                          'install shopcast with its package data on this machine (pip install .), or set base = "" to start from the seeded init')
+                          'install shopcast with its package data on this machine (pip install .), '
+                          'or set base = "" to start from the seeded init')
     return _fitting(folder, "auto", cfg, shape)
 
 
