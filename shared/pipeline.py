@@ -9,7 +9,11 @@ ClientApp, the CLI, the server and the benchmarks all go through it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import logging
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
 from shared.windows import Splits, Windows, build_splits, calendar_features
+
+log = logging.getLogger(__name__)
 
 
 def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
@@ -61,6 +67,37 @@ BASE_MUST_MATCH = ("backbone", "llm_layers", "variant", "patch_len", "patch_stri
 
 
 SHIPPED_BASES = PROJECT_ROOT / "shared" / "base"
+BASE_FILES = ("meta.json", "adapter.safetensors")  # what loading a base needs (lora/ is the peft export, for others)
+
+
+def installed_root() -> Path | None:
+    """The folder the installed shopcast distribution's files are under (the source tree of an editable
+    install), or None. Flower runs the app from its bundle (FAB), which carries text files only (*.py,
+    *.json, ...; at most 10 MB), so a deployed ServerApp or ClientApp finds the shipped bases' weights in
+    the shopcast that its machine has pip-installed (package data), not beside its own code."""
+    try:
+        dist = importlib.metadata.distribution("shopcast")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(direct["url"]).path))
+    return Path(dist.locate_file(""))
+
+
+def base_roots() -> list[Path]:
+    """Where a relative base folder is looked for: this code's own tree first (a checkout, or the app
+    bundle), then the installed package's."""
+    return list(dict.fromkeys(root for root in (PROJECT_ROOT, installed_root()) if root is not None))
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in BASE_FILES)
+
+
+def _with_weights(relative: Path) -> Path | None:
+    """The first root's copy of the base folder `relative` that holds its weights."""
+    return next((root / relative for root in base_roots() if _complete(root / relative)), None)
 
 
 def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
@@ -72,25 +109,50 @@ def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
                      if meta["shape"].get(key) != value]
 
 
+def _fitting(folder: Path, base: str, cfg: Config, shape: SeriesShape) -> Path:
+    if differ := _base_mismatch(folder, cfg, shape):
+        raise ConfigError(f"[model] base = {base!r} does not fit this config: {'; '.join(differ)}; match it or set base = \"auto\" or \"\"")
+    return folder
+
+
+def _shipped_base(cfg: Config, shape: SeriesShape) -> Path | None:
+    """The first shipped base that fits, decided by the meta.json files beside this code (the app bundle
+    carries them too, fab-include), its weights from the first root that has them. A base that fits but
+    whose weights are nowhere is an error: the SuperLink and the SuperNodes would otherwise start from
+    different models, or all from the seeded init, without a word."""
+    listed = sorted(SHIPPED_BASES.glob(f"*/{cfg.model.variant}/meta.json"))
+    if not listed:
+        log.warning('[model] base = "auto": %s lists no shipped base; the model starts from the seeded init', SHIPPED_BASES)
+        return None
+    fits = next((meta.parent for meta in listed if not _base_mismatch(meta.parent, cfg, shape)), None)
+    if fits is None:
+        return None
+    relative = fits.relative_to(PROJECT_ROOT)
+    if (folder := _with_weights(relative)) is None:
+        raise ConfigError(f'[model] base = "auto" picks {relative}, but its weights are in none of {", ".join(map(str, base_roots()))}: '
+                          'install shopcast with its package data on this machine (pip install .), '
+                          'or set base = "" to start from the seeded init')
+    return _fitting(folder, "auto", cfg, shape)
+
+
 def base_folder(cfg: Config, shape: SeriesShape) -> Path | None:
     """The base adapter a model of `cfg` and `shape` starts from, or None. `base = "auto"`: the first
     shipped base (shared/base/*/<variant>) that fits, else none, so a config unlike every shipped base
     (another backbone, another context or horizon) starts from the seeded init. A named folder must hold an adapter of
-    the variant that fits, or it is an error naming the setting, never a silent fresh start; the
-    attention and random-LLM ablations have none (their blocks are not the pretrained LLM's)."""
+    the variant that fits, or it is an error naming the setting, never a silent fresh start; a relative one
+    is looked for beside this code, then in the installed package. The attention and random-LLM ablations
+    have none (their blocks are not the pretrained LLM's)."""
     base, variant = cfg.model.base, cfg.model.variant
     if not base or variant in ("attention", "random_llm"):
         return None
     if base == "auto":
-        shipped = sorted(SHIPPED_BASES.glob(f"*/{variant}/meta.json"))
-        return next((f.parent for f in shipped if not _base_mismatch(f.parent, cfg, shape)), None)
-    folder = (Path(base) if Path(base).is_absolute() else PROJECT_ROOT / base) / variant
-    if not (folder / "meta.json").exists():
+        return _shipped_base(cfg, shape)
+    path = Path(base) / variant
+    folder = path if path.is_absolute() else _with_weights(path) or PROJECT_ROOT / path
+    if not _complete(folder):
         raise ConfigError(f"[model] base = {base!r}: no {variant} adapter in {folder}; pretrain one (python -m server.pretrain), "
                           'or set base = "auto" or ""')
-    if differ := _base_mismatch(folder, cfg, shape):
-        raise ConfigError(f"[model] base = {base!r} does not fit this config: {'; '.join(differ)}; match it or set base = \"auto\" or \"\"")
-    return folder
+    return _fitting(folder, base, cfg, shape)
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:

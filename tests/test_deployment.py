@@ -1,9 +1,12 @@
 """The app through Flower's Deployment Engine: a real SuperLink and two SuperNodes on 127.0.0.1.
 
-Each SuperNode stands for one merchant's machine: it has its own FLWR_HOME and working directory
-and points the unchanged ClientApp at its own CSV with `--node-config 'data-path="..."'`. `flwr run`
-bundles the repository into a FAB, the SuperLink runs the ServerApp, and the test checks the run's
-status with `flwr ls` (a failed run can still exit 0) and the server's files in a temporary out_dir.
+Each process stands for one machine: the SuperLink and every SuperNode have their own FLWR_HOME,
+working directory and shopcast install (the operator's wheel unpacked into it, on its PYTHONPATH), and
+share no path. Each SuperNode points the unchanged ClientApp at its own CSV with
+`--node-config 'data-path="..."'`. `flwr run` bundles the operator's copy of the app, with the run's
+config in its configs/, into a FAB, the SuperLink runs the ServerApp, and the test checks the run's
+status with `flwr ls` (a failed run can still exit 0), the server's files in its relative out_dir, and
+that the server and every merchant started from the base their own install carries.
 The TLS variant uses certificates from server/deploy/make_certs.sh and SuperNode authentication.
 
 Every process gets its own session; the finally blocks end those sessions and any process they
@@ -26,10 +29,20 @@ import tomllib
 import zipfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from shared import pipeline as base_resolution
+from shared.adapter import adapter_state, load_shared_state, shared_state
+from shared.config import ConfigError, load_config
+from shared.pipeline import ForecastPipeline, base_folder, input_shape, installed_root
+from shared.schema import prepare
+from shared.sources import load_table, one_merchant
 from shared.synthetic import generate_merchants
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +50,9 @@ VENV_BIN = Path(sys.executable).parent
 MAKE_CERTS = REPO / "server" / "deploy" / "make_certs.sh"
 BASE_CONFIG = REPO / "configs" / "deploy_test.toml"
 HOST = "127.0.0.1"
+APP_PARTS = ("pyproject.toml", "README.md", "client", "server", "shared", "simulations", "configs")  # what the operator holds
+RUN_CONFIG = "configs/deploy_run.toml"  # the run's config, put in the operator's configs/ (it travels in the FAB)
+TINY_BASE = "shared/base/tiny_test"  # a base for the tiny backbone, shipped in the operator's wheel only
 
 needs_flower = pytest.mark.skipif(
     not (VENV_BIN / "flower-superlink").exists(), reason=f"flower-superlink not in {VENV_BIN} (flwr not installed in this venv)"
@@ -64,8 +80,8 @@ def _tail(path: Path, n: int = 40) -> str:
 class Federation:
     """Processes of one test federation, their logs, and the `flwr` CLI pointed at them."""
 
-    def __init__(self, root: Path, tls: bool = False) -> None:
-        self.root, self.tls = root, tls
+    def __init__(self, root: Path, app: Path, wheel: Path, tls: bool = False) -> None:
+        self.root, self.app, self.wheel, self.tls = root, app, wheel, tls
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []  # servers: must stay up
@@ -87,15 +103,23 @@ class Federation:
         (cli_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     # -- processes ---------------------------------------------------------------------------
-    def spawn(self, name: str, args: list[str], job: bool = False, home: Path | None = None) -> subprocess.Popen:
+    def machine(self, name: str) -> dict[str, str]:
+        """`root/name` as one machine of its own: shopcast installed there from the operator's wheel
+        (what `pip install --target site` does with a pure-Python wheel) and nothing else on PYTHONPATH."""
+        site = self.root / name / "site"
+        zipfile.ZipFile(self.wheel).extractall(site)
+        return {"PYTHONPATH": str(site)}
+
+    def spawn(self, name: str, args: list[str], job: bool = False, home: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         """Starts VENV_BIN/args[0] in its own session, with cwd and FLWR_HOME `home` (default
-        `root/name`: one "machine" each) and its output in `root/name.log`."""
+        `root/name`: one "machine" each), `env` on top, and its output in `root/name.log`."""
         home = home or self.root / name
         home.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [str(VENV_BIN / args[0]), *args[1:]], cwd=home, env=self.env | {"FLWR_HOME": str(home)},
+                [str(VENV_BIN / args[0]), *args[1:]], cwd=home, env=self.env | {"FLWR_HOME": str(home)} | (env or {}),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         (self.jobs if job else self.procs).append((name, proc, log))
@@ -112,7 +136,7 @@ class Federation:
     def start_superlink(self, *extra: str) -> None:
         """Starts it and waits until it listens (uvicorn binds after its startup hooks have run)."""
         self.spawn("superlink", ["flower-superlink", *self.tls_args(True), "--database", "state.db",
-                                 "--host", HOST, "--port", str(self.port), *extra])
+                                 "--host", HOST, "--port", str(self.port), *extra], env=self.machine("superlink"))
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             self.check_alive()
@@ -127,7 +151,7 @@ class Federation:
         node_config = f'partition-id={i} data-path="{data}"'
         return self.spawn(f"supernode{i}", ["flower-supernode", *self.tls_args(False), "--superlink", self.address,
                                             "--host", HOST, "--port", str(free_port()), "--node-config", node_config, *extra],
-                          job=job)
+                          job=job, env=self.machine(f"supernode{i}"))
 
     def check_alive(self) -> None:
         dead = [f"{name} (exit {p.returncode})" for name, p, _ in self.procs if p.poll() is not None]
@@ -188,16 +212,17 @@ class Federation:
         except json.JSONDecodeError:
             return {"stdout": res.stdout, "stderr": res.stderr}
 
-    def start_run(self, config: Path) -> subprocess.Popen:
-        """`flwr run REPO test --stream`: builds the FAB, submits the run and streams its log until it ends.
+    def start_run(self) -> subprocess.Popen:
+        """`flwr run APP test --stream` in the operator's copy: builds the FAB, submits the run of
+        RUN_CONFIG (a path inside the bundle) and streams its log until it ends.
 
         One streaming `flwr` process instead of polling `flwr ls`: each CLI call imports flwr (seconds
         of CPU that the ServerApp and ClientApps need on a small runner). Started before the SuperNodes
         connect so that building the FAB overlaps their start; the strategy waits for min_replies nodes."""
-        return self.spawn("flwr-run", ["flwr", "run", str(REPO), "test", "--run-config", f'config="{config}"', "--stream"],
+        return self.spawn("flwr-run", ["flwr", "run", str(self.app), "test", "--run-config", f'config="{RUN_CONFIG}"', "--stream"],
                           job=True, home=self.root / "cli")
 
-    def finish_run(self, run: subprocess.Popen, config: Path, retries: int = 1) -> dict:
+    def finish_run(self, run: subprocess.Popen) -> dict:
         """Waits for the run to end (stops it after RUN_S); returns its `flwr ls` entry, asserting it completed."""
         deadline = time.monotonic() + RUN_S
         while run.poll() is None and time.monotonic() < deadline:
@@ -205,10 +230,6 @@ class Federation:
             time.sleep(1)
         output = (self.root / "flwr-run.log").read_text(errors="replace")
         found = re.search(r"started run (\d+)", output)
-        if not found and retries and "No such file or directory" in output:
-            # the FAB build walks the whole working tree: a file another process deletes between the
-            # walk and the read (e.g. benchmarks/results/*.json while other suites run) fails it
-            return self.finish_run(self.start_run(config), config, retries - 1)
         assert found, f"flwr run started no run (exit {run.poll()})\n{self.logs()}"
         run_id = found.group(1)
         if run.poll() is None:
@@ -223,7 +244,8 @@ class Federation:
 
 @contextmanager
 def federation(root: Path, tls: bool = False) -> Iterator[Federation]:
-    fed = Federation(root, tls)
+    app = operator_app(root / "operator")
+    fed = Federation(root, app, build_wheel(app, root / "dist"), tls)
     try:
         yield fed
     finally:
@@ -231,27 +253,52 @@ def federation(root: Path, tls: bool = False) -> Iterator[Federation]:
 
 
 def merchant_files(root: Path) -> list[Path]:
-    """Two merchants' files in the long schema, one merchant per file (what each shop holds)."""
+    """Two merchants' files in the long schema, one merchant per file, each on its SuperNode's machine."""
     frame = generate_merchants(n_merchants=2, n_days=240, seed=0)
     paths = []
     for i, (_, rows) in enumerate(frame.groupby("merchant_id", sort=True)):
-        path = root / "data" / f"m{i}.csv"
+        path = root / f"supernode{i}" / "sales.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_csv(path, index=False)
         paths.append(path)
     return paths
 
 
-def run_config(root: Path) -> Path:
-    """configs/deploy_test.toml with out_dir in `root`. An absolute path, since the ServerApp's cwd is the
-    SuperLink's; the file itself is read by the ServerApp and both ClientApps (all on this machine)."""
+def app_copy(dest: Path) -> Path:
+    """The operator's copy of the app: what `flwr run` bundles and `pip install` builds."""
+    dest.mkdir(parents=True)
+    for name in APP_PARTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def build_wheel(app: Path, dest: Path) -> Path:
+    """The app's wheel, as `pip wheel` builds it, through setuptools' PEP 517 hook (no pip, no network)."""
+    script = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    res = subprocess.run([sys.executable, "-c", script, str(dest)], cwd=app, capture_output=True, text=True, timeout=300, check=True)
+    return dest / res.stdout.split()[-1]
+
+
+def operator_app(dest: Path) -> Path:
+    """The operator's copy with the run's config in its configs/ (deploy_test.toml training only the
+    head, so the rest of every model keeps its base's values) and a base that fits the tiny backbone
+    among the shipped ones: `base = "auto"` must find it on every machine. The base is pretrained a
+    little from another seed, so that its forecasts differ from the seeded init's."""
     import tomli_w  # a flwr dependency
 
+    app = app_copy(dest)
     raw = tomllib.loads(BASE_CONFIG.read_text())
-    raw["federation"]["out_dir"] = str(root / "out")
-    path = root / "run.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path
+    raw["model"]["shared"] = ["head"]
+    (app / RUN_CONFIG).write_text(tomli_w.dumps(raw))
+    cfg = load_config(app / RUN_CONFIG, {"model.base": "", "model.seed": 1, "model.shared": []})
+    table = prepare(generate_merchants(n_merchants=2, n_days=240, seed=1), cfg.data, "synthetic")
+    pretrained = ForecastPipeline.from_config(cfg, table)
+    pretrained.fit(pretrained.splits(table).train, steps=30)
+    pretrained.save(app / TINY_BASE / cfg.model.variant)
+    return app
 
 
 def check_outputs(out: Path, run: dict) -> dict:
@@ -263,6 +310,27 @@ def check_outputs(out: Path, run: dict) -> dict:
     assert (out / "final_adapter").is_dir() and any((out / "final_adapter").iterdir())
     assert run["fab-id"] == "shopcast/shopcast"
     return summary
+
+
+def check_started_from_base(app: Path, out: Path, data: list[Path], summary: dict) -> None:
+    """The server and both merchants started from the tiny base (from their own installs), not from the
+    seeded init: the final adapter keeps the base's values outside [model] shared, and each merchant's
+    holdout score of it, computed on its own machine, is the one that model with the base gives."""
+    final = load_file(str(out / "final_adapter" / "adapter.safetensors"))
+    from_base, seeded = (ForecastPipeline.from_config(load_config(app / RUN_CONFIG, {"model.base": base}))
+                         for base in (str(app / TINY_BASE), ""))
+    trained = set(shared_state(from_base.model))
+    kept = {name: value for name, value in adapter_state(from_base.model).items() if name not in trained}
+    assert trained and kept
+    assert all(torch.equal(final[name], value) for name, value in kept.items()), "the server did not start from the base"
+    for pipeline in (from_base, seeded):
+        load_shared_state(pipeline.model, {name: final[name] for name in trained})
+    cfg = from_base.cfg
+    for i, path in enumerate(data):
+        merchant, table = one_merchant(load_table(replace(cfg, data=replace(cfg.data, source="file", path=str(path)))), None)
+        wql = [float(np.nanmean(p.score(p.splits(table.for_merchant(merchant)))["wql"])) for p in (from_base, seeded)]
+        assert summary["history"][0]["merchants"][str(i)]["eval-wql"] == pytest.approx(wql[0], rel=1e-4), f"merchant {i}: not from the base"
+        assert wql[1] != pytest.approx(wql[0], rel=1e-3), "the seeded init scores as the base does: the check could not fail"
 
 
 def make_certs(dest: Path, n_supernodes: int = 0) -> None:
@@ -294,9 +362,65 @@ def test_make_certs_tightens_keys_that_already_existed(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
 
 
+@pytest.fixture
+def bundle_without_weights(tmp_path, monkeypatch) -> Path:
+    """This code run from an app bundle: the shipped bases' meta.json beside it, their weights not."""
+    bundle = tmp_path / "bundle"
+    for meta in base_resolution.SHIPPED_BASES.glob("*/*/meta.json"):
+        dest = bundle / "shared" / "base" / meta.relative_to(base_resolution.SHIPPED_BASES)
+        dest.parent.mkdir(parents=True)
+        shutil.copy2(meta, dest)
+    monkeypatch.setattr(base_resolution, "PROJECT_ROOT", bundle)
+    monkeypatch.setattr(base_resolution, "SHIPPED_BASES", bundle / "shared" / "base")
+    return bundle
+
+
+def test_auto_takes_the_weights_from_the_installed_package_in_a_bundle(bundle_without_weights, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "shared" / "base" / "daily28", site / "shared" / "base" / "daily28")
+    monkeypatch.setattr(base_resolution, "installed_root", lambda: site)
+    cfg = load_config(None, {"data.horizon": 28})
+    assert base_folder(cfg, input_shape(cfg)) == site / "shared" / "base" / "daily28" / "llm"
+
+
+def test_auto_refuses_a_fitting_base_whose_weights_are_on_no_root(bundle_without_weights, monkeypatch):
+    """Deployed without the package data, a federation used to start from the seeded init without a word."""
+    monkeypatch.setattr(base_resolution, "installed_root", lambda: None)
+    cfg = load_config(None, {"data.horizon": 28})
+    with pytest.raises(ConfigError, match=r'base = "auto" picks shared/base/daily28/llm, but its weights are in none of .*pip install'):
+        base_folder(cfg, input_shape(cfg))
+
+
+def test_auto_warns_where_no_shipped_base_is_listed(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(base_resolution, "SHIPPED_BASES", tmp_path)
+    cfg = load_config(None, {"data.horizon": 28})
+    assert base_folder(cfg, input_shape(cfg)) is None
+    assert "lists no shipped base; the model starts from the seeded init" in caplog.text
+
+
+@pytest.mark.parametrize("editable", [False, True])
+def test_installed_root_is_the_wheels_site_or_the_editable_source_tree(tmp_path, monkeypatch, editable):
+    info = tmp_path / "shopcast-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shopcast\nVersion: 0.1.0\n")
+    if editable:
+        (info / "direct_url.json").write_text(json.dumps({"dir_info": {"editable": True}, "url": (tmp_path / "src").as_uri()}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_root() == (tmp_path / "src" if editable else tmp_path)
+
+
+def test_the_wheel_carries_every_shipped_base(tmp_path):
+    """What `base = "auto"` loads on a machine whose app bundle carries no weights (pip install .)."""
+    names = set(zipfile.ZipFile(build_wheel(app_copy(tmp_path / "app"), tmp_path / "dist")).namelist())
+    bases = [meta.parent.relative_to(REPO).as_posix() for meta in (REPO / "shared" / "base").glob("*/*/meta.json")]
+    assert len(bases) >= 6
+    assert {f"{base}/{name}" for base in bases for name in ("meta.json", "adapter.safetensors", "MODEL_CARD.md")} <= names
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's and click's, raised inside flwr's builder
 def test_fab_leaves_out_venv_runs_and_tests():
-    """`flwr run` bundles the repo with .gitignore applied (.venv/, runs/, .flwr/ ...) and Flower's built-ins."""
+    """`flwr run` bundles the repo with .gitignore applied (.venv/, runs/, .flwr/ ...) and Flower's built-ins,
+    and each shipped base's meta.json, which a FAB can carry, but not its weights, which it cannot."""
     from flwr.cli.build import build_fab_from_files
 
     def collect() -> dict[str, Path]:  # flwr.cli.utils.collect_files without walking .venv/.git (~10 s)
@@ -319,6 +443,8 @@ def test_fab_leaves_out_venv_runs_and_tests():
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert {"server/app.py", "client/app.py", "shared/config.py", "configs/default.toml", "configs/deploy_test.toml"} <= set(names)
     assert not [n for n in names if n.startswith(("runs/", ".venv/", ".flwr/", "outputs/")) or "/test_" in n], names
+    assert {"shared/base/daily/llm/meta.json", "shared/base/daily28/llm/meta.json"} <= set(names)
+    assert not [n for n in names if n.endswith(".safetensors")], names
     assert len(fab) < 2 * 1024 * 1024, f"FAB is {len(fab)} bytes"
 
 
@@ -326,14 +452,14 @@ def test_fab_leaves_out_venv_runs_and_tests():
 @needs_flower
 def test_deployment_one_round_insecure(tmp_path):
     data = merchant_files(tmp_path)
-    config = run_config(tmp_path)
     with federation(tmp_path) as fed:
         fed.start_superlink()
-        run = fed.start_run(config)
+        run = fed.start_run()
         for i, path in enumerate(data):
             fed.start_supernode(i, path)
-        status = fed.finish_run(run, config)
-    check_outputs(tmp_path / "out", status)
+        status = fed.finish_run(run)
+    out = tmp_path / "superlink" / "runs" / "deploy_test"  # the run config's relative out_dir, in the SuperLink's cwd
+    check_started_from_base(fed.app, out, data, check_outputs(out, status))
 
 
 @pytest.mark.slow
@@ -343,18 +469,19 @@ def test_deployment_one_round_insecure(tmp_path):
 def test_deployment_one_round_tls_supernode_auth(tmp_path):
     """TLS with make_certs.sh's CA, and only registered SuperNode keys may join."""
     data = merchant_files(tmp_path)
-    config = run_config(tmp_path)
     with federation(tmp_path, tls=True) as fed:
         make_certs(fed.certs, n_supernodes=3)
         fed.start_superlink("--enable-supernode-auth")
-        run = fed.start_run(config)
+        run = fed.start_run()
         for i in range(2):  # what the operator does with each merchant's snI.pub
             fed.flwr("supernode", "register", str(fed.certs / f"sn{i}.pub"), "test", "--format", "json")
         for i, path in enumerate(data):
             fed.start_supernode(i, path, "--auth-supernode-private-key", str(fed.certs / f"sn{i}"))
         # a third machine whose key nobody registered is turned away (its process lingers: no exit code to check)
         fed.start_supernode(2, data[0], "--auth-supernode-private-key", str(fed.certs / "sn2"), job=True)
-        status = fed.finish_run(run, config)
+        status = fed.finish_run(run)
         assert "[code: 2004] Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text(errors="replace"), fed.logs()
-    summary = check_outputs(tmp_path / "out", status)
+    out = tmp_path / "superlink" / "runs" / "deploy_test"
+    summary = check_outputs(out, status)
+    check_started_from_base(fed.app, out, data, summary)
     assert len({m["node"] for m in summary["history"][0]["merchants"].values()}) == 2
