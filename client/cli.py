@@ -37,7 +37,7 @@ from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, add_indicators, read_table
+from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, known_channels, read_table, require_columns
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.windows import Splits
@@ -80,10 +80,10 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
         return None
     columns = cfg.data.columns
     names = {columns.unique_id: ID, columns.ds: DS} | ({columns.open: OPEN} if columns.open else {})  # no open column: open every day
-    raw = add_indicators(read_table(path, cfg.data), table.known, path).rename(columns=names)
-    missing = [c for c in (ID, DS, *table.known) if c not in raw]
-    if missing:
-        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}", file=path)
+    raw = read_table(path, cfg.data)
+    require_columns(raw, [columns.unique_id, columns.ds], columns, path)
+    channels = known_channels(raw, columns, path, table.none_levels, cfg.data.max_abs_value)
+    raw = pd.concat([raw[[c for c in names if c in raw]].rename(columns=names), channels], axis=1)
     raw[ID] = raw[ID].astype(str)
     raw[DS] = pd.to_datetime(raw[DS], errors="coerce")
     if raw[DS].isna().any():

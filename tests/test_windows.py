@@ -11,10 +11,11 @@ import torch
 from shared.backbone import ByteTokenizer
 from shared.config import load_config
 from shared.prompt import prompt_texts, tokenize_left_padded, window_statistics
-from shared.schema import DS, ID, MERCHANT, Y, prepare
+from shared.schema import DS, ID, MERCHANT, ROLE_CHANNELS, Y, prepare
 from shared.windows import WindowDataset, build_splits, calendar_features
 
 L, H, STRIDE = 14, 7, 3
+PROMO = ROLE_CHANNELS["promo"]
 LENGTHS = {"a": 50, "b": 57}
 PATTERN = np.array([1.0, 5.0, 2.0, 8.0, 3.0, 9.0, 4.0])  # period 7; min 1, max 9, median 4
 
@@ -26,7 +27,7 @@ def no_prompt(context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _config(**overrides):
     return load_config(overrides={
         "model.backbone": "tiny", "data.context": L, "data.horizon": H, "data.stride": STRIDE,
-        "data.columns.known": ["promo"], "data.columns.observed": ["visits"], "data.columns.open": "", **overrides,
+        "data.columns.holiday": [], "data.columns.observed": ["visits"], "data.columns.open": "", **overrides,
     })
 
 
@@ -192,12 +193,12 @@ def test_known_covariates_reach_into_the_horizon(splits, ramp_table):
     frame = ramp_table.frame
     y_a = frame[frame[ID] == "a"]
     test = splits.test.subset(splits.test.series == 0)
-    np.testing.assert_array_equal(test.known[0, :, 5], y_a["promo"].to_numpy()[-(L + H) :])  # flag kept 0/1
+    np.testing.assert_array_equal(test.known[0, :, 5], y_a[PROMO].to_numpy()[-(L + H) :])  # flag kept 0/1
     np.testing.assert_array_equal(test.observed[0, :, 0], y_a["visits"].to_numpy()[-(L + H) : -H])
     # future covariates: zero unless planned
     assert (splits.future.known[:, L:, 5] == 0).all() and (splits.future.known[:, :, 4] == 1).all()
     last = frame.groupby(ID)[DS].max()
-    planned = pd.DataFrame({ID: "a", DS: pd.date_range(last["a"] + pd.Timedelta(days=1), periods=H, freq="D"), "promo": 1.0})
+    planned = pd.DataFrame({ID: "a", DS: pd.date_range(last["a"] + pd.Timedelta(days=1), periods=H, freq="D"), PROMO: 1.0})
     with_plan = build_splits(ramp_table, _config().data, no_prompt, future_known=planned)
     assert (with_plan.future.known[0, L:, 5] == 1).all() and (with_plan.future.known[1, L:, 5] == 0).all()
 
@@ -281,7 +282,7 @@ def test_covariate_slots_pad_with_zeros_and_refuse_too_many(ramp_table):
     np.testing.assert_array_equal(splits.test.known[:, :, 5], splits.test.known[:, :, 5].round())  # promo, the first slot
     assert (splits.test.known[:, :, 6:] == 0).all() and (splits.test.observed[:, :, 1:] == 0).all()
     with pytest.raises(ConfigError, match="known_slots = 1"):
-        input_shape(_config(**{"model.known_slots": 1, "data.columns.known": ["promo", "holiday"]}))
+        input_shape(_config(**{"model.known_slots": 1, "data.columns.holiday": ["holiday"]}))
 
 
 def test_a_new_series_is_padded_and_trains_only_where_it_has_open_days():
