@@ -84,6 +84,41 @@ def test_missing_column_names_file_and_column():
     assert "['promo']" in str(_error(to_long, _frame(), covariate, SOURCE))
 
 
+def test_missing_column_error_lists_only_the_files_own_columns():
+    """Not the indicator columns shopcast made from them ("StateHoliday=a"), which the file never had."""
+    coded = Columns(promo=("Promo",), holiday=("StateHoliday=a", "StateHoliday=b"))
+    error = str(_error(to_long, _frame(StateHoliday=["0", "a", "b", "0", "0"]), coded, SOURCE))
+    assert f"missing column(s) ['Promo']; the file has {[MERCHANT, ID, DS, Y, 'StateHoliday']}" in error and "=" not in error
+    assert "missing column(s) ['StateHoliday']" in str(_error(to_long, _frame(Promo=0), coded, SOURCE))  # its column, not its levels
+
+
+def test_a_missing_merchant_column_hints_at_a_file_of_one_shop():
+    error = str(_error(to_long, _frame().drop(columns=[MERCHANT]), COLUMNS, SOURCE))
+    assert "missing column(s) ['merchant_id']" in error and 'merchant_id = "" when the file holds one shop' in error
+    assert (to_long(_frame().drop(columns=[MERCHANT]), Columns(merchant_id=""), SOURCE)[MERCHANT] == "shop").all()  # the file's name
+
+
+def test_a_file_mapping_that_says_nothing_about_open_loads(tmp_path):
+    """The mapping of one's own columns starts from the required ones: no inherited open = "open",
+    known, observed, promo or holiday to trip over."""
+    csv = tmp_path / "sales.csv"
+    pd.DataFrame({"Store": "1", "Date": _days(), "Sales": np.arange(40.0)}).to_csv(csv, index=False)
+    config = _write(tmp_path / "mine.toml", f"""
+[data]
+source = "file"
+path = '{csv}'
+context = 14
+horizon = 7
+[data.columns]
+merchant_id = ""
+unique_id = "Store"
+ds = "Date"
+y = "Sales"
+""")
+    table = load_table(load_config(config))
+    assert table.known == () and table.observed == () and (table.frame[OPEN] == 1).all() and table.merchants() == ["sales"]
+
+
 def test_unparseable_date():
     raw = _frame()
     raw.loc[3, DS] = "31/02/2024?"
