@@ -36,7 +36,7 @@ from shared.ledger import LedgerError
 from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline
 from shared.plots import fan_chart
-from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, read_table, to_long
+from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, read_table, to_long, with_known_channels
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.windows import Splits
@@ -91,6 +91,7 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
     layout = replace(columns, merchant_id="", observed=(), description="", open=columns.open if columns.open in raw else "")
     no_sales = raw.assign(**{columns.y: 0.0})  # sales are what the forecast is for: zeros stand in
     planned = to_long(no_sales, layout, path, max_abs_value=data.max_abs_value, date_format=data.date_format)
+    planned = with_known_channels(planned, columns, path, table.none_levels, data.max_abs_value)
     unknown = sorted(set(planned[ID]) - set(table.frame[ID]))
     if unknown:
         typer.secho(f"warning: {path}: series {unknown[:3]} are not in the data and are ignored", fg=typer.colors.YELLOW, err=True)

@@ -6,7 +6,7 @@ every local, federated and DP run (`[model] base`).
 Public pretraining, then private fine-tuning (Li et al. 2022, Yu et al. 2022): what every shop has
 in common (weekly rhythm, promotions, holidays, closed days) is learnt once, from data no merchant
 owns, so a merchant's few (or noisy) steps only adapt it. The corpus is the synthetic retail prior
-(shared.prior) in the config's covariate slots, plus the `public` presets without the merchants a
+(shared.prior) in the config's covariate roles and slots, plus the `public` presets without the merchants a
 benchmark scores and without any series' last two horizons (validation and test), so no benchmark's
 test period is ever seen. A few prior shops are held out for the loss curve.
 
@@ -23,6 +23,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,22 +35,27 @@ from shared.config import PROJECT_ROOT, Config, ConfigError, load_config, parse_
 from shared.pipeline import ForecastPipeline
 from shared.presets import RETAIL_COUNTRIES, load_online_retail, load_walmart
 from shared.prior import retail_prior
-from shared.schema import DS, ID, MERCHANT, SeriesTable, prepare
+from shared.schema import DS, ID, MERCHANT, SeriesTable, prepare, role_names
 from shared.train import evaluate_loss
 from shared.windows import Windows, concat_windows
 
 PROGRESS = "progress.json"
 
 
-def in_slots(frame: pd.DataFrame, cfg: Config, known: list[str], observed: list[str], is_open: str | None) -> pd.DataFrame:
-    """A corpus frame with its covariates renamed onto the config's, slot by slot (its first known
-    covariate becomes the config's first, ...), slots it lacks or names "" filled with zeros, and the open
-    flag under the config's name (dropped where the config has none)."""
+def in_slots(frame: pd.DataFrame, cfg: Config, roles: Mapping[str, str], observed: list[str], is_open: str | None) -> pd.DataFrame:
+    """A corpus frame with its covariates renamed onto the config's: the corpus column `roles` names for a
+    role (promo, holiday) under the first of the config's columns of that role, so it lands in that role's
+    slot; its observed covariates slot by slot (its first becomes the config's first, ...); every column
+    it lacks or names "" zeros; and the open flag under the config's name (dropped where the config has none)."""
     columns = cfg.data.columns
     out = frame[[MERCHANT, ID, DS, "y"]].copy()
-    for mine, theirs in ((known, columns.known), (observed, columns.observed)):
-        for i, name in enumerate(theirs):
-            out[name] = frame[mine[i]].to_numpy() if i < len(mine) and mine[i] else 0.0
+    for name in (*role_names(columns), *columns.known):
+        out[name] = 0.0
+    for role, mine in roles.items():
+        if getattr(columns, role):
+            out[getattr(columns, role)[0]] = frame[mine].to_numpy()
+    for i, name in enumerate(columns.observed):
+        out[name] = frame[observed[i]].to_numpy() if i < len(observed) and observed[i] else 0.0
     if columns.open:
         out[columns.open] = frame[is_open].to_numpy() if is_open else 1.0
     return out.rename(columns={"y": columns.y, MERCHANT: columns.merchant_id or MERCHANT, ID: columns.unique_id, DS: columns.ds})
@@ -67,11 +73,11 @@ def public_frames(cfg: Config) -> list[pd.DataFrame]:
         others = ("Spain", "Netherlands", "Belgium", "Switzerland", "Portugal", "Australia", "Norway", "Italy")
         assert not set(others) & set(RETAIL_COUNTRIES)
         raw = _without_last_horizons(load_online_retail(others, 8), cfg.data.horizon)
-        frames.append(in_slots(raw, cfg, [], ["n_invoices"], "open"))
+        frames.append(in_slots(raw, cfg, {}, ["n_invoices"], "open"))
     if "walmart" in cfg.pretrain.public:
         stores = tuple(range(6, 46))  # every store but the five the benchmark scores
         raw = _without_last_horizons(load_walmart(stores, 10), cfg.data.horizon)
-        frames.append(in_slots(raw, cfg, ["markdown", "is_holiday"], ["temperature", "fuel_price"], None))
+        frames.append(in_slots(raw, cfg, {"promo": "markdown", "holiday": "is_holiday"}, ["temperature", "fuel_price"], None))
     return frames
 
 
@@ -79,7 +85,8 @@ def corpus(cfg: Config) -> tuple[SeriesTable, SeriesTable]:
     """(training shops, held-out prior shops) as validated tables."""
     p = cfg.pretrain
     weekly = cfg.data.freq.upper().startswith("W")
-    prior = in_slots(retail_prior(p.shops + p.validation_shops, p.seed, weekly=weekly), cfg, list(p.prior_known), list(p.prior_observed), "open")
+    prior = in_slots(retail_prior(p.shops + p.validation_shops, p.seed, weekly=weekly), cfg, {role: role for role in p.prior_known},
+                     list(p.prior_observed), "open")
     merchant_column = cfg.data.columns.merchant_id or MERCHANT
     held_out = prior[merchant_column].isin(sorted(prior[merchant_column].unique())[-p.validation_shops:])
     data = cfg.data

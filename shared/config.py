@@ -28,13 +28,18 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
 @dataclass(frozen=True)
 class Columns:
     """Maps a merchant file's own column names onto the long schema. A covariate `Column=level` is the
-    0/1 indicator of one level of a categorical column (e.g. "StateHoliday=a"); unmapped columns are ignored."""
+    0/1 indicator of one level of a categorical column (e.g. "StateHoliday=a"); unmapped columns are ignored.
+    Known covariates are read by what they mean, not by where they are listed: a pretrained base learnt
+    promotions in one slot and holidays in the next, so each role's columns are summed into its slot
+    (shared.schema.known_channels) and the other known covariates follow in name order."""
 
     merchant_id: str | None = "merchant_id"
     unique_id: str = "unique_id"
     ds: str = "ds"
     y: str = "y"
-    known: tuple[str, ...] = ()
+    promo: tuple[str, ...] = ()  # promotions: 0/1 flags or markdown amounts
+    holiday: tuple[str, ...] = ()  # holidays: flags, or the levels of a holiday code
+    known: tuple[str, ...] = ()  # any other covariate known ahead; order does not matter
     observed: tuple[str, ...] = ()
     open: str = ""  # a 0/1 column, 1 = the shop sold that day; "" = always open
     description: str = ""  # a text column naming each series' product; it picks a new product's analogues
@@ -97,9 +102,9 @@ class ModelConfig:
     quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     nonnegative: bool = True
     seed: int = 0
-    # Covariate slots: the data's known (observed) covariates fill the first slots, in the order listed,
-    # the rest are zeros, so one adapter (a pretrained base) fits shops with different covariates.
-    # 0: exactly as many as the data has.
+    # Covariate slots: promotions, holidays, then the other known covariates by name ([data.columns],
+    # shared.schema.known_channels); the observed ones in the order listed; the rest are zeros, so one
+    # adapter (a pretrained base) fits shops with different covariates. 0: exactly as many as the data has.
     known_slots: int = 0
     observed_slots: int = 0
     # The pretrained base adapter (server.pretrain) every run starts from: "auto" (a shipped one under
@@ -201,9 +206,10 @@ class PretrainConfig:
 
     shops: int = 120  # synthetic retail-prior shops (shared.prior); 0: the public presets alone
     public: tuple[str, ...] = ()  # presets added without their benchmark merchants or last two horizons
-    # The prior's covariates, in the order they fill the config's known / observed slots; "" leaves a slot
-    # to the public presets alone. The prior's promotions and visits drive its sales, so a slot whose
-    # covariate means something else (Walmart's markdown dollars, temperature) must not get them.
+    # The prior's known covariates, each given to the config's [data.columns] role of its name (promo,
+    # holiday); a role left out is zeros in the prior. Its observed ones fill the observed slots in order;
+    # "" leaves a slot to the public presets alone. The prior's promotions and visits drive its sales, so
+    # a role or slot whose covariate means something else (Walmart's markdown dollars, temperature) must not get them.
     prior_known: tuple[str, ...] = ("promo", "holiday")
     prior_observed: tuple[str, ...] = ("visits",)
     windows_per_shop: int = 256  # training windows drawn from each shop
@@ -304,7 +310,7 @@ RULES: dict[str, Rule] = {
     "model.known_slots": _NON_NEGATIVE,
     "pretrain.shops": _NON_NEGATIVE,
     "pretrain.public": Rule("preset names among walmart, online_retail", lambda names: set(names) <= {"walmart", "online_retail"}),
-    "pretrain.prior_known": Rule('names among "promo", "holiday", ""', lambda names: set(names) <= {"promo", "holiday", ""}),
+    "pretrain.prior_known": Rule('roles among "promo", "holiday"', lambda names: set(names) <= {"promo", "holiday"}),
     "pretrain.prior_observed": Rule('names among "visits", ""', lambda names: set(names) <= {"visits", ""}),
     "pretrain.windows_per_shop": _COUNT,
     "pretrain.stride": _NON_NEGATIVE,
@@ -468,7 +474,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"[data] horizon ({d.horizon}) must be a multiple of patch_len ({m.patch_len})")
     if d.decimal == d.sep:
         raise ConfigError(f'[data] decimal = {d.decimal!r} is also sep; a ";"-separated export has decimal = ","')
+    _check_listed_once(d.columns)
     return cfg
+
+
+COVARIATE_LISTS = ("promo", "holiday", "known", "observed")
+
+
+def _check_listed_once(columns: Columns) -> None:
+    """A covariate in two lists (or twice in one) would be read twice, once under each meaning."""
+    seen: dict[str, str] = {}
+    for kind in COVARIATE_LISTS:
+        for name in getattr(columns, kind):
+            if name in seen:
+                raise ConfigError(f"[data.columns] {name!r} is listed in {seen[name]} and in {kind}; list each column once")
+            seen[name] = kind
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -514,11 +534,12 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Reads the defaults, then `path` (if given, over the files it names as `base`), then dotted `overrides`."""
-    raw = tomllib.loads(DEFAULT_CONFIG.read_text())
-    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
-        raw = _merge(raw, _read_layers(Path(path)))
-    raw = _merge(raw, _dotted(overrides or {}))
-    return validate(_build(Config, raw, ""))
+    defaults = tomllib.loads(DEFAULT_CONFIG.read_text())
+    mine = _read_layers(Path(path)) if path is not None and Path(path).resolve() != DEFAULT_CONFIG else {}
+    mine = _merge(mine, _dotted(overrides or {}))
+    if mine.get("data", {}).get("source") == "file":
+        del defaults["data"]["columns"]  # the synthetic data's column names are not the merchant's
+    return validate(_build(Config, _merge(defaults, mine), ""))
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

@@ -29,7 +29,7 @@ from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
 from shared.personal import PersonalFit, personal_fits, personalise
 from shared.privacy import MerchantPins, PrivateTraining
-from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, quantile_column
+from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, known_channel_names, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
 from shared.windows import Splits, Windows, build_splits, calendar_features
 
@@ -45,7 +45,7 @@ def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
     elif data.freq == "auto":
         raise ConfigError('[data] freq = "auto" is decided by the data; set it (e.g. "D", "W-FRI") to size the model without data')
     else:  # prepare emits exactly the configured covariates, plus the negative-sales flag under negative = "flag"
-        freq, n_known, n_observed = data.freq, len(data.columns.known), len(data.columns.observed) + (data.negative == "flag")
+        freq, n_known, n_observed = data.freq, len(known_channel_names(data.columns)), len(data.columns.observed) + (data.negative == "flag")
     n_known, n_observed = _slots(n_known, cfg.model.known_slots, "known"), _slots(n_observed, cfg.model.observed_slots, "observed")
     n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
     return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed,  # + the open flag

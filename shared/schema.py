@@ -12,6 +12,7 @@ import codecs
 import gzip
 import logging
 import warnings
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,16 @@ NEGATIVE_FLAG = "y_was_negative"
 DESCRIPTION = "description"  # the product's text, read once per series into SeriesTable.descriptions
 _FILL_IT = "fill it in the export or drop the row"
 ISO = "ISO8601"  # pandas' name for ISO 8601 in any of its spellings: 2024-01-31, 2024-01-31 10:00, 20240131
+# The known covariates' roles, in the order of the slots a pretrained base learnt them in, each role's
+# channel named so no file's own column ("promo", "holiday") can be mistaken for it
+ROLE_CHANNELS = {"promo": "@promo", "holiday": "@holiday"}
+NONE_CODE = "0"  # in a promotion or holiday code column: no promotion, no holiday; it needs no level of its own
+NONE_LEVEL_SHARE = 0.5  # a role flag on at least this share of the open days means "none" ("StateHoliday=0")
+# Names that say what a covariate is; a school holiday changes who shops, not whether the shop trades
+LOOKS_LIKE = {
+    "promo": re.compile(r"promo|mark.?down|discount|coupon|rebate", re.IGNORECASE),
+    "holiday": re.compile(r"(?<!school)(?<!school[ _-])holiday|feiertag|christmas|easter|black.?friday", re.IGNORECASE),
+}
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +64,12 @@ class SeriesTable:
     series' product text (where the file has one) and how many of its first rows are padding."""
 
     frame: pd.DataFrame
-    known: tuple[str, ...]
+    known: tuple[str, ...]  # the known channels (known_channel_names), the frame's columns after the open flag
     observed: tuple[str, ...]
     freq: str
     descriptions: Mapping[str, str] = field(default_factory=dict)
     padded: Mapping[str, int] = field(default_factory=dict)  # series -> rows added before its first date
+    none_levels: tuple[str, ...] = ()  # role columns left out as the "none" level: a planned-covariates file leaves them out too
 
     def merchants(self) -> list[str]:
         return sorted(self.frame[MERCHANT].unique())
@@ -100,7 +112,7 @@ def _read_csv(path: Path, data: DataConfig) -> pd.DataFrame:
     """A spreadsheet export as it is written: separator, decimal mark and encoding from [data]. Yes/no and
     Y/N flags become booleans as TRUE/FALSE already do in pandas; the column behind a `Column=level`
     indicator stays text, so its codes ("0", "Y") are compared as written, not as numbers or booleans."""
-    categorical = {column: str for column, level in map(_indicator, (*data.columns.known, *data.columns.observed)) if level}
+    categorical = {column: str for column, level in map(_indicator, covariate_names(data.columns)) if level}
     return pd.read_csv(
         path, sep=data.sep, decimal=data.decimal, encoding=data.encoding, dtype=categorical,
         true_values=_spellings("yes", "y"), false_values=_spellings("no", "n"),
@@ -132,11 +144,23 @@ def _indicator(name: str) -> tuple[str, str]:
     return (column, level) if level else (name, "")
 
 
-def add_indicators(raw: pd.DataFrame, names: Iterable[str], source: str | Path = "<frame>") -> pd.DataFrame:
+def covariate_names(columns: Columns) -> tuple[str, ...]:
+    """Every covariate [data.columns] lists, as written there (the file's columns or `Column=level`)."""
+    return (*role_names(columns), *columns.known, *columns.observed)
+
+
+def role_names(columns: Columns) -> tuple[str, ...]:
+    return tuple(name for role in ROLE_CHANNELS for name in getattr(columns, role))
+
+
+def add_indicators(raw: pd.DataFrame, names: Iterable[str], source: str | Path = "<frame>", roles: Iterable[str] = ()) -> pd.DataFrame:
     """`raw` plus a 0/1 column for each `Column=level` name it lacks, e.g. "StateHoliday=a" for a holiday
-    code. A categorical is listed level by level in [data.columns] known/observed, so the model's width
+    code. A categorical is listed level by level in [data.columns], so the model's width
     follows from the config alone (the server sizes it without data) and every merchant has the same
-    columns, also for a level it never saw. A value without a listed level is an error, not a row of zeros."""
+    columns, also for a level it never saw. A value without a listed level is an error, not a row of zeros,
+    except the code "0" of a promotion or holiday code (levels among `roles`): it means none, so a
+    holiday lists only the holidays."""
+    roles = set(roles)
     levels: dict[str, dict[str, str]] = {}
     for name in names:
         column, level = _indicator(name)
@@ -147,11 +171,11 @@ def add_indicators(raw: pd.DataFrame, names: Iterable[str], source: str | Path =
         if missing.any():
             raise DataValidationError(f"missing value; {_FILL_IT}", file=source, row=_spreadsheet_row(missing), column=column)
         codes = raw[column].astype(str)
-        unlisted = ~codes.isin(named).to_numpy()
+        unlisted = ~codes.isin([*named, *([NONE_CODE] if roles & set(named.values()) else [])]).to_numpy()
         if unlisted.any():
             value = codes[unlisted].iloc[0]
             raise DataValidationError(
-                f'level {value!r} is not listed; add "{column}={value}" to [data.columns] known or observed (listed: {sorted(named)})',
+                f'level {value!r} is not listed; add "{column}={value}" to the [data.columns] list of its other levels (listed: {sorted(named)})',
                 file=source, row=_spreadsheet_row(unlisted), column=column,
             )
         raw = raw.assign(**{name: (codes == level).astype(float) for level, name in named.items()})
@@ -165,7 +189,7 @@ def _numbers(values: pd.Series, source: str | Path, column: str, max_abs_value: 
     non_numeric = (parsed.isna() & values.notna()).to_numpy()
     if non_numeric.any():
         value = values[non_numeric].iloc[0]
-        hint = f'; list a categorical column level by level in [data.columns] known or observed, e.g. "{column}={value}"'
+        hint = f'; list a categorical column level by level in [data.columns] promo, holiday, known or observed, e.g. "{column}={value}"'
         raise DataValidationError(
             f"non-numeric value {value!r}" + (hint if covariate else ""), file=source, row=_spreadsheet_row(non_numeric), column=column,
         )
@@ -192,20 +216,14 @@ def to_long(
     (a second target, notes) are left out."""
     if raw.empty:
         raise DataValidationError("no data rows, only a header", file=source)
-    covariates = list(columns.known) + list(columns.observed)
-    raw = add_indicators(raw.reset_index(drop=True), covariates, source)
-    wanted = {columns.unique_id: ID, columns.ds: DS, columns.y: Y, **{c: c for c in covariates}}
-    if columns.open:
-        wanted[columns.open] = OPEN
-    if columns.merchant_id:
-        wanted[columns.merchant_id] = MERCHANT
-    if columns.description:
-        wanted[columns.description] = DESCRIPTION
-    missing = [c for c in wanted if c not in raw.columns]
-    if missing:
-        hint = '; set [data.columns] open = "" when the file has no open/closed flag' if columns.open in missing else ""
-        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}{hint}", file=source)
-    frame = raw[list(wanted)].rename(columns=wanted).reset_index(drop=True)
+    covariates = list(covariate_names(columns))
+    # (file column, schema column) pairs: one file column may fill two, as a store's id is often its only series' id
+    wanted = [(columns.unique_id, ID), (columns.ds, DS), (columns.y, Y), *((c, c) for c in covariates)]
+    wanted += [(name, target) for name, target in ((columns.open, OPEN), (columns.merchant_id, MERCHANT),
+                                                   (columns.description, DESCRIPTION)) if name]
+    require_columns(raw, [name for name, _ in wanted], columns, source)
+    raw = add_indicators(raw.reset_index(drop=True), covariates, source, role_names(columns))
+    frame = pd.DataFrame({target: raw[name] for name, target in wanted})
     if MERCHANT not in frame:
         frame[MERCHANT] = Path(str(source)).stem
     frame[MERCHANT] = frame[MERCHANT].astype(str)
@@ -303,6 +321,80 @@ def _read_dates(text: pd.Series, date_format: str) -> pd.Series:
 
 def _format_name(date_format: str) -> str:
     return "ISO 8601 (e.g. 2024-01-31)" if date_format == ISO else repr(date_format)
+def require_columns(raw: pd.DataFrame, names: Iterable[str], columns: Columns, source: str | Path) -> None:
+    """Every named column in the file (for `Column=level`, its column): else one line naming those the
+    file lacks beside those it has, never the indicator columns shopcast makes from them."""
+    missing = list(dict.fromkeys(_indicator(name)[0] for name in names if name not in raw and _indicator(name)[0] not in raw))
+    if missing:
+        hints = {columns.open: '; set [data.columns] open = "" when the file has no open/closed flag',
+                 columns.merchant_id: '; set [data.columns] merchant_id = "" when the file holds one shop (its name is then the id)'}
+        hint = "".join(hints[name] for name in missing if name in hints)
+        raise DataValidationError(f"missing column(s) {missing}; the file has {list(raw.columns)}{hint}", file=source)
+
+
+def known_channel_names(columns: Columns) -> tuple[str, ...]:
+    """The model's known covariate channels, in slot order: promo, holiday (a zero channel where the role has
+    no column), then the other known covariates sorted by name, so the order they are listed in never
+    matters. Role channels after the last role in use are left to the zero slots that follow anyway,
+    which keeps a table without covariates at its own width."""
+    roles = list(ROLE_CHANNELS.values())
+    used = [i + 1 for i, role in enumerate(ROLE_CHANNELS) if getattr(columns, role)]
+    width = len(roles) if columns.known else max(used, default=0)
+    return (*roles[:width], *sorted(columns.known))
+
+
+def known_channels(raw: pd.DataFrame, columns: Columns, source: str | Path = "<frame>", none_levels: Iterable[str] = (),
+                   max_abs_value: float = DataConfig.max_abs_value) -> pd.DataFrame:
+    """The known channels (known_channel_names) of a frame with the file's own covariate columns: each
+    role's columns summed (one-hot levels: summed, they are "any of them"), except its `none_levels`.
+    The data file and a file of planned covariates (`--future`) both go through it, so the horizon is
+    read exactly as the history was."""
+    names = [*role_names(columns), *columns.known]
+    require_columns(raw, names, columns, source)
+    raw = add_indicators(raw, names, source, role_names(columns))
+    values = {name: _numbers(raw[name], source, name, max_abs_value, covariate=True) for name in names}
+    zeros = pd.Series(0.0, index=raw.index)
+    channels = {channel: sum((values[n] for n in getattr(columns, role) if n not in none_levels), zeros)
+                for role, channel in ROLE_CHANNELS.items()}
+    return pd.DataFrame({name: channels[name] if name in channels else values[name] for name in known_channel_names(columns)},
+                        index=raw.index)
+
+
+def with_known_channels(frame: pd.DataFrame, columns: Columns, source: str | Path, none_levels: Iterable[str],
+                        max_abs_value: float) -> pd.DataFrame:
+    """`to_long`'s frame with its covariate columns as mapped replaced by the model's known channels: the
+    history and a plan for the horizon (`--future`) are turned into channels by this one step."""
+    channels = known_channels(frame, columns, source, none_levels, max_abs_value)
+    return frame.drop(columns=[*role_names(columns), *columns.known]).join(channels)
+
+
+def find_none_levels(frame: pd.DataFrame, columns: Columns, source: str | Path) -> tuple[str, ...]:
+    """The role flags on at least half of the open days: the level that means no holiday or no promotion
+    ("StateHoliday=0"). Summed into the holiday slot it would say "holiday" almost every day (the base then
+    over-forecast a drugstore by 63%), so it is left out, with one warning line each. Amounts (markdown
+    dollars) are never a level, so only 0/1 columns are judged."""
+    open_days = frame[frame[OPEN] > 0] if OPEN in frame else frame
+    dropped = []
+    for role in ROLE_CHANNELS:
+        for name in getattr(columns, role):
+            values = open_days[name]
+            if len(values) and values.isin((0.0, 1.0)).all() and (values != 0).mean() >= NONE_LEVEL_SHARE:
+                log.warning("%s: [data.columns] %s lists %r, on %.0f%% of the open days: the level that means none, so it is left out "
+                            "of the %s slot; remove it from the list (a code \"0\" needs no level)", source, role, name,
+                            100 * (values != 0).mean(), role)
+                dropped.append(name)
+    return tuple(dropped)
+
+
+def hint_roles(columns: Columns, source: str | Path) -> None:
+    """One line for each `known` covariate whose name says it is a promotion or a holiday: listed there,
+    the base reads it as an unnamed covariate, not in the slot where it learnt what one does."""
+    for name in columns.known:
+        for role, pattern in LOOKS_LIKE.items():
+            if pattern.search(_indicator(name)[0]):
+                log.warning("%s: [data.columns] known lists %r, which looks like a %s; list it under %s to have it read as one",
+                            source, name, "promotion" if role == "promo" else role, role)
+                break
 
 
 def _apply_negative_policy(frame: pd.DataFrame, policy: str, source: str | Path, y_name: str) -> pd.DataFrame:
@@ -396,6 +488,9 @@ def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, sour
 def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") -> SeriesTable:
     """Raw merchant table -> validated, regular, long SeriesTable ready for windowing."""
     frame = to_long(raw, cfg.columns, source, cfg.negative, cfg.max_abs_value, cfg.date_format)
+    hint_roles(cfg.columns, source)
+    none_levels = find_none_levels(frame, cfg.columns, source)
+    frame = with_known_channels(frame, cfg.columns, source, none_levels, cfg.max_abs_value)
     descriptions = _descriptions(frame.pop(DESCRIPTION), frame[ID]) if DESCRIPTION in frame else {}
     frame = regularise(frame, cfg.freq, cfg.fill, source)
     if OPEN not in frame:  # after regularising: without an open column, a filled gap is a day without sales, not a closed one
@@ -405,10 +500,10 @@ def prepare(raw: pd.DataFrame, cfg: DataConfig, source: str | Path = "<frame>") 
     if frame.empty:
         raise DataValidationError("no series left after validation", file=source)
     observed = tuple(cfg.columns.observed) + ((NEGATIVE_FLAG,) if NEGATIVE_FLAG in frame else ())
-    ordered = [MERCHANT, ID, DS, Y, OPEN, *cfg.columns.known, *observed]
+    known = known_channel_names(cfg.columns)
     ids = set(frame[ID])
-    return SeriesTable(frame[ordered], tuple(cfg.columns.known), observed, freq,
-                       {k: v for k, v in descriptions.items() if k in ids}, padded)
+    return SeriesTable(frame[[MERCHANT, ID, DS, Y, OPEN, *known, *observed]], known, observed, freq,
+                       {k: v for k, v in descriptions.items() if k in ids}, padded, none_levels)
 
 
 def _descriptions(text: pd.Series, ids: pd.Series) -> dict[str, str]:

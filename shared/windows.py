@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.config import DataConfig
-from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable, Y
+from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable, Y, role_names
 
 PromptEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 MIN_CLOSED_WEEKS = 4  # a weekday closed fewer times than this in the recent history is no pattern yet
@@ -167,7 +167,8 @@ def _planned(future_known: pd.DataFrame | None, uid: str, future_dates: pd.Datet
 
 
 def _assumed(known: tuple[str, ...], unplanned: int, closed: Counter[int], n_series: int, days: int) -> str:
-    """One line on the defaults the future windows used: what the merchant should plan if it is wrong."""
+    """One line on the defaults the future windows used: what the merchant should plan if it is wrong
+    (`known` as the merchant listed them, not the model's channel names)."""
     def share(count: int) -> str:
         return "" if count == n_series else f" for {count} of {n_series} series"
     parts = [f"{', '.join(known)} assumed 0 over the horizon{share(unplanned)}"] if known and unplanned else []
@@ -228,7 +229,7 @@ def build_splits(table: SeriesTable, cfg: DataConfig, encode_prompts: PromptEnco
         learnable = (windows[name].open[:, :L] > 0).any(axis=1) & (windows[name].open[:, L:] > 0).any(axis=1)
         windows[name] = windows[name].subset(np.flatnonzero(learnable))
     return Splits(**windows, series_ids=series_ids, merchant_of=merchant_of, frame=table.frame, freq=table.freq,
-                  assumed=_assumed(table.known, unplanned, assumed_closed, len(series_ids), L))
+                  assumed=_assumed((*role_names(cfg.columns), *cfg.columns.known), unplanned, assumed_closed, len(series_ids), L))
 
 
 def concat_windows(parts: list[Windows]) -> Windows:

@@ -90,7 +90,7 @@ def tiny_model_and_splits(tiny_cfg, synthetic_table) -> tuple[Forecaster, Splits
 
 @pytest.fixture(scope="session")
 def seasonal_cfg() -> Config:
-    return tiny_config(**{"data.columns.known": [], "data.columns.observed": [], "data.columns.open": ""})
+    return tiny_config(**{"data.columns.promo": [], "data.columns.holiday": [], "data.columns.observed": [], "data.columns.open": ""})
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,9 @@ def _shop_01_file(tmp_path: Path) -> dict[str, str]:
     sunday = data["ds"].dt.dayofweek == 6
     data.loc[sunday, ["open", "y"]] = 0.0
     data.to_csv(tmp_path / "sales.csv", index=False)
-    return {"data.source": '"file"', "data.path": f'"{tmp_path / "sales.csv"}"'}
+    # a file's mapping starts from the required columns alone: the synthetic shops' covariates are named here
+    return {"data.source": '"file"', "data.path": f'"{tmp_path / "sales.csv"}"', "data.columns.open": '"open"',
+            "data.columns.promo": '["promo"]', "data.columns.holiday": '["holiday"]', "data.columns.observed": '["visits"]'}
 
 
 def test_forecast_without_future_closes_a_weekday_closed_all_through_the_history_and_says_so(local_run: Path, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any, get_type_hints
 import pytest
 
 from shared.backbone import truncated_backbone
-from shared.config import PROJECT_ROOT, RULES, Config, ConfigError, load_config, parse_overrides
+from shared.config import PROJECT_ROOT, RULES, Columns, Config, ConfigError, load_config, parse_overrides
 
 
 def test_benchmark_config_inherits_its_dataset_config() -> None:
@@ -149,3 +149,19 @@ def test_a_bad_privacy_unit_or_noise_is_one_line_saying_what_is_allowed(override
     message = str(error.value)
     assert message.startswith(f"[privacy] {override.split('=')[0].removeprefix('privacy.')} = "), message
     assert allowed in message and "\n" not in message, message
+
+
+def test_a_file_mapping_starts_from_the_required_columns_only(tmp_path: Path) -> None:
+    """The synthetic default's covariates and open flag are not a merchant's: a file's [data.columns]
+    names what its file has, nothing is inherited but merchant_id, unique_id, ds and y."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[data]\nsource = "file"\npath = "sales.csv"\n[data.columns]\nunique_id = "Store"\npromo = ["Promo"]\n')
+    assert load_config(mine).data.columns == Columns(unique_id="Store", promo=("Promo",))
+    assert load_config(None, {"data.source": "file", "data.path": "sales.csv"}).data.columns == Columns()
+    synthetic = load_config().data.columns
+    assert (synthetic.promo, synthetic.holiday, synthetic.open) == (("promo",), ("holiday",), "open")
+
+
+def test_a_covariate_listed_twice_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^\[data.columns\] 'promo' is listed in promo and in known; list each column once$"):
+        load_config(None, {"data.columns.known": ["promo"]})

@@ -62,12 +62,13 @@ def test_a_config_starts_from_a_base_that_fits_and_refuses_one_that_does_not(bas
 def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() -> None:
     prior = retail_prior(2, seed=0)
     assert prior["merchant_id"].str.startswith("prior_").all() and not retail_prior(2, seed=1)["y"].equals(prior["y"])
-    cfg = load_config(None, {"data.columns.known": ["markdown", "is_holiday", "extra"], "data.columns.observed": ["temperature"]})
-    mapped = in_slots(prior, cfg, ["promo", "holiday"], ["visits"], "open")
-    np.testing.assert_array_equal(mapped["markdown"], prior["promo"])
+    cfg = load_config(None, {"data.columns.promo": ["markdown", "coupon"], "data.columns.holiday": ["is_holiday"],
+                             "data.columns.known": ["extra"], "data.columns.observed": ["temperature"]})
+    mapped = in_slots(prior, cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
+    np.testing.assert_array_equal(mapped["markdown"], prior["promo"])  # the prior's promotions in the config's promo role
     np.testing.assert_array_equal(mapped["temperature"], prior["visits"])
-    assert (mapped["extra"] == 0).all() and (mapped["open"] == prior["open"]).all()
-    unmapped = in_slots(prior, cfg, ["", "holiday"], [], "open")  # a slot whose covariate means something else
+    assert (mapped[["coupon", "extra"]] == 0).all().all() and (mapped["open"] == prior["open"]).all()
+    unmapped = in_slots(prior, cfg, {"holiday": "holiday"}, [], "open")  # a role whose covariate means something else
     assert (unmapped["markdown"] == 0).all() and (unmapped["temperature"] == 0).all()
     np.testing.assert_array_equal(unmapped["is_holiday"], prior["holiday"])
     frame = pd.DataFrame({ID: np.repeat(["a", "b"], 40), "y": np.arange(80.0)})
@@ -77,7 +78,7 @@ def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() 
 
 def test_a_corpus_of_public_presets_alone_keeps_prior_shops_for_validation_only(monkeypatch) -> None:
     cfg = load_config(None, SMALL | {"pretrain.shops": 0, "pretrain.validation_shops": 2})
-    public = in_slots(retail_prior(1, seed=5).assign(merchant_id="public_shop"), cfg, ["promo", "holiday"], ["visits"], "open")
+    public = in_slots(retail_prior(1, seed=5).assign(merchant_id="public_shop"), cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
     monkeypatch.setattr("server.pretrain.public_frames", lambda cfg: [public])
     train, validation = corpus(cfg)
     assert train.merchants() == ["public_shop"] and validation.merchants() == ["prior_00000", "prior_00001"]

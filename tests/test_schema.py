@@ -18,6 +18,7 @@ from shared.schema import (
     MERCHANT,
     NEGATIVE_FLAG,
     OPEN,
+    ROLE_CHANNELS,
     DataValidationError,
     Y,
     fit_short,
@@ -28,6 +29,8 @@ from shared.schema import (
     to_long,
 )
 from shared.sources import load_table
+
+PROMO, HOLIDAY = ROLE_CHANNELS["promo"], ROLE_CHANNELS["holiday"]
 
 COLUMNS = Columns()  # merchant_id, unique_id, ds, y; no covariates
 SOURCE = "shop.csv"
@@ -41,7 +44,8 @@ def _frame(n: int = 5, uid: str = "a", start: str = "2024-01-01", **extra) -> pd
 
 
 def _config(**overrides):
-    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.known": [], "data.columns.observed": [], "data.columns.open": "", **overrides})
+    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.promo": [], "data.columns.holiday": [], "data.columns.known": [],
+                                  "data.columns.observed": [], "data.columns.open": "", **overrides})
 
 
 def _error(call, *args, **kwargs) -> DataValidationError:
@@ -78,6 +82,41 @@ def test_missing_column_names_file_and_column():
     assert "missing column(s) ['y']" in str(error) and "'unique_id'" in str(error)  # and lists what the file has
     covariate = Columns(known=("promo",))
     assert "['promo']" in str(_error(to_long, _frame(), covariate, SOURCE))
+
+
+def test_missing_column_error_lists_only_the_files_own_columns():
+    """Not the indicator columns shopcast made from them ("StateHoliday=a"), which the file never had."""
+    coded = Columns(promo=("Promo",), holiday=("StateHoliday=a", "StateHoliday=b"))
+    error = str(_error(to_long, _frame(StateHoliday=["0", "a", "b", "0", "0"]), coded, SOURCE))
+    assert f"missing column(s) ['Promo']; the file has {[MERCHANT, ID, DS, Y, 'StateHoliday']}" in error and "=" not in error
+    assert "missing column(s) ['StateHoliday']" in str(_error(to_long, _frame(Promo=0), coded, SOURCE))  # its column, not its levels
+
+
+def test_a_missing_merchant_column_hints_at_a_file_of_one_shop():
+    error = str(_error(to_long, _frame().drop(columns=[MERCHANT]), COLUMNS, SOURCE))
+    assert "missing column(s) ['merchant_id']" in error and 'merchant_id = "" when the file holds one shop' in error
+    assert (to_long(_frame().drop(columns=[MERCHANT]), Columns(merchant_id=""), SOURCE)[MERCHANT] == "shop").all()  # the file's name
+
+
+def test_a_file_mapping_that_says_nothing_about_open_loads(tmp_path):
+    """The mapping of one's own columns starts from the required ones: no inherited open = "open",
+    known, observed, promo or holiday to trip over."""
+    csv = tmp_path / "sales.csv"
+    pd.DataFrame({"Store": "1", "Date": _days(), "Sales": np.arange(40.0)}).to_csv(csv, index=False)
+    config = _write(tmp_path / "mine.toml", f"""
+[data]
+source = "file"
+path = '{csv}'
+context = 14
+horizon = 7
+[data.columns]
+merchant_id = ""
+unique_id = "Store"
+ds = "Date"
+y = "Sales"
+""")
+    table = load_table(load_config(config))
+    assert table.known == () and table.observed == () and (table.frame[OPEN] == 1).all() and table.merchants() == ["sales"]
 
 
 def test_unparseable_date():
@@ -169,7 +208,7 @@ def test_non_numeric_covariate_names_its_column():
     raw = _frame(promo=["0", "1", "n/a?", "0", "1"])
     error = _error(to_long, raw, Columns(known=("promo",)), SOURCE)
     _where(error, SOURCE, row=4, column="promo")
-    assert 'level by level in [data.columns] known or observed, e.g. "promo=n/a?"' in str(error)  # the way out for a code
+    assert 'level by level in [data.columns] promo, holiday, known or observed, e.g. "promo=n/a?"' in str(error)  # the way out for a code
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
@@ -390,7 +429,7 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
     )
     cfg = _config(**{
         "data.columns.merchant_id": "", "data.columns.unique_id": "Store", "data.columns.ds": "Date",
-        "data.columns.y": "Sales", "data.columns.known": ["Promo"], "data.columns.open": "Open",
+        "data.columns.y": "Sales", "data.columns.promo": ["Promo"], "data.columns.open": "Open",
     }).data
     csv = tmp_path / "corner_shop.csv"
     raw.to_csv(csv, index=False)
@@ -399,13 +438,13 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
     for path in (csv, parquet):
         table = load_file(path, cfg)
         frame = table.frame
-        assert list(frame.columns) == [MERCHANT, ID, DS, Y, OPEN, "Promo"] and table.known == ("Promo",) and table.observed == ()
+        assert list(frame.columns) == [MERCHANT, ID, DS, Y, OPEN, PROMO] and table.known == (PROMO,) and table.observed == ()
         assert frame[OPEN].sum() == 2 * (n - len(range(6, n, 7)))
         assert (frame[MERCHANT] == "corner_shop").all()  # no merchant column: the file's name
         assert sorted(frame[ID].unique()) == ["s1", "s2"]
         s2 = frame[frame[ID] == "s2"]
         assert s2[DS].tolist() == list(dates) and s2[Y].tolist() == list(np.arange(n) + 100.0)
-        assert frame["Promo"].sum() == 2 * len(range(0, n, 7))
+        assert frame[PROMO].sum() == 2 * len(range(0, n, 7))
     # an error in a mapped file names the merchant's own column
     raw.loc[3, "Open"] = 2
     raw.to_csv(csv, index=False)
@@ -439,7 +478,7 @@ def test_categorical_codes_become_one_indicator_per_listed_level(tmp_path):
     codes = ["0", "a", "0", "b", "0"] * 8  # this shop never had a "c" holiday
     path = _shop_csv(tmp_path, "unique_id,ds,y,StateHoliday", [f"s,{day},{i},{codes[i]}" for i, day in enumerate(_days())])
     table = load_file(path, _mapped(**{"data.columns.known": HOLIDAYS}))
-    assert table.known == tuple(HOLIDAYS) and table.observed == ()
+    assert table.known == (PROMO, HOLIDAY, *HOLIDAYS) and table.observed == ()  # listed in known: one channel each
     assert table.frame["StateHoliday=a"].tolist() == [float(code == "a") for code in codes]
     assert table.frame["StateHoliday=c"].eq(0).all()  # listed but never seen: the column exists all the same
     assert table.frame[HOLIDAYS].sum(axis=1).eq(1).all()
@@ -534,7 +573,7 @@ def test_rossmann_like_export_loads_and_server_and_merchant_agree_on_the_width(t
             is_open, promo, school, holiday = int(i % 7 != 6), int(i % 3 == 0), int(i < 5), {0: "a", 14: "b", 30: "c"}.get(i, "0")
             lines.append(f"{store};{day};{is_open * (5000 + i)},5;{is_open * (500 + i)};{is_open};{promo};{holiday};{school};{store_type}")
     _write(csv, "\n".join(lines) + "\n")
-    known = ["Promo", "SchoolHoliday", *HOLIDAYS, "StoreType=a", "StoreType=b", "StoreType=c", "StoreType=d"]
+    known = ["SchoolHoliday", "StoreType=a", "StoreType=b", "StoreType=c", "StoreType=d"]
     config = _write(tmp_path / "rossmann.toml", f"""
 [data]
 source = "file"
@@ -548,6 +587,8 @@ merchant_id = ""
 unique_id = "Store"
 ds = "Date"
 y = "Sales"
+promo = ["Promo"]
+holiday = ["StateHoliday=a", "StateHoliday=b", "StateHoliday=c"]
 known = {json.dumps(known)}
 observed = ["Customers"]
 open = "Open"
@@ -557,9 +598,9 @@ llm_layers = 2
 """)
     cfg = load_config(config)
     table = load_table(cfg)
-    assert table.merchants() == ["rossmann"] and table.known == tuple(known) and table.observed == ("Customers",)
+    assert table.merchants() == ["rossmann"] and table.known == (PROMO, HOLIDAY, *known) and table.observed == ("Customers",)
     store_1 = table.frame[table.frame[ID] == "1"]
     assert store_1[DS].is_monotonic_increasing and store_1[Y].iloc[:2].tolist() == [5000.5, 5001.5]
-    assert store_1["StateHoliday=b"].sum() == 1 and store_1["StoreType=c"].eq(1).all() and store_1["StoreType=a"].eq(0).all()
+    assert store_1[HOLIDAY].sum() == 3 and store_1["StoreType=c"].eq(1).all() and store_1["StoreType=a"].eq(0).all()
     assert (store_1[OPEN] == (store_1[Y] >= 5000)).all() and store_1[OPEN].sum() == 36
     assert ForecastPipeline.from_config(cfg).model.shape == ForecastPipeline.from_config(cfg, table).model.shape

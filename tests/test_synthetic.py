@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from shared.config import load_config
-from shared.schema import prepare
+from shared.schema import ROLE_CHANNELS, prepare
 from shared.synthetic import generate_merchants, holidays
 
 COLUMNS = ["merchant_id", "unique_id", "ds", "y", "promo", "holiday", "open", "visits"]
@@ -89,4 +89,4 @@ def test_short_history_merchant(frame):
 def test_passes_prepare(frame):
     table = prepare(frame, load_config().data, "synthetic")
     assert len(table.frame) == len(frame)
-    assert table.known == ("promo", "holiday") and table.observed == ("visits",)
+    assert table.known == tuple(ROLE_CHANNELS.values()) and table.observed == ("visits",)  # promotions, holidays: the base's slots

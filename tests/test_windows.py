@@ -13,10 +13,11 @@ import torch
 from shared.backbone import ByteTokenizer
 from shared.config import load_config
 from shared.prompt import prompt_texts, tokenize_left_padded, window_statistics
-from shared.schema import DS, ID, MERCHANT, OPEN, Y, prepare
+from shared.schema import DS, ID, MERCHANT, OPEN, ROLE_CHANNELS, Y, prepare
 from shared.windows import WindowDataset, build_splits, calendar_features, closed_weekdays
 
 L, H, STRIDE = 14, 7, 3
+PROMO = ROLE_CHANNELS["promo"]
 LENGTHS = {"a": 50, "b": 57}
 PATTERN = np.array([1.0, 5.0, 2.0, 8.0, 3.0, 9.0, 4.0])  # period 7; min 1, max 9, median 4
 
@@ -28,7 +29,7 @@ def no_prompt(context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _config(**overrides):
     return load_config(overrides={
         "model.backbone": "tiny", "data.context": L, "data.horizon": H, "data.stride": STRIDE,
-        "data.columns.known": ["promo"], "data.columns.observed": ["visits"], "data.columns.open": "", **overrides,
+        "data.columns.holiday": [], "data.columns.observed": ["visits"], "data.columns.open": "", **overrides,
     })
 
 
@@ -194,12 +195,12 @@ def test_known_covariates_reach_into_the_horizon(splits, ramp_table):
     frame = ramp_table.frame
     y_a = frame[frame[ID] == "a"]
     test = splits.test.subset(splits.test.series == 0)
-    np.testing.assert_array_equal(test.known[0, :, 5], y_a["promo"].to_numpy()[-(L + H) :])  # flag kept 0/1
+    np.testing.assert_array_equal(test.known[0, :, 5], y_a[PROMO].to_numpy()[-(L + H) :])  # flag kept 0/1
     np.testing.assert_array_equal(test.observed[0, :, 0], y_a["visits"].to_numpy()[-(L + H) : -H])
     # future covariates: zero unless planned
     assert (splits.future.known[:, L:, 5] == 0).all() and (splits.future.known[:, :, 4] == 1).all()
     last = frame.groupby(ID)[DS].max()
-    planned = pd.DataFrame({ID: "a", DS: pd.date_range(last["a"] + pd.Timedelta(days=1), periods=H, freq="D"), "promo": 1.0})
+    planned = pd.DataFrame({ID: "a", DS: pd.date_range(last["a"] + pd.Timedelta(days=1), periods=H, freq="D"), PROMO: 1.0})
     with_plan = build_splits(ramp_table, _config().data, no_prompt, future_known=planned)
     assert (with_plan.future.known[0, L:, 5] == 1).all() and (with_plan.future.known[1, L:, 5] == 0).all()
 
@@ -283,7 +284,7 @@ def test_covariate_slots_pad_with_zeros_and_refuse_too_many(ramp_table):
     np.testing.assert_array_equal(splits.test.known[:, :, 5], splits.test.known[:, :, 5].round())  # promo, the first slot
     assert (splits.test.known[:, :, 6:] == 0).all() and (splits.test.observed[:, :, 1:] == 0).all()
     with pytest.raises(ConfigError, match="known_slots = 1"):
-        input_shape(_config(**{"model.known_slots": 1, "data.columns.known": ["promo", "holiday"]}))
+        input_shape(_config(**{"model.known_slots": 1, "data.columns.holiday": ["holiday"]}))
 
 
 def test_a_new_series_is_padded_and_trains_only_where_it_has_open_days():
@@ -319,7 +320,7 @@ def test_a_weekday_closed_all_through_the_context_is_closed_in_the_future_unless
     np.testing.assert_array_equal(splits.future.open[0, -H:], future_dates.dayofweek != 6)
     np.testing.assert_array_equal(splits.future.known[0, -H:, 4], future_dates.dayofweek != 6)  # the model's open channel
     assert splits.assumed == "promo assumed 0 over the horizon; Sundays assumed closed (closed every Sunday of the last 28 days)"
-    planned = pd.DataFrame({ID: "a", DS: future_dates, "promo": 1.0, OPEN: 1.0})  # a Sunday opening, planned
+    planned = pd.DataFrame({ID: "a", DS: future_dates, PROMO: 1.0, OPEN: 1.0})  # a Sunday opening, planned
     opens = build_splits(table, cfg.data, no_prompt, future_known=planned)
     assert (opens.future.open[0, -H:] == 1).all() and opens.assumed == ""
     promo_only = build_splits(table, cfg.data, no_prompt, future_known=planned.drop(columns=OPEN))
