@@ -78,7 +78,7 @@ AdapterOption = Annotated[Path | None, typer.Option(help="adapter directory (def
 OutOption = Annotated[Path | None, typer.Option(help="output directory (default: the adapter directory)")]
 AdapterOutOption = Annotated[Path | None, typer.Option("--out", help="adapter directory (default: runs/local/<merchant>)")]
 ForceOption = Annotated[bool, typer.Option("--force", help="write the adapter into a folder of other files, over any of its names")]
-DpOption = Annotated[bool, typer.Option("--dp", help="train under DP-SGD ([privacy]), spending the merchant's ledger: an adapter to share")]
+DpOption = Annotated[bool, typer.Option("--dp", help="train under DP-SGD (the privacy settings), spending the merchant's ledger: an adapter to share")]
 AcceptUntrainedOption = Annotated[bool, typer.Option("--accept-untrained", help="write the outputs even if nothing was trained")]
 
 
