@@ -14,8 +14,9 @@ On disk an adapter is a directory:
                         loads it onto the same truncated backbone (`shared.backbone.truncated_backbone`)
   meta.json             the model config and anything the caller adds (round number, metrics)
 
-Every part is written beside its final name, fsynced and renamed over it (meta.json last), so a
-crash while saving leaves each part whole, old or new, never truncated.
+Every part is written beside its final name, fsynced and renamed over it (meta.json last; lora/ file
+by file), so a crash while saving leaves each file whole, old or new, never truncated; files in the
+directory that the adapter does not write (a merchant's own, in a folder it named) are never touched.
 """
 
 from __future__ import annotations
@@ -162,6 +163,23 @@ def write_atomically(path: Path, write: Callable[[Path], None], previous: Path |
         _remove(old)
 
 
+def replace_files(directory: Path, write: Callable[[Path], None]) -> None:
+    """`write(staged)` fills a sibling folder, whose files are each fsynced and renamed over their namesakes
+    in `directory`: unlike replacing the folder whole, files there that `write` does not make stay."""
+    staged = directory.with_name(f".{directory.name}.partial")
+    _remove(staged)
+    write(staged)
+    for item in sorted(staged.rglob("*")):
+        if item.is_file():
+            target = directory / item.relative_to(staged)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fsync_path(item)
+            os.replace(item, target)
+    fsync_path(directory)
+    fsync_path(directory.parent)
+    shutil.rmtree(staged)  # only the emptied folders this function made are left in it
+
+
 def save_adapter(model: Forecaster, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Writes or replaces the adapter's parts; other files in `directory` (the CLI keeps its metrics and plots there) stay."""
     directory = Path(directory)
@@ -169,7 +187,7 @@ def save_adapter(model: Forecaster, directory: str | Path, meta: dict[str, Any] 
     state = {k: v.contiguous() for k, v in adapter_state(model).items()}
     write_atomically(directory / "adapter.safetensors", lambda path: save_file(state, str(path)))
     if (lora := model.lora_model()) is not None:
-        write_atomically(directory / "lora", lambda path: lora.save_pretrained(str(path)))
+        replace_files(directory / "lora", lambda path: lora.save_pretrained(str(path)))
     info = {"model": dataclasses.asdict(model.cfg), "shape": dataclasses.asdict(model.shape), **(meta or {})}
     write_atomically(directory / "meta.json", lambda path: path.write_text(json.dumps(info, indent=2, default=str)))
     return directory

@@ -25,7 +25,7 @@ whole history: those days, the closest to the forecast, would otherwise never be
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,14 @@ from shared.windows import Splits, Windows
 
 PERSONAL_LAYERS = ("head", "linear", "per_step")
 
+# A loop's range wrapped to report it, `stage` naming what the loop does (the CLI passes tqdm: a refit
+# on a busy CPU takes many minutes); it must yield the range's numbers unchanged.
+Progress = Callable[[range, str], Iterable[int]]
+
+
+def no_progress(steps: range, stage: str) -> Iterable[int]:
+    return steps
+
 
 def personal_state(model: Forecaster) -> dict[str, torch.Tensor]:
     """The personal part's tensors by name, copied (for saving, and to tell it apart from the shared adapter)."""
@@ -44,13 +52,13 @@ def personal_state(model: Forecaster) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _features(model: Forecaster, windows: Windows, batch_size: int = 64) -> dict[str, torch.Tensor]:
+def _features(model: Forecaster, windows: Windows, progress: Progress = no_progress, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """What the output layers read, per window: computed once, as nothing before them changes."""
     model.eval()
     device = model.levels.device
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*Encoded._fields, "target", "open")}
     horizon = windows.target.shape[1]
-    for start in range(0, len(windows), batch_size):
+    for start in progress(range(0, len(windows), batch_size), "personal refit: window features"):
         index = np.arange(start, min(start + batch_size, len(windows)))
         inputs = {k: v.to(device) for k, v in windows.tensors(index).items()}
         values = {**model.encode(**inputs)._asdict(), "open": inputs["open"][:, -horizon:],
@@ -79,13 +87,13 @@ class PersonalFit:
     steps: int
 
 
-def personalise(model: Forecaster, splits: Splits, cfg: TrainConfig) -> tuple[float, float, int]:
+def personalise(model: Forecaster, splits: Splits, cfg: TrainConfig, progress: Progress = no_progress) -> tuple[float, float, int]:
     """Refits the output layers in place on the merchant's training windows (at most
     cfg.personal_windows of them, drawn evenly) cfg.personal_refits times, each with its own batch
     order and stopped at its best step on the validation windows, and averages them; the average is
     kept only if it beats the global adapter there, and then rerun with the latest windows added.
     Returns (val loss before, after (of the refits validation chose), mean steps the refits kept)."""
-    (fit,) = personal_fits(model, [splits], cfg)
+    (fit,) = personal_fits(model, [splits], cfg, progress)
     use_personal(model, fit)
     return fit.before, fit.after, fit.steps
 
@@ -98,7 +106,8 @@ def use_personal(model: Forecaster, fit: PersonalFit) -> None:
 MERCHANTS_AT_ONCE = 8  # their features, about 11 MB per merchant at the defaults, are held together
 
 
-def personal_fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> list[PersonalFit]:
+def personal_fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig,
+                  progress: Progress = no_progress) -> list[PersonalFit]:
     """`personalise` for several merchants (their windows) from the same global adapter,
     which the model keeps. In a federation each merchant refits on its own machine; a simulation runs
     them all on one, where the refit's many small steps cost mostly per-step overhead: up to
@@ -106,11 +115,11 @@ def personal_fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConf
     run alone (its own window draw, batch orders and early stops)."""
     fits = []
     for start in range(0, len(merchants), MERCHANTS_AT_ONCE):
-        fits += _fits(model, merchants[start : start + MERCHANTS_AT_ONCE], cfg)
+        fits += _fits(model, merchants[start : start + MERCHANTS_AT_ONCE], cfg, progress)
     return fits
 
 
-def _fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> list[PersonalFit]:
+def _fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig, progress: Progress) -> list[PersonalFit]:
     global_state = personal_state(model)
     fits = [PersonalFit(global_state, float("nan"), float("nan"), 0) for _ in merchants]
     learning = [i for i, s in enumerate(merchants) if len(s.train) and len(s.val)]  # a shop too new keeps the global layers
@@ -122,11 +131,11 @@ def _fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> l
         if len(train) > cfg.personal_windows:
             rng = np.random.default_rng(cfg.seed)
             train = train.subset(np.sort(rng.choice(len(train), cfg.personal_windows, replace=False)))
-        fit_on.append(_features(model, train))
-        judge_on.append(_features(model, merchants[i].val))
-        newest = _features(model, latest) if len(latest) else {key: value[:0] for key, value in fit_on[-1].items()}
+        fit_on.append(_features(model, train, progress))
+        judge_on.append(_features(model, merchants[i].val, progress))
+        newest = _features(model, latest, progress) if len(latest) else {key: value[:0] for key, value in fit_on[-1].items()}
         with_latest.append({key: torch.cat([value, newest[key]]) for key, value in fit_on[-1].items()})
-    refits, steps = _refit(model, fit_on, cfg, judge_on=judge_on)
+    refits, steps = _refit(model, fit_on, cfg, progress, judge_on=judge_on)
     mine = [slice(k * cfg.personal_refits, (k + 1) * cfg.personal_refits) for k in range(len(learning))]
     losses = []
     for k in range(len(learning)):
@@ -135,7 +144,7 @@ def _fits(model: Forecaster, merchants: Sequence[Splits], cfg: TrainConfig) -> l
             steps[mine[k]], after = 0, before  # the merchant keeps the global layers
         losses.append((before, after))
     _load(model, global_state)  # the rerun starts where the refits did
-    rerun, _ = _refit(model, with_latest, cfg, stop_at=steps)
+    rerun, _ = _refit(model, with_latest, cfg, progress, stop_at=steps)
     for k, i in enumerate(learning):
         fits[i] = PersonalFit(_mean(rerun, mine[k]), *losses[k], round(float(steps[mine[k]].float().mean())))
     return fits
@@ -175,7 +184,7 @@ class _OutputLoss(torch.nn.Module):
         return self.window_losses(features)
 
 
-def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], cfg: TrainConfig, *,
+def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], cfg: TrainConfig, progress: Progress, *,
            judge_on: list[dict[str, torch.Tensor]] | None = None, stop_at: torch.Tensor | None = None
            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """cfg.personal_refits refits per merchant (the features it fits on), all at once and as separate
@@ -215,7 +224,9 @@ def _refit(model: Forecaster, fit_on: list[dict[str, torch.Tensor]], cfg: TrainC
     every = max(1, cfg.personal_steps // 20)
     best_state = {name: value.detach().clone() for name, value in stacked.items()}
     best_step = torch.zeros(count, dtype=torch.long)
-    for step in range(1, cfg.personal_steps + 1 if stop_at is None else int(stop_at.max()) + 1):
+    last = cfg.personal_steps if stop_at is None else int(stop_at.max())
+    stage = "personal refit: steps" if stop_at is None else "personal refit: rerun with the latest windows"
+    for step in progress(range(1, last + 1), stage):
         draws = torch.stack([torch.randint(size, (batch,), generator=g) for size, g in zip(sizes, generators, strict=True)])
         index = draws.to(device) + offsets[:, None]
         optimizer.zero_grad(set_to_none=True)

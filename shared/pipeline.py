@@ -27,7 +27,7 @@ from shared.calibration import Calibration
 from shared.config import PROJECT_ROOT, Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
-from shared.personal import PersonalFit, personal_fits, personalise
+from shared.personal import PersonalFit, Progress, no_progress, personal_fits, personalise
 from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, known_channel_names, quantile_column
 from shared.train import TrainResult, fit, predict, resolve_device
@@ -100,6 +100,9 @@ def _with_weights(relative: Path) -> Path | None:
     return next((root / relative for root in base_roots() if _complete(root / relative)), None)
 
 
+NO_BASE_VARIANTS = ("attention", "random_llm")  # their blocks are not the pretrained LLM's
+
+
 def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
     """The settings in which the adapter in `folder` differs from what `cfg` builds ([] when it fits)."""
     meta = json.loads((folder / "meta.json").read_text())
@@ -143,7 +146,7 @@ def base_folder(cfg: Config, shape: SeriesShape) -> Path | None:
     is looked for beside this code, then in the installed package. The attention and random-LLM ablations
     have none (their blocks are not the pretrained LLM's)."""
     base, variant = cfg.model.base, cfg.model.variant
-    if not base or variant in ("attention", "random_llm"):
+    if not base or variant in NO_BASE_VARIANTS:
         return None
     if base == "auto":
         return _shipped_base(cfg, shape)
@@ -153,6 +156,11 @@ def base_folder(cfg: Config, shape: SeriesShape) -> Path | None:
         raise ConfigError(f"[model] base = {base!r}: no {variant} adapter in {folder}; pretrain one (python -m server.pretrain), "
                           'or set base = "auto" or ""')
     return _fitting(folder, base, cfg, shape)
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the project when inside it, as the README names the shipped bases."""
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
 def forecast_frame(splits: Splits, windows: Windows, quantiles: np.ndarray, levels: tuple[float, ...]) -> pd.DataFrame:
@@ -197,6 +205,7 @@ class ForecastPipeline:
         self.cfg = cfg
         self.model = Forecaster(cfg.model, shape, device=resolve_device(cfg.train.device))
         self.base: Path | None = None  # the pretrained base it started from (from_config), if any
+        self.progress: Progress = no_progress  # reports the loops that can take minutes (the CLI's bars)
 
     @classmethod
     def from_config(cls, cfg: Config, table: SeriesTable | None = None) -> ForecastPipeline:
@@ -252,12 +261,12 @@ class ForecastPipeline:
     def personalise(self, splits: Splits) -> tuple[float, float, int]:
         """Refits the output layers on this merchant's own windows (shared.personal), in place; they stay
         here. (validation loss before, after, steps kept)."""
-        return personalise(self.model, splits, self.cfg.train)
+        return personalise(self.model, splits, self.cfg.train, self.progress)
 
     def personal_fits(self, merchants: list[Splits]) -> list[PersonalFit]:
         """`personalise` for several merchants at once (a simulation's), leaving the model as it was:
         each one's refit is put in with shared.personal.use_personal."""
-        return personal_fits(self.model, merchants, self.cfg.train)
+        return personal_fits(self.model, merchants, self.cfg.train, self.progress)
 
     def private_training(self, merchant: str, train: Windows, pins: MerchantPins | None = None,
                          planned_steps: int | None = None) -> PrivateTraining | None:
@@ -271,7 +280,7 @@ class ForecastPipeline:
     def predict_frame(self, splits: Splits, windows: Windows, calibration: Calibration | None = None) -> pd.DataFrame:
         """Quantile forecasts of `windows` (one of `splits`' parts) as the long forecast frame, with
         conformalised bands when a `calibration` (from `calibrate`) is given."""
-        quantiles = predict(self.model, windows, self.device)
+        quantiles = self._predict(windows, "forecasting")
         if calibration is not None:
             if calibration.levels != tuple(self.cfg.model.quantiles):
                 raise AdapterMismatch(f"the calibration is for levels {list(calibration.levels)}, but the model forecasts "
@@ -285,8 +294,39 @@ class ForecastPipeline:
         step; more add the latest training windows: more points, but ones the adapter was fitted to,
         whose smaller errors leave the calibrated band too narrow."""
         holdout = recent_windows(splits, holdout_windows, include_test=False)
-        forecast = predict(self.model, holdout, self.device)
+        forecast = self._predict(holdout, "calibrating")
         return Calibration.fit(forecast, holdout.target, holdout.context, holdout.open, self.cfg.model.quantiles)
+
+    def _predict(self, windows: Windows, stage: str, batch_size: int = 64) -> np.ndarray:
+        """`predict` batch by batch under `self.progress`: thousands of series' windows through the LLM
+        on a CPU take minutes."""
+        starts = self.progress(range(0, len(windows), batch_size), stage)
+        parts = [predict(self.model, windows.subset(np.arange(start, min(start + batch_size, len(windows)))), self.device, batch_size)
+                 for start in starts]
+        return np.concatenate(parts) if parts else predict(self.model, windows, self.device)
+
+    def describe_base(self) -> str:
+        """What `from_config` started from, in one line: which base a forecast rests on decides much of
+        its accuracy, and "auto" alone does not say."""
+        if self.base is not None:
+            shipped = "shipped " if self.base.is_relative_to(SHIPPED_BASES) else ""
+            return f"starting from the {shipped}base {shown_path(self.base.parent)} ({self.base.name})"
+        model = self.cfg.model
+        if not model.base:
+            why = '[model] base = ""'
+        elif model.variant in NO_BASE_VARIANTS:
+            why = f"the {model.variant} variant has no base"
+        else:
+            why = f"no shipped base fits this config ({self._closest_base()})"
+        return f"starting from the seeded init: {why}"
+
+    def _closest_base(self) -> str:
+        """The shipped base of this variant that differs in the fewest settings, and how."""
+        shipped = [f.parent for f in sorted(SHIPPED_BASES.glob(f"*/{self.cfg.model.variant}/meta.json"))]
+        if not shipped:
+            return f"none ships for variant {self.cfg.model.variant!r}"
+        differ, folder = min(((_base_mismatch(f, self.cfg, self.model.shape), f) for f in shipped), key=lambda pair: len(pair[0]))
+        return f"closest: {shown_path(folder.parent)}, which differs in {'; '.join(differ[:2])}" + ("; ..." if len(differ) > 2 else "")
 
     def backtest(self, splits: Splits, windows: int, calibration: Calibration | None = None) -> pd.DataFrame:
         """Forecasts of each series' `windows` latest non-overlapping windows (the test window last),

@@ -34,12 +34,17 @@ def invoke(*args: str, **overrides: str):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def local_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     out = tmp_path_factory.mktemp("local")
-    # its own ledger: a ledger in the checkout would be spent a little more by every test run
+    # its own ledger: were one spent, it must not be the checkout's
     result = invoke("local", "--merchant", "shop_01", "--out", str(out), "--set", f'privacy.ledger_dir="{out / "ledgers"}"')
     assert result.exit_code == 0, result.output
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def local_run(local_result: tuple[Path, Result]) -> Path:
+    return local_result[0]
 
 
 def test_local_writes_a_forecast_after_the_last_date(local_run: Path) -> None:
@@ -166,8 +171,8 @@ def test_corrupt_ledger_is_one_line_and_exit_2(tmp_path: Path) -> None:
     ledger = tmp_path / "ledgers" / "shop_00.json"
     ledger.parent.mkdir()
     ledger.write_text('{"version": 1, "history": [[1.5, 0.1')
-    line = one_error_line(invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "out"),
-                                 **{"privacy.enabled": "true", "privacy.ledger_dir": str(ledger.parent)}))
+    line = one_error_line(invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "out"), "--dp",
+                                 **{"privacy.ledger_dir": str(ledger.parent)}))
     assert str(ledger) in line and "unreadable" in line
 
 
@@ -235,3 +240,83 @@ def test_stock_past_the_horizon_is_a_usage_error(local_run: Path, tmp_path: Path
 def test_every_command_has_an_example_in_its_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and f"Example: shopcast {command}" in result.output
+
+
+def test_local_trains_without_dp_and_says_so(local_result: tuple[Path, Result]) -> None:
+    """Training alone releases nothing: the [privacy] defaults (DP on) are for what leaves the shop."""
+    out, result = local_result
+    assert "training without DP noise" in result.output
+    assert not (out / "ledgers").exists(), "no budget spent"
+    assert json.loads((out / "meta.json").read_text())["epsilon"] is None
+
+
+def test_a_dp_run_on_a_spent_budget_writes_nothing_unless_accepted(tmp_path: Path) -> None:
+    ledgers = {"privacy.ledger_dir": f'"{tmp_path / "ledgers"}"'}
+    first = invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "first"), "--dp", **ledgers)
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "first" / "meta.json").read_text())["epsilon"] > 7.9, "σ auto plans the whole budget"
+    again = tmp_path / "again"
+    spent = invoke("train", "--merchant", "shop_00", "--out", str(again), "--dp", **ledgers)
+    assert spent.exit_code == 2 and "Traceback" not in spent.output
+    last = spent.output.strip().splitlines()[-1]
+    assert last.startswith("error: nothing was trained (0 steps: the privacy budget is spent)") and "--accept-untrained" in last
+    assert not again.exists()
+    accepted = invoke("train", "--merchant", "shop_00", "--out", str(again), "--dp", "--accept-untrained", **ledgers)
+    assert accepted.exit_code == 0 and "warning: nothing was trained" in accepted.output
+    assert json.loads((again / "meta.json").read_text())["steps"] == 0
+
+
+def test_out_naming_a_file_is_one_line_before_any_budget_is_spent(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    line = one_error_line(invoke("train", "--merchant", "shop_00", "--out", str(notes), "--dp",
+                                 **{"privacy.ledger_dir": f'"{tmp_path / "ledgers"}"'}))
+    assert f"--out {notes} is a file" in line
+    assert not (tmp_path / "ledgers").exists() and notes.read_text() == "mine"
+
+
+def test_out_of_someone_elses_files_is_refused_and_forced_keeps_them(tmp_path: Path) -> None:
+    """`train --out ~` once replaced ~/lora/ whole and ~/meta.json."""
+    home = tmp_path / "home"
+    (home / "lora").mkdir(parents=True)
+    (home / "lora" / "thesis.tex").write_text("mine")
+    (home / "meta.json").write_text('{"mine": true}')
+    line = one_error_line(invoke("train", "--merchant", "shop_00", "--out", str(home)))
+    assert f"--out {home} holds files shopcast did not write" in line and "--force" in line
+    assert (home / "meta.json").read_text() == '{"mine": true}' and not (home / "adapter.safetensors").exists()
+    forced = invoke("train", "--merchant", "shop_00", "--out", str(home), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (home / "lora" / "thesis.tex").read_text() == "mine", "a file the adapter does not write stays"
+    assert (home / "lora" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary"])
+def test_config_that_is_no_toml_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    config = tmp_path / "mine.toml"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    assert f"--config {config} is not a readable TOML file" in one_error_line(invoke("train", "-c", str(config), "--merchant", "shop_00"))
+
+
+def test_train_says_and_records_the_base_it_starts_from(local_result: tuple[Path, Result], tmp_path: Path) -> None:
+    out, result = local_result
+    assert "starting from the seeded init: no shipped base fits this config (closest: shared/base/" in result.output
+    base = tmp_path / "base"
+    shutil.copytree(out, base / "llm")
+    trained = invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "out"), **{"model.base": f'"{base}"'})
+    assert trained.exit_code == 0, trained.output
+    assert f"starting from the base {base} (llm)" in trained.output
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["base_folder"] == str(base / "llm")
+
+
+def test_forecast_with_a_federated_adapter_shows_progress(local_run: Path, tmp_path: Path) -> None:
+    """The personal refit and calibration of an adapter without calibration.json once ran 25 minutes without a word."""
+    bare = tmp_path / "adapter"
+    shutil.copytree(local_run, bare, ignore=shutil.ignore_patterns("calibration.json"))
+    result = invoke("forecast", "--merchant", "shop_01", "--adapter", str(bare), "--out", str(tmp_path / "out"),
+                    **{"train.personal_steps": "40"})
+    assert result.exit_code == 0, result.output
+    for stage in ("personal refit: window features", "personal refit: steps", "calibrating", "forecasting"):
+        assert f"\r{stage}: " in result.output, stage
