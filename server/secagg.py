@@ -15,13 +15,16 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_
 
 from server.client_dp import release_record
 from server.guard import (
+    COUNT,
     EVALUATE_METRICS,
+    SCORE,
     TRAIN_METRICS,
+    MerchantLabels,
     ReplyRejected,
+    checked_scalar,
     checked_scalars,
-    merchant_key,
     new_round,
-    record_evaluation,
+    record_evaluations,
     update_rejection,
     weighted_means,
 )
@@ -58,6 +61,7 @@ class SecAggAggregation(LegacyFedAvg):
         fed = self.fed = cfg.federation
         self.keys, self.history, self.on_round = list(initial), history, on_round
         self.expected = {k: tuple(v.shape) for k, v in initial.items()}
+        self.labels = MerchantLabels()
         super().__init__(
             min_fit_clients=fed.min_replies, min_evaluate_clients=fed.min_replies, min_available_clients=fed.min_replies,
             initial_parameters=ndarrays_to_parameters([initial[k] for k in self.keys]), on_fit_config_fn=self._fit_config,
@@ -95,15 +99,16 @@ class SecAggAggregation(LegacyFedAvg):
             reason = str(failure) if isinstance(failure, BaseException) else failure[1].status.message
             log.warning("round %d: a merchant failed or declined during secure aggregation: %s", server_round, reason)
             self._current["failures"].append({"node": node, "reason": reason})
-        rows = []
+        reported = {}
         for proxy, fitres in results:
             try:
-                metrics = checked_scalars(fitres.metrics, TRAIN_METRICS)
+                reported[proxy.node_id] = checked_scalars(fitres.metrics, TRAIN_METRICS)
             except ReplyRejected as exc:  # its masked update is in the sum already; only its scalars are left out
                 self._current["rejected"].append({"node": proxy.node_id, "reason": f"metrics: {exc}"})
-                continue
-            self._current["merchants"][merchant_key(metrics, proxy.node_id)] = {"node": proxy.node_id, **metrics}
-            rows.append(metrics)
+        keys = self.labels.keys({node: metrics.get("partition-id") for node, metrics in reported.items()}, self._current["conflicts"])
+        for node, metrics in reported.items():
+            self._current["merchants"][keys[node]] = {"node": node, **metrics}
+        rows = [reported[node] for node in sorted(reported)]
         self._current["accepted"], self._current["halted"] = len(results), False
         self._current["wall_s"] = time.time() - self._started
         if len(results) < fed.min_replies:
@@ -130,9 +135,20 @@ class SecAggAggregation(LegacyFedAvg):
         return ndarrays_to_parameters(arrays), aggregated
 
     def aggregate_evaluate(self, server_round, results, failures):
+        """Holdout metrics per merchant into the round record; the legacy mean loss over the replies whose
+        loss and count are sane too (a count of 0 everywhere divided by zero, a loss of 1e308 overflowed)."""
+        evaluations, usable = {}, []
         for proxy, res in results:
             try:
-                record_evaluation(self.history[-1], checked_scalars(res.metrics, EVALUATE_METRICS), proxy.node_id)
+                evaluations[proxy.node_id] = checked_scalars(res.metrics, EVALUATE_METRICS)
+                checked_scalar("loss", res.loss, SCORE)
+                checked_scalar("num_examples", res.num_examples, COUNT)
             except ReplyRejected as exc:
+                evaluations.pop(proxy.node_id, None)
                 self.history[-1]["rejected"].append({"node": proxy.node_id, "reason": f"evaluation: {exc}"})
-        return super().aggregate_evaluate(server_round, results, failures)
+                continue
+            usable.append((proxy, res))
+        record_evaluations(self.history[-1], self.labels, evaluations)
+        if sum(res.num_examples for _, res in usable) == 0:
+            return None, {}
+        return super().aggregate_evaluate(server_round, usable, failures)
