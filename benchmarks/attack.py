@@ -1,0 +1,186 @@
+"""How far one in-bound merchant can move the global adapter: the guard without and with the median clip.
+
+    .venv/bin/python -m benchmarks.attack [--merchants 3,10,100] [--rounds 10] [--honest-norm 0.003] [--seed 0]
+
+Synthetic, and cheap (seconds): the real guarded strategy (`server.strategy.make_strategy`, the
+default FedAvg) is driven directly, round after round, with replies made here, not by training. Each
+honest merchant i sends, in round r, the global adapter plus an update of norm
+honest_norm · s_i along 0.6 · c + 0.8 · e_ir (c one direction all honest merchants share, e_ir its own
+random one, s_i a per-merchant scale drawn log-normally with σ 0.5: merchants differ in data, so in
+update size). The adapter has the tiny config's shared size. One merchant is replaced by an attacker:
+
+  sign-flip   its update alternates between +u and -u (u a fixed unit vector), every round;
+  steady      its update is +u every round;
+
+each with norm just under the old absolute ceiling (0.999 · max_update_norm) and, separately, just
+under the new clip (0.999 · median_norm_clip · the round's lower median of the honest norms, an
+attacker told the honest norms). Reported: the distance of the final global adapter from the honest
+run's (the same merchants, all honest) after --rounds rounds, with the guard as it was
+(median_norm_clip = 0) and as it is now (the default), beside how far the honest run itself moved
+and how often honest updates were clipped. Writes benchmarks/results/attack.md and .json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from benchmarks.scaffold import Run, arguments, command
+from server.strategy import make_strategy
+from shared.adapter import shared_size
+from shared.config import PROJECT_ROOT, Config, load_config, parse_overrides
+from shared.pipeline import ForecastPipeline
+
+TINY = PROJECT_ROOT / "configs" / "tiny.toml"
+KEY = "adapter"  # the adapter as one flat tensor: the guard and FedAvg see only its norm and its mean
+ATTACKS = ("sign-flip", "steady")
+
+
+class NodeList:
+    """The node list a strategy samples from: all of 1..n (FedAvg's sampling asks only for this)."""
+
+    def __init__(self, n: int) -> None:
+        self.nodes = list(range(1, n + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The honest merchants' updates, drawn once per (cohort size, seed) and shared by every run."""
+
+    updates: np.ndarray  # rounds x merchants x d
+    attack_direction: np.ndarray  # d, unit
+
+    @classmethod
+    def draw(cls, merchants: int, rounds: int, dims: int, honest_norm: float, seed: int) -> Cohort:
+        rng = np.random.default_rng([seed, merchants])
+        shared = _unit(rng.normal(size=dims))
+        own = rng.normal(size=(rounds, merchants, dims))
+        own /= np.linalg.norm(own, axis=-1, keepdims=True)
+        directions = 0.6 * shared + 0.8 * own
+        directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+        scales = honest_norm * rng.lognormal(0.0, 0.5, size=merchants)
+        return cls(directions * scales[None, :, None], _unit(rng.normal(size=dims)))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def attack_update(attack: str, norm: float, server_round: int, direction: np.ndarray) -> np.ndarray:
+    sign = -1.0 if attack == "sign-flip" and server_round % 2 else 1.0
+    return sign * norm * direction
+
+
+def attack_norm(target: str, cfg: Config, honest_norms: np.ndarray) -> float:
+    """Just under the old ceiling, or just under the clip the round's honest norms set (the attacker's
+    own, larger norm does not move the lower median below the honest one it lands on)."""
+    fed = cfg.federation
+    if target == "old ceiling":
+        return 0.999 * fed.max_update_norm
+    merchants = len(honest_norms) + 1
+    return 0.999 * fed.median_norm_clip * float(np.sort(honest_norms)[(merchants - 1) // 2])
+
+
+def federate(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], np.ndarray] | None) -> tuple[np.ndarray, int]:
+    """The global adapter after every round of `cohort` (the last merchant replaced by `attacker(round,
+    honest norms)` where given), and how many honest updates the guard clipped."""
+    rounds, merchants, dims = cohort.updates.shape
+    strategy = make_strategy(cfg, {KEY: (dims,)})
+    current, clipped = np.zeros(dims, dtype=np.float32), 0
+    for r in range(rounds):
+        updates = list(cohort.updates[r])
+        if attacker is not None:
+            updates[-1] = attacker(r, np.linalg.norm(cohort.updates[r][:-1], axis=-1))
+        sent = sorted(strategy.configure_train(r + 1, _record(current), ConfigRecord({}), NodeList(merchants)),
+                      key=lambda m: m.metadata.dst_node_id)
+        replies = [Message(_reply(current + u), reply_to=m) for u, m in zip(updates, sent, strict=True)]
+        arrays, _ = strategy.aggregate_train(r + 1, replies)
+        if arrays is not None:
+            current = np.asarray(arrays[KEY].numpy())
+        over = strategy.history[-1].get("norm_clip", {}).get("clipped", [])
+        clipped += len([key for key in over if attacker is None or key != f"node-{merchants}"])
+    return current, clipped
+
+
+def _record(values: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({KEY: Array(np.ascontiguousarray(values, dtype=np.float32))})
+
+
+def _reply(values: np.ndarray) -> RecordDict:
+    return RecordDict({"arrays": _record(values), "metrics": MetricRecord({"num-examples": 1})})
+
+
+def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: int, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attack x norm target, against the guard as it was and as it is, for one cohort size."""
+    cohort = Cohort.draw(merchants, rounds, dims, honest_norm, seed)
+    guards = {"old guard": {"federation.median_norm_clip": 0.0}, "new guard": {}}
+    configs = {name: load_config(TINY, {"federation.min_replies": 1, **overrides, **extra}) for name, extra in guards.items()}
+    honest = {name: federate(cfg, cohort, None) for name, cfg in configs.items()}
+    rows = []
+    for attack in ATTACKS:
+        for target in ("old ceiling", "new clip"):
+            row = {"merchants": merchants, "attack": attack, "norm": target, "honest_moved": float(np.linalg.norm(honest["old guard"][0]))}
+            for name, cfg in configs.items():
+                def attacker(r: int, norms: np.ndarray, attack: str = attack, target: str = target) -> np.ndarray:
+                    return attack_update(attack, attack_norm(target, configs["new guard"], norms), r, cohort.attack_direction)
+
+                final, _ = federate(cfg, cohort, attacker)
+                row[name] = float(np.linalg.norm(final - honest[name][0]))
+            rows.append(row)
+    clipped = honest["new guard"][1]
+    return [row | {"honest_clipped": clipped, "honest_updates": rounds * merchants} for row in rows]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| merchants | attack | attacker's norm just under | old guard | new guard | honest run moved | honest updates clipped (new) |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['new guard']:.4g} | {r['honest_moved']:.4g} | "
+              f"{r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--merchants", default="3,10,100")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--honest-norm", type=float, default=0.003, help="typical honest update norm (tiny model under DP-SGD: ~0.003)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="attack")
+    args = parser.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("server.guard").setLevel(logging.ERROR)
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # Flower builds Messages only inside a task
+        setattr(TaskIdentity, key, value)
+    overrides = parse_overrides(args.set)
+    dims = shared_size(ForecastPipeline.from_config(load_config(TINY, overrides)).model)
+    with Run("benchmarks.attack", argv, threads=1) as run:
+        rows = [row for n in (int(m) for m in args.merchants.split(",")) for row in measure(n, args.rounds, dims, args.honest_norm, args.seed, overrides)]
+    cfg = load_config(TINY, overrides)
+    extra = [
+        f"synthetic honest updates (norm {args.honest_norm:g} x log-normal(0, 0.5) per merchant, 0.6 shared direction), not trained ones; "
+        f"the real guarded default FedAvg aggregates them; adapter of the tiny config's shared size d = {dims}",
+        f"{args.rounds} rounds, seed {args.seed}; old guard: max_update_norm {cfg.federation.max_update_norm} alone; "
+        f"new guard: also median_norm_clip {cfg.federation.median_norm_clip}",
+    ]
+    body = "\n".join([
+        "## Distance of the final global adapter from the honest run's, with one attacker", "",
+        "`old guard` / `new guard`: L2 distance after the last round; `honest run moved`: how far the all-honest run moved from the start.",
+        "", table(rows)])
+    payload = {"rows": rows, "dims": dims, "rounds": args.rounds, "honest_norm": args.honest_norm, "seed": args.seed,
+               "max_update_norm": cfg.federation.max_update_norm, "median_norm_clip": cfg.federation.median_norm_clip}
+    return run.save(args.name, "One in-bound attacker against the guard (synthetic updates)", extra, body, payload, args.results)
+
+
+if __name__ == "__main__":
+    command(main)
