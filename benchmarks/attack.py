@@ -14,10 +14,11 @@ update size). The adapter has the tiny config's shared size. One merchant is rep
 
 each with norm just under the old absolute ceiling (0.999 · max_update_norm) and, separately, just
 under the new clip (0.999 · median_norm_clip · the round's lower median of the honest norms, an
-attacker told the honest norms). Reported: the distance of the final global adapter from the honest
-run's (the same merchants, all honest) after --rounds rounds, with the guard as it was
-(median_norm_clip = 0) and as it is now (the default), beside how far the honest run itself moved
-and how often honest updates were clipped. Writes benchmarks/results/attack.md and .json.
+attacker told the honest norms). Reported: the distance of the global adapter from the honest run's
+(the same merchants, all honest) after the last of --rounds rounds and the largest after any round
+(a sign-flip undoes itself every other round, so its harm shows in the largest), with the guard as it
+was (median_norm_clip = 0) and as it is now (the default), beside how far the honest run itself
+moved and how often honest updates were clipped. Writes benchmarks/results/attack.md and .json.
 """
 
 from __future__ import annotations
@@ -92,12 +93,12 @@ def attack_norm(target: str, cfg: Config, honest_norms: np.ndarray) -> float:
     return 0.999 * fed.median_norm_clip * float(np.sort(honest_norms)[(merchants - 1) // 2])
 
 
-def federate(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], np.ndarray] | None) -> tuple[np.ndarray, int]:
-    """The global adapter after every round of `cohort` (the last merchant replaced by `attacker(round,
+def federate(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], np.ndarray] | None) -> tuple[list[np.ndarray], int]:
+    """The global adapter after each round of `cohort` (the last merchant replaced by `attacker(round,
     honest norms)` where given), and how many honest updates the guard clipped."""
     rounds, merchants, dims = cohort.updates.shape
     strategy = make_strategy(cfg, {KEY: (dims,)})
-    current, clipped = np.zeros(dims, dtype=np.float32), 0
+    current, clipped, trajectory = np.zeros(dims, dtype=np.float32), 0, []
     for r in range(rounds):
         updates = list(cohort.updates[r])
         if attacker is not None:
@@ -108,9 +109,10 @@ def federate(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], 
         arrays, _ = strategy.aggregate_train(r + 1, replies)
         if arrays is not None:
             current = np.asarray(arrays[KEY].numpy())
+        trajectory.append(current)
         over = strategy.history[-1].get("norm_clip", {}).get("clipped", [])
         clipped += len([key for key in over if attacker is None or key != f"node-{merchants}"])
-    return current, clipped
+    return trajectory, clipped
 
 
 def _record(values: np.ndarray) -> ArrayRecord:
@@ -130,23 +132,24 @@ def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: in
     rows = []
     for attack in ATTACKS:
         for target in ("old ceiling", "new clip"):
-            row = {"merchants": merchants, "attack": attack, "norm": target, "honest_moved": float(np.linalg.norm(honest["old guard"][0]))}
+            row = {"merchants": merchants, "attack": attack, "norm": target, "honest_moved": float(np.linalg.norm(honest["old guard"][0][-1]))}
             for name, cfg in configs.items():
                 def attacker(r: int, norms: np.ndarray, attack: str = attack, target: str = target) -> np.ndarray:
                     return attack_update(attack, attack_norm(target, configs["new guard"], norms), r, cohort.attack_direction)
 
-                final, _ = federate(cfg, cohort, attacker)
-                row[name] = float(np.linalg.norm(final - honest[name][0]))
+                attacked, _ = federate(cfg, cohort, attacker)
+                gaps = [float(np.linalg.norm(a - h)) for a, h in zip(attacked, honest[name][0], strict=True)]
+                row[name], row[f"{name} largest"] = gaps[-1], max(gaps)
             rows.append(row)
     clipped = honest["new guard"][1]
     return [row | {"honest_clipped": clipped, "honest_updates": rounds * merchants} for row in rows]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| merchants | attack | attacker's norm just under | old guard | new guard | honest run moved | honest updates clipped (new) |",
-             "|---:|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['new guard']:.4g} | {r['honest_moved']:.4g} | "
-              f"{r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
+    lines = ["| merchants | attack | attacker's norm just under | old guard: last | largest | new guard: last | largest | honest run moved | "
+             "honest updates clipped (new) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['old guard largest']:.4g} | {r['new guard']:.4g} | "
+              f"{r['new guard largest']:.4g} | {r['honest_moved']:.4g} | {r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     body = "\n".join([
         "## Distance of the final global adapter from the honest run's, with one attacker", "",
-        "`old guard` / `new guard`: L2 distance after the last round; `honest run moved`: how far the all-honest run moved from the start.",
+        "`last`: L2 distance from the honest run's global adapter after the last round; `largest`: after any round; "
+        "`honest run moved`: how far the all-honest run moved from the start in all its rounds.",
         "", table(rows)])
     payload = {"rows": rows, "dims": dims, "rounds": args.rounds, "honest_norm": args.honest_norm, "seed": args.seed,
                "max_update_norm": cfg.federation.max_update_norm, "median_norm_clip": cfg.federation.median_norm_clip}

@@ -28,12 +28,13 @@ metrics) that checkpoints and the report read. The helpers below serve the SecAg
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,18 @@ def update_rejection(update: Mapping[str, np.ndarray], expected: dict[str, tuple
     return f"update norm {norm:.3g} exceeds the bound {bound}" if norm > bound else None
 
 
+@contextlib.contextmanager
+def rejecting_failures(what: str) -> Iterator[None]:
+    """Whatever decoding a merchant's bytes raises in this block becomes a ReplyRejected naming `what`:
+    however crafted, a reply must end in a rejection, never in an exception in the round loop."""
+    try:
+        yield
+    except ReplyRejected:
+        raise
+    except Exception as exc:
+        raise ReplyRejected(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 def decoded_tensor(array: Array, shape: tuple[int, ...]) -> np.ndarray:
     """The float32 tensor of shape `shape` that `array`'s bytes hold, read from its .npy header here
     rather than by `Array.numpy()`: that trusts the bytes (garbage or empty data raise, a string or
@@ -108,25 +121,23 @@ def decoded_tensor(array: Array, shape: tuple[int, ...]) -> np.ndarray:
     before the data is read). Raises ReplyRejected, whatever is wrong with the bytes."""
     if array.stype != SType.NUMPY or array.dtype != "float32" or tuple(array.shape) != shape:
         raise ReplyRejected(f"claims {array.stype} {array.dtype} {tuple(array.shape)}, expected {SType.NUMPY} float32 {shape}")
-    try:
-        return _float32_npy(array.data, shape)
-    except ReplyRejected:
-        raise
-    except Exception as exc:  # a merchant's bytes, however crafted, must end in a rejection, not in the round loop
-        raise ReplyRejected(f"undecodable payload: {type(exc).__name__}: {exc}") from exc
+    return npy_values(array.data, shape, "f", itemsize=4).astype(np.float32)
 
 
-def _float32_npy(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    stream = io.BytesIO(data)
-    major, _ = np.lib.format.read_magic(stream)
-    read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}[major]
-    stored_shape, fortran_order, dtype = read_header(stream)
-    if dtype.kind != "f" or dtype.itemsize != 4 or tuple(stored_shape) != shape:
-        raise ReplyRejected(f"payload holds {dtype} {tuple(stored_shape)}, expected float32 {shape}")
-    payload = memoryview(data)[stream.tell():]
-    if len(payload) != 4 * math.prod(shape):
-        raise ReplyRejected(f"payload holds {len(payload)} bytes of data, expected {4 * math.prod(shape)}")
-    return np.frombuffer(payload, dtype=dtype).reshape(shape, order="F" if fortran_order else "C").astype(np.float32)
+def npy_values(data: bytes, shape: tuple[int, ...], kinds: str, itemsize: int | None = None) -> np.ndarray:
+    """The array .npy bytes hold, if its header says a dtype of one of `kinds` (numpy's dtype.kind
+    letters; of `itemsize` bytes where given) and `shape`, and exactly that many bytes of data follow."""
+    with rejecting_failures("undecodable payload"):
+        stream = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(stream)
+        read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}[major]
+        stored_shape, fortran_order, dtype = read_header(stream)
+        if dtype.kind not in kinds or itemsize not in (None, dtype.itemsize) or tuple(stored_shape) != shape:
+            raise ReplyRejected(f"payload holds {dtype} {tuple(stored_shape)}, expected {shape} of kind {kinds!r}")
+        payload = memoryview(data)[stream.tell():]
+        if len(payload) != dtype.itemsize * math.prod(shape):
+            raise ReplyRejected(f"payload holds {len(payload)} bytes of data, expected {dtype.itemsize * math.prod(shape)}")
+        return np.frombuffer(payload, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def check_record_names(content: RecordDict, arrays: Sequence[str]) -> None:

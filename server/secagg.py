@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
+from flwr.app import Error, Message
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_inplace
 
 from server.client_dp import release_record
@@ -24,7 +30,9 @@ from server.guard import (
     checked_scalar,
     checked_scalars,
     new_round,
+    npy_values,
     record_evaluations,
+    rejecting_failures,
     update_rejection,
     weighted_means,
 )
@@ -32,6 +40,7 @@ from shared.adapter import ADAPTER_KEYS
 from shared.config import Config
 
 log = logging.getLogger(__name__)
+MASKED_VECTOR_REJECTED = 911  # the error a rejected masked vector is replaced by: the workflow then unmasks the sum without it
 
 
 # flwr 1.41 offers SecAgg+ only as `flwr.server.workflow.SecAggPlusWorkflow`, run by the legacy
@@ -39,16 +48,49 @@ log = logging.getLogger(__name__)
 # Message-API strategies (`flwr.serverapp.strategy`) have no secure-aggregation hook. The workflow
 # hands the strategy only the unmasked mean (copied into every merchant's FitRes), so the per-reply
 # guard cannot run: `SecAggAggregation` guards the mean instead and records what stays visible per
-# merchant (its plaintext metrics, and its failures).
+# merchant (its plaintext metrics, and its failures). What it can check per merchant, it does:
+# `ScreenedSecAggPlusWorkflow` has each masked vector decoded (integers of the adapter's shapes)
+# before Flower sums it, and a merchant whose vector fails is unmasked as one that dropped out. The
+# median clip cannot apply (the server never sees an update); client_fixed clips on the merchant.
 
 
 def secagg_workflow(cfg: Config) -> SecAggPlusWorkflow:
     """The SecAgg+ fit workflow; every merchant's weight is 1, so the result is the unweighted mean."""
     fed = cfg.federation
-    return SecAggPlusWorkflow(
+    return ScreenedSecAggPlusWorkflow(
         num_shares=float(fed.secagg_shares), reconstruction_threshold=float(fed.secagg_threshold), max_weight=1.0,
         clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout_s,
     )
+
+
+class ScreenedGrid:
+    """A Grid whose replies pass `rejection` first: one it finds a reason against comes back as an error
+    reply to the same instruction, which Flower's workflow handles as a merchant that dropped out."""
+
+    def __init__(self, grid: Grid, rejection: Callable[[Message], str | None]) -> None:
+        self._grid, self._rejection = grid, rejection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        sent = {m.metadata.message_id: m for m in messages}  # ids given as the grid pushed them
+        return [self._screened(reply, sent[reply.metadata.reply_to_message_id]) for reply in replies]
+
+    def _screened(self, reply: Message, instruction: Message) -> Message:
+        if reply.has_error() or (reason := self._rejection(reply)) is None:
+            return reply
+        return Message(Error(code=MASKED_VECTOR_REJECTED, reason=reason), reply_to=instruction)
+
+
+class ScreenedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAggPlusWorkflow whose masked vectors the guard decodes before Flower sums them: Flower's own
+    `bytes_to_ndarray` and sum raised on a crafted one (garbage bytes, another shape), ending the run."""
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().collect_masked_vectors_stage(ScreenedGrid(grid, context.strategy.masked_vector_rejection), context, state)
 
 
 class SecAggAggregation(LegacyFedAvg):
@@ -67,6 +109,25 @@ class SecAggAggregation(LegacyFedAvg):
             initial_parameters=ndarrays_to_parameters([initial[k] for k in self.keys]), on_fit_config_fn=self._fit_config,
             on_evaluate_config_fn=self._evaluate_config, evaluate_fn=self._after_round, accept_failures=True,
         )
+
+    def masked_vector_rejection(self, reply: Message) -> str | None:
+        """Why a merchant's masked vector must not enter the secure sum, recorded; None if it may. It must be
+        the quantisation factor and one integer tensor per adapter tensor, of its shape, in the order sent,
+        and its FitRes must convert."""
+        shapes = [(1,), *self.expected.values()]
+        try:
+            with rejecting_failures("undecodable"):
+                masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+                if not isinstance(masked, list) or len(masked) != len(shapes):
+                    raise ReplyRejected(f"expected {len(shapes)} masked tensors")
+                for data, shape in zip(masked, shapes, strict=True):
+                    npy_values(data, shape, "iu")
+                compat.recorddict_to_fitres(reply.content, True)
+        except ReplyRejected as exc:
+            log.warning("secure aggregation: masked vector from node %d rejected: %s", reply.metadata.src_node_id, exc)
+            self._current["rejected"].append({"node": reply.metadata.src_node_id, "reason": f"masked vector: {exc}"})
+            return f"masked vector: {exc}"
+        return None
 
     def _fit_config(self, server_round: int) -> dict[str, Any]:
         config: dict[str, Any] = {"server-round": server_round, "local-steps": self.fed.local_steps, ADAPTER_KEYS: "\n".join(self.keys)}
