@@ -17,9 +17,11 @@ The median is the lower one, so with two merchants neither can raise the other's
 three or more one merchant cannot.
 
 A partition id is a label a node claims: it files that node's record under the id (the key reports
-name merchants by), bound to the first node that claims it alone in a round, for this server's life.
-A node claiming a label bound to another, or contested in the round, is filed under its node id and
-the conflict recorded; its reply is judged like any other, and never displaces the label's owner.
+name merchants by), bound, for this server's life, to the first node that claims it alone in a round
+and holds no other. A node claiming a label bound to another, contested in the round, or other than
+its own, is filed under its node id and the conflict recorded; its reply is judged like any other,
+and never displaces the label's owner. Replies are keyed by node throughout, so a borrowed label can
+neither reject nor replace the real merchant's reply.
 
 The guard also keeps the per-round, per-merchant record (loss, ε, bytes, update norm, holdout
 metrics) that checkpoints and the report read. The helpers below serve the SecAgg+ path too
@@ -196,6 +198,7 @@ class MerchantLabels:
 
     def __init__(self) -> None:
         self.owners: dict[int, int] = {}  # partition id -> the node it is bound to
+        self.held: dict[int, int] = {}  # node -> the partition id bound to it
 
     def keys(self, claims: Mapping[int, int | None], conflicts: list[dict[str, Any]]) -> dict[int, str]:
         """Per node of `claims` (node -> the partition id it claims, or None), the key its record is filed
@@ -204,16 +207,16 @@ class MerchantLabels:
         claimants = Counter(label for label in claims.values() if label is not None)
         keys = {}
         for node, label in claims.items():
-            if label is not None and self.owners.get(label) is None and claimants[label] == 1:
-                self.owners[label] = node
+            if label is not None and label not in self.owners and node not in self.held and claimants[label] == 1:
+                self.owners[label], self.held[node] = node, label
             if label is not None and self.owners.get(label) == node:
                 keys[node] = str(label)
                 continue
             keys[node] = f"node-{node}"
             if label is not None:
                 conflicts.append({"node": node, "partition-id": label, "bound-to": self.owners.get(label)})
-                log.warning("node %d claims partition id %d, %s; filed under its node id", node, label,
-                            f"bound to node {self.owners[label]}" if label in self.owners else "claimed by another node this round")
+                log.warning("node %d claims partition id %d (bound to node %s, claimed by %d nodes this round; the node holds %s); "
+                            "filed under its node id", node, label, self.owners.get(label), claimants[label], self.held.get(node))
         return keys
 
 

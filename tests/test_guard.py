@@ -275,3 +275,12 @@ def test_honest_updates_of_like_norms_are_not_clipped() -> None:
 def test_the_median_clip_is_a_checked_config_key() -> None:
     with pytest.raises(ConfigError, match="median_norm_clip"):
         load_config(overrides={"federation.median_norm_clip": 0.5})
+
+
+def test_a_node_holds_one_partition_id() -> None:
+    """A node bound to merchant 0 cannot also take the id of a merchant that has not replied yet."""
+    strategy = _strategy()
+    _round(strategy, [_reply(_update(0.2), **{"partition-id": 0}), _reply(_update(0.4), **{"partition-id": 1})])
+    messages = _sent(strategy.configure_train(2, float32_arrays(_update(0.3)), ConfigRecord({}), FakeGrid(2)))
+    strategy.aggregate_train(2, [Message(_reply(_update(0.3), **{"partition-id": 2}), reply_to=messages[0])])
+    assert set(strategy.history[-1]["merchants"]) == {"node-1"} and strategy.history[-1]["conflicts"][0]["partition-id"] == 2
