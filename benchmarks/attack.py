@@ -19,26 +19,35 @@ attacker told the honest norms). Reported: the distance of the global adapter fr
 (a sign-flip undoes itself every other round, so its harm shows in the largest), with the guard as it
 was (median_norm_clip = 0) and as it is now (the default), beside how far the honest run itself
 moved and how often honest updates were clipped. Writes benchmarks/results/attack.md and .json.
+
+With --end-to-end R, also one row from real federations: 3 merchants on configs/tiny.toml through
+Flower's simulation for R rounds without DP-SGD (so that runs repeat exactly), merchant 2 replaced by a
+client mod sending the global adapter it received plus a steady push just under the old ceiling;
+the final adapters of the attacked runs against the honest ones, old guard and new (minutes).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
 
 from benchmarks.scaffold import Run, arguments, command
+from client.app import make_app
+from client.mods import client_privacy_mod
 from server.strategy import make_strategy
 from shared.adapter import shared_size
 from shared.config import PROJECT_ROOT, Config, load_config, parse_overrides
 from shared.pipeline import ForecastPipeline
+from simulations.federated import simulate
 
 TINY = PROJECT_ROOT / "configs" / "tiny.toml"
 KEY = "adapter"  # the adapter as one flat tensor: the guard and FedAvg see only its norm and its mean
@@ -145,12 +154,65 @@ def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: in
     return [row | {"honest_clipped": clipped, "honest_updates": rounds * merchants} for row in rows]
 
 
+class SteadyPush:
+    """Client mod: merchant `partition` replies, in every round, the global adapter it received plus an
+    update of norm `norm` along one fixed direction. A class, not a closure, so that it pickles into the Ray workers."""
+
+    def __init__(self, partition: int, norm: float, seed: int) -> None:
+        self.partition, self.norm, self.seed = partition, norm, seed
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        hit = msg.metadata.message_type == MessageType.TRAIN and int(context.node_config["partition-id"]) == self.partition
+        received = {k: np.array(v.numpy()) for k, v in msg.content["arrays"].items()} if hit else {}
+        reply = call_next(msg, context)
+        if not hit or reply.has_error():
+            return reply
+        push = {k: np.random.default_rng([self.seed, i]).normal(size=v.shape) for i, (k, v) in enumerate(sorted(received.items()))}
+        scale = self.norm / np.sqrt(sum(float(np.sum(d**2)) for d in push.values()))
+        reply.content["arrays"] = ArrayRecord({k: Array((received[k] + scale * push[k]).astype(np.float32)) for k in received})
+        return reply
+
+
+def adapter_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in a)))
+
+
+def end_to_end(rounds: int, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Final adapters of tiny 3-merchant federations, honest and with merchant 2 pushing, old guard and new."""
+    base = {"federation.num_rounds": rounds, "data.synthetic.n_merchants": 3, "privacy.enabled": False, **overrides}
+    guards = {"old guard": {"federation.median_norm_clip": 0.0}, "new guard": {}}
+    attacker = SteadyPush(2, 0.999 * load_config(TINY, base).federation.max_update_norm, seed)
+    finals, clipped = {}, 0
+    for name, extra in guards.items():
+        for label, mods in (("honest", ()), ("attacked", (attacker,))):
+            out = Path(tempfile.mkdtemp(prefix="shopcast_attack_"))
+            run = base | extra | {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
+            summary = simulate(load_config(TINY, run), TINY, run, 3, make_app((*mods, client_privacy_mod)))
+            finals[name, label] = load_file(str(out / "federated" / "final_adapter" / "adapter.safetensors"))
+            if label == "honest" and name == "new guard":
+                clipped = sum(len(h.get("norm_clip", {}).get("clipped", [])) for h in summary["history"])
+    return {"merchants": 3, "rounds": rounds, "old guard": adapter_distance(finals["old guard", "attacked"], finals["old guard", "honest"]),
+            "new guard": adapter_distance(finals["new guard", "attacked"], finals["new guard", "honest"]),
+            "honest runs differ": adapter_distance(finals["old guard", "honest"], finals["new guard", "honest"]), "honest_clipped": clipped,
+            "honest_updates": 3 * rounds}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| merchants | attack | attacker's norm just under | old guard: last | largest | new guard: last | largest | honest run moved | "
              "honest updates clipped (new) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['old guard largest']:.4g} | {r['new guard']:.4g} | "
               f"{r['new guard largest']:.4g} | {r['honest_moved']:.4g} | {r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def end_to_end_lines(real: dict[str, Any]) -> list[str]:
+    return [
+        "## End to end: 3 merchants, tiny backbone, trained updates (no DP-SGD), merchant 2 pushing just under the old ceiling", "",
+        "| rounds | old guard | new guard | honest runs, old vs new guard | honest updates clipped (new) |", "|---:|---:|---:|---:|---:|",
+        f"| {real['rounds']} | {real['old guard']:.4g} | {real['new guard']:.4g} | {real['honest runs differ']:.4g} | "
+        f"{real['honest_clipped']} of {real['honest_updates']} |", "",
+        "Distances between final adapters (L2 over every adapter tensor) of the attacked and the honest run under the same guard.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -160,6 +222,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--honest-norm", type=float, default=0.003, help="typical honest update norm (tiny model under DP-SGD: ~0.003)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="attack")
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="R", help="also R rounds of real tiny federations (0: none)")
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     logging.getLogger("server.guard").setLevel(logging.ERROR)
@@ -169,6 +232,7 @@ def main(argv: list[str] | None = None) -> Path:
     dims = shared_size(ForecastPipeline.from_config(load_config(TINY, overrides)).model)
     with Run("benchmarks.attack", argv, threads=1) as run:
         rows = [row for n in (int(m) for m in args.merchants.split(",")) for row in measure(n, args.rounds, dims, args.honest_norm, args.seed, overrides)]
+        real = end_to_end(args.end_to_end, args.seed, overrides) if args.end_to_end else None
     cfg = load_config(TINY, overrides)
     extra = [
         f"synthetic honest updates (norm {args.honest_norm:g} x log-normal(0, 0.5) per merchant, 0.6 shared direction), not trained ones; "
@@ -180,8 +244,8 @@ def main(argv: list[str] | None = None) -> Path:
         "## Distance of the final global adapter from the honest run's, with one attacker", "",
         "`last`: L2 distance from the honest run's global adapter after the last round; `largest`: after any round; "
         "`honest run moved`: how far the all-honest run moved from the start in all its rounds.",
-        "", table(rows)])
-    payload = {"rows": rows, "dims": dims, "rounds": args.rounds, "honest_norm": args.honest_norm, "seed": args.seed,
+        "", table(rows), *(end_to_end_lines(real) if real else [])])
+    payload = {"rows": rows, "end_to_end": real, "dims": dims, "rounds": args.rounds, "honest_norm": args.honest_norm, "seed": args.seed,
                "max_update_norm": cfg.federation.max_update_norm, "median_norm_clip": cfg.federation.median_norm_clip}
     return run.save(args.name, "One in-bound attacker against the guard (synthetic updates)", extra, body, payload, args.results)
 
