@@ -171,6 +171,7 @@ class FederationConfig:
     server_lr: float = 0.05
     trim_beta: float = 0.2
     max_update_norm: float = 50.0
+    median_norm_clip: float = 3.0  # each update clipped to this multiple of the round's median update norm; 0 = off
     weighting: str = "equal"  # equal | examples: how the mean weighs merchants (claimed example counts are unchecked)
     min_replies: int = 2
     round_timeout_s: float = 600.0
@@ -356,6 +357,7 @@ RULES: dict[str, Rule] = {
     "federation.server_lr": _POSITIVE,
     "federation.trim_beta": Rule("at least 0 and below 0.5", lambda value: 0 <= value < 0.5),
     "federation.max_update_norm": _POSITIVE,
+    "federation.median_norm_clip": Rule("0 (off) or at least 1", lambda value: value == 0 or value >= 1),
     "federation.weighting": _one_of("equal", "examples"),
     "federation.min_replies": _COUNT,
     "federation.round_timeout_s": _POSITIVE,
