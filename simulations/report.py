@@ -42,13 +42,19 @@ def federation_table(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def merchant_name(merchants: Sequence[str], key: str) -> str:
+    """The merchant a round record's key stands for: a partition id's merchant, or a node filed under its
+    own id ("node-81723": no partition id, or one another node holds) as itself."""
+    return key if str(key).startswith("node-") else merchant_of_partition(merchants, key)
+
+
 def dp_spent(summary: dict[str, Any], merchants: Sequence[str]) -> pd.DataFrame:
     """Per merchant of a DP federation: the ε it reported last (its ledger's, cumulative, so the
     largest), its DP steps summed over the rounds it trained in, and how many rounds that was."""
     rounds = federation_table(summary)
     if "epsilon" not in rounds:
         return pd.DataFrame(columns=["merchant", "epsilon", "steps", "rounds"])
-    trained = rounds.dropna(subset=["epsilon"]).assign(merchant=lambda f: f["merchant"].map(lambda pid: merchant_of_partition(merchants, pid)))
+    trained = rounds.dropna(subset=["epsilon"]).assign(merchant=lambda f: f["merchant"].map(lambda key: merchant_name(merchants, key)))
     return trained.groupby("merchant").agg(epsilon=("epsilon", "max"), steps=("steps", "sum"), rounds=("round", "nunique")).reset_index()
 
 
@@ -67,7 +73,7 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
     overall = accuracy_summary(contest)
     merchants = per_merchant(contest.scores)
     rounds = federation_table(summary)
-    rounds["merchant"] = rounds["merchant"].map(lambda pid: merchant_of_partition(context["merchants"], pid))
+    rounds["merchant"] = rounds["merchant"].map(lambda key: merchant_name(context["merchants"], key))
     privacy = summary["privacy"]
     lines = [
         f"# shopcast run report: {context['title']}",
