@@ -48,7 +48,7 @@ from shared.metrics import METRICS
 from shared.pipeline import ForecastPipeline, shown_path
 from shared.plots import fan_chart
 from shared.privacy import MerchantPins
-from shared.schema import DS, ID, OPEN, DataValidationError, SeriesTable, Y, read_table, to_long, with_known_channels
+from shared.schema import DS, ID, MERCHANT, OPEN, DataValidationError, SeriesTable, Y, read_table, to_long, with_known_channels
 from shared.sources import load_table, one_merchant
 from shared.stock import stock_levels
 from shared.train import TrainResult
@@ -146,6 +146,8 @@ def read_future(path: Path | None, cfg: Config, table: SeriesTable) -> pd.DataFr
         return None
     data, columns = cfg.data, cfg.data.columns
     raw = read_table(path, data)
+    if columns.merchant_id and columns.merchant_id in raw:  # a chain's plan for all its shops: this merchant's rows
+        raw = raw[raw[columns.merchant_id].astype(str).isin(set(table.frame[MERCHANT]))]
     layout = replace(columns, merchant_id="", observed=(), description="", open=columns.open if columns.open in raw else "")
     no_sales = raw.assign(**{columns.y: 0.0})  # sales are what the forecast is for: zeros stand in
     planned = to_long(no_sales, layout, path, max_abs_value=data.max_abs_value, date_format=data.date_format)

@@ -320,3 +320,16 @@ def test_forecast_with_a_federated_adapter_shows_progress(local_run: Path, tmp_p
     assert result.exit_code == 0, result.output
     for stage in ("personal refit: window features", "personal refit: steps", "calibrating", "forecasting"):
         assert f"\r{stage}: " in result.output, stage
+
+
+def test_a_chains_plan_for_all_its_shops_is_read_for_this_merchant_alone(local_run: Path, tmp_path: Path) -> None:
+    """One plan file for every shop (with the merchant column): each merchant takes its own rows, and
+    the other shops' series are not reported as unknown ones."""
+    dates = pd.read_csv(local_run / "forecast.csv")["ds"].drop_duplicates()
+    plan = pd.concat([pd.DataFrame({"merchant_id": shop, "unique_id": f"{shop}/p00", "ds": dates, "promo": 1, "holiday": 0})
+                      for shop in ("shop_00", "shop_01")])
+    plan.to_csv(tmp_path / "planned.csv", index=False)
+    result = invoke("forecast", "--merchant", "shop_01", "--adapter", str(local_run), "--out", str(tmp_path),
+                    "--future", str(tmp_path / "planned.csv"))
+    assert result.exit_code == 0, result.output
+    assert "not in the data" not in result.output
