@@ -1,0 +1,148 @@
+"""A merchant's first hour: the README's journey, run verbatim on a daily store export, scored on 28 kept-back days.
+
+The case is built from public data (UCI Online Retail, `../shared/data/online_retail_uci`): three
+"stores" (the shop's three largest customer countries, each its own merchant) with a daily sales
+export as a chain's till system writes it: day-first dates (`13.01.2011`), `Sales` (net revenue,
+returns included), `Customers`, `Open` (0 on the days the shop took no orders at all: every
+Saturday and its Christmas and bank-holiday closures) and a `StateHoliday` code in the Rossmann
+style (`0` none, `a` bank holiday, `b` Easter, `c` Christmas; England's bank holidays, a public
+fact). The last 28 days are kept aside; the merchant sees only the rest, writes `mine.toml` as the
+README shows (its own block, read from the README) and runs, per store, the journey's command:
+
+    shopcast local --config mine.toml --merchant <store> --out <runs>/<store> [--future planned.csv]
+
+once with the plan for the horizon (its openings and holiday codes, as the README's journey passes it and
+as LightGBM is given it too) and once without (`--future` left out: the shop's own closing pattern is
+assumed, and the forecast says so). Both are
+scored against seasonal naive (the same weekday last week) and a per-store LightGBM on lags,
+calendar, the open flag and the holiday codes, on the same 28 days (MASE of the median, WQL; closed
+days included: every forecaster is told they are closed, or learns it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks import scaffold
+from shared import presets
+from shared.baselines import lightgbm, seasonal_naive
+from shared.config import PROJECT_ROOT
+from shared.metrics import score, summarise, to_markdown
+from shared.schema import DS, ID, MERCHANT, Y, quantile_column
+
+STORES = ("United Kingdom", "Germany", "France")
+HORIZON = 28
+LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# England and Wales bank holidays inside the data's span (gov.uk), coded as Rossmann codes its holidays
+HOLIDAYS = {
+    "2010-12-27": "c", "2010-12-28": "c", "2011-01-03": "a", "2011-04-22": "b", "2011-04-25": "b",
+    "2011-04-29": "a", "2011-05-02": "a", "2011-05-30": "a", "2011-08-29": "a",
+}
+HOLIDAY_LEVELS = ("StateHoliday=a", "StateHoliday=b", "StateHoliday=c")
+
+
+def readme_config() -> str:
+    """mine.toml exactly as the README's journey writes it, less the `promo` line (this export has no
+    promotions, which the README says to leave out): the benchmark runs what a merchant would copy."""
+    journey = (PROJECT_ROOT / "README.md").read_text().split("## A merchant's journey", 1)[1]
+    block = journey.split("```toml\n", 1)[1].split("```", 1)[0]
+    return "".join(line[3:] + "\n" for line in block.splitlines() if not line.strip().startswith("promo ="))
+
+
+def store_export() -> pd.DataFrame:
+    """Every calendar day of the three stores, in the export's own columns (dates still timestamps)."""
+    daily = pd.read_csv(presets.SHARED_DATA / "online_retail_uci" / "daily_by_country.csv", parse_dates=["ds"])
+    trading = pd.DatetimeIndex(sorted(daily["ds"].unique()))
+    calendar = pd.date_range(trading.min(), trading.max(), freq="D")
+    frames = []
+    for store in STORES:
+        own = daily[daily["unique_id"] == store].set_index("ds").reindex(calendar)
+        frames.append(pd.DataFrame({
+            "Store": store, "Date": calendar,
+            "Sales": own["revenue"].fillna(0.0).round(2).to_numpy(),
+            "Customers": own["n_customers"].fillna(0).astype(int).to_numpy(),
+            "Open": calendar.isin(trading).astype(int),
+            "StateHoliday": [HOLIDAYS.get(str(day.date()), "0") for day in calendar],
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_case(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """stores.csv (all but the last 28 days, day-first dates), planned.csv (the horizon's openings and
+    holiday codes) and mine.toml under `folder`; returns the history and the kept-back days."""
+    export = store_export()
+    cut = export["Date"].max() - pd.Timedelta(days=HORIZON)
+    history, kept = export[export["Date"] <= cut], export[export["Date"] > cut]
+    folder.mkdir(parents=True, exist_ok=True)
+    history.to_csv(folder / "stores.csv", index=False, date_format="%d.%m.%Y")
+    kept[["Store", "Date", "Open", "StateHoliday"]].to_csv(folder / "planned.csv", index=False, date_format="%d.%m.%Y")
+    (folder / "mine.toml").write_text(readme_config())
+    return history, kept
+
+
+def long_frame(export: pd.DataFrame) -> pd.DataFrame:
+    """The export in the forecast frames' schema, with the known covariates LightGBM reads."""
+    frame = pd.DataFrame({MERCHANT: export["Store"], ID: export["Store"], DS: export["Date"], Y: export["Sales"].clip(lower=0.0),
+                          "open": export["Open"].astype(float)})
+    for level in HOLIDAY_LEVELS:
+        frame[level] = (export["StateHoliday"] == level.split("=")[1]).astype(float).to_numpy()
+    return frame.reset_index(drop=True)
+
+
+def shopcast_forecasts(folder: Path, runs: Path, future: bool) -> tuple[pd.DataFrame, float]:
+    """The journey's `shopcast local` per store, as a merchant types it; its forecast.csv files joined."""
+    shopcast = Path(sys.executable).parent / "shopcast"
+    frames, started = [], time.time()
+    for store in STORES:
+        out = runs / store.replace(" ", "_")
+        command = [str(shopcast), "local", "--config", "mine.toml", "--merchant", store, "--out", str(out)]
+        command += ["--future", "planned.csv"] if future else []
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, cwd=folder, check=True, env=os.environ | {"TQDM_DISABLE": "1"})
+        frames.append(pd.read_csv(out / "forecast.csv", parse_dates=[DS]))
+    forecast = pd.concat(frames, ignore_index=True)
+    forecast[ID] = forecast[ID].astype(str)
+    forecast[MERCHANT] = forecast[ID]
+    return forecast, time.time() - started
+
+
+def main() -> None:
+    parser = scaffold.arguments(__doc__)
+    parser.add_argument("--work", type=Path, default=Path("runs/first_hour"), help="folder for the case and the runs")
+    args = parser.parse_args()
+    if scaffold.data_missing("online_retail", "first_hour"):
+        return
+    work = args.work.resolve()
+    with scaffold.Run("benchmarks.first_hour", None) as run:
+        history, kept = write_case(work)
+        past, actual = long_frame(history), long_frame(kept)
+        forecasts, seconds = {}, {}
+        forecasts["shopcast_first_hour"], seconds["shopcast_first_hour"] = shopcast_forecasts(work, work / "runs_no_future", future=False)
+        forecasts["shopcast_with_future"], seconds["shopcast_with_future"] = shopcast_forecasts(work, work / "runs_future", future=True)
+        forecasts["seasonal_naive"] = seasonal_naive(past, HORIZON, 7, LEVELS, freq="D")
+        known = ["open", *HOLIDAY_LEVELS]
+        forecasts["lightgbm_per_store"] = lightgbm(past, HORIZON, 7, LEVELS, known, actual[[MERCHANT, ID, DS, *known]], pooled=False, freq="D")
+    columns = [MERCHANT, ID, DS, *(quantile_column(q) for q in LEVELS)]
+    scores = {name: score(frame[columns], actual, past, 7, LEVELS) for name, frame in forecasts.items()}
+    summary = summarise(scores)
+    per_store = pd.concat([frame.assign(model=name) for name, frame in scores.items()])[["model", ID, "mase", "wql", "coverage_80"]]
+    body = (
+        "Mean over the three stores and gmean relative to seasonal naive (lower is better):\n\n"
+        + to_markdown(summary[["model", "mase", "wql", "coverage_80", "mase_gmean_rel", "wql_gmean_rel"]])
+        + "\nPer store:\n\n" + to_markdown(per_store.sort_values([ID, "model"]).reset_index(drop=True))
+    )
+    given = (f"stores {', '.join(STORES)}; {len(history) // len(STORES)} days each given, the last {HORIZON} kept aside "
+             f"({kept['Date'].min().date()} to {kept['Date'].max().date()})")
+    extra = [given, "shopcast wall time (`shopcast local` for the three stores): " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())]
+    run.save("first_hour", "A merchant's first hour on a daily store export (UCI Online Retail, three stores)", extra, body,
+             {"summary": summary.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"), "config": readme_config()})
+
+
+if __name__ == "__main__":
+    scaffold.command(main)
