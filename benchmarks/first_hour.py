@@ -9,10 +9,10 @@ style (`0` none, `a` bank holiday, `b` Easter, `c` Christmas; England's bank hol
 fact). The last 28 days are kept aside; the merchant sees only the rest, writes `mine.toml` as the
 README shows (its own block, read from the README) and runs, per store, the journey's command:
 
-    shopcast local --config mine.toml --merchant <store> --out <runs>/<store> [--future planned.csv]
+    shopcast local --config mine.toml --merchant <store> --out <runs>/<store> --future planned.csv
 
-once with the plan for the horizon (its openings and holiday codes, as the README's journey passes it and
-as LightGBM is given it too) and once without (`--future` left out: the shop's own closing pattern is
+with the plan for the horizon (its openings and holiday codes, as LightGBM is given them too), then
+`shopcast forecast` with the adapter it saved and no `--future` (the shop's own closing pattern is
 assumed, and the forecast says so). Both are
 scored against seasonal naive (the same weekday last week) and a per-store LightGBM on lags,
 calendar, the open flag and the holiday codes, on the same 28 days (MASE of the median, WQL; closed
@@ -95,21 +95,29 @@ def long_frame(export: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def shopcast_forecasts(folder: Path, runs: Path, future: bool) -> tuple[pd.DataFrame, float]:
-    """The journey's `shopcast local` per store, as a merchant types it; its forecast.csv files joined."""
-    shopcast = Path(sys.executable).parent / "shopcast"
-    frames, started = [], time.time()
+def shopcast(folder: Path, *args: str) -> None:
+    """One shopcast command, typed as a merchant types it in the folder holding mine.toml."""
+    command = [str(Path(sys.executable).parent / "shopcast"), *args]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=folder, check=True, env=os.environ | {"TQDM_DISABLE": "1"})
+
+
+def journey(folder: Path, runs: Path) -> tuple[dict[str, pd.DataFrame], float]:
+    """Per store, the journey's `shopcast local ... --future planned.csv`, then `shopcast forecast` with the
+    adapter it saved and no plan (the forecast a merchant gets without `--future`); both forecasts'
+    frames, and the wall time of the `local` commands."""
+    frames: dict[str, list[pd.DataFrame]] = {"shopcast_with_plan": [], "shopcast_without_plan": []}
+    seconds = 0.0
     for store in STORES:
         out = runs / store.replace(" ", "_")
-        command = [str(shopcast), "local", "--config", "mine.toml", "--merchant", store, "--out", str(out)]
-        command += ["--future", "planned.csv"] if future else []
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, cwd=folder, check=True, env=os.environ | {"TQDM_DISABLE": "1"})
-        frames.append(pd.read_csv(out / "forecast.csv", parse_dates=[DS]))
-    forecast = pd.concat(frames, ignore_index=True)
-    forecast[ID] = forecast[ID].astype(str)
-    forecast[MERCHANT] = forecast[ID]
-    return forecast, time.time() - started
+        started = time.time()
+        shopcast(folder, "local", "--config", "mine.toml", "--merchant", store, "--out", str(out), "--future", "planned.csv")
+        seconds += time.time() - started
+        shopcast(folder, "forecast", "--config", "mine.toml", "--merchant", store, "--adapter", str(out), "--out", str(out / "no_plan"))
+        frames["shopcast_with_plan"].append(pd.read_csv(out / "forecast.csv", parse_dates=[DS]))
+        frames["shopcast_without_plan"].append(pd.read_csv(out / "no_plan" / "forecast.csv", parse_dates=[DS]))
+    joined = {name: pd.concat(parts, ignore_index=True).astype({ID: str}) for name, parts in frames.items()}
+    return {name: frame.assign(**{MERCHANT: frame[ID]}) for name, frame in joined.items()}, seconds
 
 
 def main() -> None:
@@ -122,9 +130,7 @@ def main() -> None:
     with scaffold.Run("benchmarks.first_hour", None) as run:
         history, kept = write_case(work)
         past, actual = long_frame(history), long_frame(kept)
-        forecasts, seconds = {}, {}
-        forecasts["shopcast_first_hour"], seconds["shopcast_first_hour"] = shopcast_forecasts(work, work / "runs_no_future", future=False)
-        forecasts["shopcast_with_future"], seconds["shopcast_with_future"] = shopcast_forecasts(work, work / "runs_future", future=True)
+        forecasts, seconds = journey(work, work / "runs")
         forecasts["seasonal_naive"] = seasonal_naive(past, HORIZON, 7, LEVELS, freq="D")
         known = ["open", *HOLIDAY_LEVELS]
         forecasts["lightgbm_per_store"] = lightgbm(past, HORIZON, 7, LEVELS, known, actual[[MERCHANT, ID, DS, *known]], pooled=False, freq="D")
@@ -139,7 +145,7 @@ def main() -> None:
     )
     given = (f"stores {', '.join(STORES)}; {len(history) // len(STORES)} days each given, the last {HORIZON} kept aside "
              f"({kept['Date'].min().date()} to {kept['Date'].max().date()})")
-    extra = [given, "shopcast wall time (`shopcast local` for the three stores): " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())]
+    extra = [given, f"`shopcast local` wall time, three stores: {seconds:.0f} s"]
     run.save("first_hour", "A merchant's first hour on a daily store export (UCI Online Retail, three stores)", extra, body,
              {"summary": summary.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"), "config": readme_config()})
 
