@@ -2,12 +2,14 @@
 
 import dataclasses
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
+import numpy as np
 import pytest
+from annotated_types import Ge, Gt, Le, Lt
 
 from shared.backbone import truncated_backbone
-from shared.config import PROJECT_ROOT, RULES, Columns, Config, ConfigError, load_config, parse_overrides
+from shared.config import DEFAULT_CONFIG, PROJECT_ROOT, Columns, Config, ConfigError, Rule, load_config, parse_overrides, with_overrides
 
 
 def test_benchmark_config_inherits_its_dataset_config() -> None:
@@ -55,37 +57,38 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 @pytest.mark.parametrize("override, shown", [
     ("train.lr=abc", "[train] lr = 'abc'"),
-    ("train.lr=0", "[train] lr = 0.0"),
+    ("train.lr=0", "[train] lr = 0"),
     ("train.lr=true", "[train] lr = True"),
     ("train.batch_size=0", "[train] batch_size = 0"),
     ("train.batch_size=2.5", "[train] batch_size = 2.5"),
     ("train.weight_decay=-0.1", "[train] weight_decay = -0.1"),
-    ("privacy.noise_multiplier=0", "[privacy] noise_multiplier = 0.0"),
+    ("privacy.noise_multiplier=0", "[privacy] noise_multiplier = 0"),
     ("privacy.noise_multiplier=inf", "[privacy] noise_multiplier = inf"),
     ("privacy.noise_multiplier=nan", "[privacy] noise_multiplier = nan"),
-    ("privacy.max_grad_norm=0", "[privacy] max_grad_norm = 0.0"),
-    ("privacy.delta=1", "[privacy] delta = 1.0"),
+    ("privacy.max_grad_norm=0", "[privacy] max_grad_norm = 0"),
+    ("privacy.delta=1", "[privacy] delta = 1"),
     ("privacy.target_epsilon=inf", "[privacy] target_epsilon = inf"),
     ("federation.num_rounds=0", "[federation] num_rounds = 0"),
     ("federation.local_steps=0", "[federation] local_steps = 0"),
     ("federation.min_replies=0", "[federation] min_replies = 0"),
-    ("federation.round_timeout_s=0", "[federation] round_timeout_s = 0.0"),
-    ("federation.max_update_norm=-1", "[federation] max_update_norm = -1.0"),
+    ("federation.round_timeout_s=0", "[federation] round_timeout_s = 0"),
+    ("federation.max_update_norm=-1", "[federation] max_update_norm = -1"),
     ("federation.secagg=1", "[federation] secagg = 1"),
     ("federation.strategy='fedsgd'", "[federation] strategy = 'fedsgd'"),
     ("model.llm_layers=0", "[model] llm_layers = 0"),
-    ("model.quantiles=[0.1, 0.9]", "[model] quantiles = (0.1, 0.9)"),
+    ("model.quantiles=[0.1, 0.9]", "[model] quantiles = [0.1, 0.9]"),
     ("model.lora.r=0", "[model.lora] r = 0"),
-    ("model.lora.targets=[]", "[model.lora] targets = ()"),
-    ("data.columns.known=[1]", "[data.columns] known = (1,)"),
+    ("model.lora.targets=[]", "[model.lora] targets = []"),
+    ("data.columns.known=[1]", "[data.columns] known = [1]"),
     ("data.synthetic.n_days=-5", "[data.synthetic] n_days = -5"),
     ("data.horizon=0", "[data] horizon = 0"),
     ("data.sep=';;'", "[data] sep = ';;'"),
     ("data.decimal=''", "[data] decimal = ''"),
     ("data.encoding='klingon'", "[data] encoding = 'klingon'"),
-    ("data.max_abs_value=0", "[data] max_abs_value = 0.0"),
+    ("data.max_abs_value=0", "[data] max_abs_value = 0"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(override: str, shown: str) -> None:
+    """The value is shown as written (0, not 0.0; a TOML list as a list), so the line points at the user's text."""
     with pytest.raises(ConfigError) as error:
         load_config(overrides=parse_overrides([override]))
     message = str(error.value)
@@ -106,20 +109,40 @@ def test_a_value_where_a_table_belongs_and_an_unknown_key_are_config_errors() ->
 
 
 def _leaves(cls: type, section: str = "") -> dict[str, Any]:
-    """Every key of the config, dotted, with its annotation."""
-    hints = get_type_hints(cls)
+    """Every key of the config, dotted, with its annotation (bounds and rules included)."""
     keys: dict[str, Any] = {}
-    for name, hint in hints.items():
+    for name, hint in get_type_hints(cls, include_extras=True).items():
         key = f"{section}.{name}" if section else name
         keys.update(_leaves(hint, key) if dataclasses.is_dataclass(hint) else {key: hint})
     return keys
 
 
-def test_every_number_has_a_rule_and_every_rule_a_key() -> None:
-    keys = _leaves(Config)
-    assert set(RULES) <= set(keys), sorted(set(RULES) - set(keys))
-    numbers = {key for key, hint in keys.items() if hint in (int, float)}
-    assert numbers <= set(RULES), f"give these keys a range in shared.config.RULES: {sorted(numbers - set(RULES))}"
+def test_default_toml_documents_the_codes_defaults() -> None:
+    """default.toml is what a merchant reads; the fields are what runs: every key it sets has the field's default."""
+    assert load_config(DEFAULT_CONFIG) == Config()
+
+
+def test_an_edited_default_toml_is_one_line_not_silently_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    edited = tmp_path / "default.toml"
+    edited.write_text(DEFAULT_CONFIG.read_text().replace("llm_layers = 2 ", "llm_layers = 6 "))
+    monkeypatch.setattr("shared.config.DEFAULT_CONFIG", edited)
+    with pytest.raises(ConfigError, match=r"^default.toml sets model.llm_layers = 6, but it only documents the defaults \(here 2\); [^\n]*$"):
+        load_config(edited)
+
+
+def _numeric(hint: Any) -> bool:
+    base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
+    return base in (int, float) or float in get_args(base)
+
+
+def _bounded(hint: Any) -> bool:
+    return get_origin(hint) is Annotated and any(isinstance(extra, (Ge, Gt, Le, Lt, Rule)) for extra in get_args(hint)[1:])
+
+
+def test_every_number_has_a_bound() -> None:
+    """No count, rate or budget is left to fail deep in a run: each numeric field carries a bound or a rule."""
+    unbounded = [key for key, hint in _leaves(Config).items() if _numeric(hint) and not _bounded(hint)]
+    assert not unbounded, f"give these fields a bound (Ge, Gt, ...) in shared/config.py: {unbounded}"
 
 
 def test_llm_layers_deeper_than_the_backbone_is_a_config_error() -> None:
@@ -165,3 +188,18 @@ def test_a_file_mapping_starts_from_the_required_columns_only(tmp_path: Path) ->
 def test_a_covariate_listed_twice_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^\[data.columns\] 'promo' is listed in promo and in known; list each column once$"):
         load_config(None, {"data.columns.known": ["promo"]})
+
+
+def test_replace_validates_like_a_file() -> None:
+    """A variant built in code (dataclasses.replace) gets the same checks and the same one line as a loaded file."""
+    with pytest.raises(ConfigError, match=r"^\[model\] llm_layers = 0: expected an integer, at least 1$"):
+        dataclasses.replace(load_config().model, llm_layers=0)
+    with pytest.raises(ConfigError, match=r"^\[data\] horizon \(10\) must be a multiple of patch_len \(7\)$"):
+        cfg = load_config()
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, horizon=10))
+
+
+def test_lists_become_tuples_and_numpy_numbers_plain_ones_so_a_config_hashes() -> None:
+    cfg = with_overrides(load_config(), {"train.batch_size": np.int64(4), "model.shared": ["head"]})
+    assert cfg.train.batch_size == 4 and type(cfg.train.batch_size) is int and cfg.model.shared == ("head",)
+    assert hash(cfg) == hash(with_overrides(load_config(), {"train.batch_size": 4, "model.shared": ("head",)}))
