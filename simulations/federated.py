@@ -17,7 +17,6 @@ from client.app import app as default_client_app
 from server.app import app as server_app
 from shared.config import Config, with_overrides
 from shared.handoff import handed_over
-from shared.pipeline import ForecastPipeline
 
 
 @dataclass(frozen=True)
@@ -25,11 +24,7 @@ class FederatedRun:
     """What one federation leaves: the server's summary.json and the folder of its final adapter."""
 
     summary: dict[str, Any]
-    adapter_dir: Path
-
-    def pipeline(self, cfg: Config) -> ForecastPipeline:
-        """The final adapter with the settings it was trained with, the rest (data, device) from `cfg`."""
-        return ForecastPipeline.from_adapter(self.adapter_dir, cfg)
+    adapter_dir: Path  # load it with ForecastPipeline.load or from_adapter
 
 
 def round_timeout(cfg: Config, num_merchants: int) -> float:
