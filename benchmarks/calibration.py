@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
-from shared.adapter import adapter_state, load_adapter_state
 from shared.anomalies import find_anomalies
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
@@ -45,15 +44,15 @@ KEYS = [ID, DS]
 
 def trained_adapters(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> dict[str, dict[str, Any]]:
     """regime -> merchant -> adapter state: each merchant's own (local-only), or the pooled one (centralised)."""
-    initial = adapter_state(pipeline.model)
     local = {}
-    for merchant, s in splits.items():
-        load_adapter_state(pipeline.model, initial)
-        pipeline.fit(s.train, steps=steps)
-        local[merchant] = adapter_state(pipeline.model)
-    load_adapter_state(pipeline.model, initial)
-    pipeline.fit(concat_windows([s.train for s in splits.values()]), steps=steps * len(splits))
-    pooled = adapter_state(pipeline.model)
+    with pipeline.keep_state() as initial:
+        for merchant, s in splits.items():
+            pipeline.restore(initial)
+            pipeline.fit(s.train, steps=steps)
+            local[merchant] = pipeline.state()
+        pipeline.restore(initial)
+        pipeline.fit(concat_windows([s.train for s in splits.values()]), steps=steps * len(splits))
+        pooled = pipeline.state()
     return {"local_only": local, "centralised": dict.fromkeys(splits, pooled)}
 
 
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         scores, counts = [], []
         for regime, states in trained_adapters(pipeline, splits, steps).items():
             for merchant, s in splits.items():
-                load_adapter_state(pipeline.model, states[merchant])
+                pipeline.restore(states[merchant])
                 scores.append(coverage_scores(pipeline, s, holdouts).assign(regime=regime))
                 injected, events = inject(table.for_merchant(merchant), cfg.data.horizon, args.inject, rng)
                 counts += [row | {"regime": regime, MERCHANT: merchant} for row in anomaly_counts(pipeline, injected, events, min_scores)]

@@ -38,7 +38,7 @@ from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.schema import ID, OPEN, SeriesTable, prepare
 from shared.sources import raw_frame
-from simulations.compare import Contest, add_lightgbm, add_seasonal_naive, local_only, merchant_splits, model_forecast, personalised
+from simulations.compare import Contest, add_lightgbm, add_seasonal_naive, local_only, merchant_splits, personalised
 from simulations.report import accuracy_summary
 
 
@@ -66,9 +66,9 @@ def contest_for(cfg: Config, table: SeriesTable, local_steps: int) -> Contest:
     if base.base is None:
         raise SystemExit("no shipped base adapter fits this config; pretrain one (python -m server.pretrain)")
     splits = merchant_splits(base, table)
-    rows = {"shopcast_zero_shot": lambda: model_forecast(base, splits), "shopcast_base_personal": lambda: personalised(base, splits)}
+    rows = {"shopcast_zero_shot": lambda: base.forecast_merchants(splits), "shopcast_base_personal": lambda: personalised(base, splits)}
     if table.descriptions and cfg.data.short_series == "analogues":
-        rows["shopcast_zero_shot_all_siblings"] = lambda: model_forecast(base, merchant_splits(base, replace(table, descriptions={})))
+        rows["shopcast_zero_shot_all_siblings"] = lambda: base.forecast_merchants(merchant_splits(base, replace(table, descriptions={})))
     for name, forecast in rows.items():
         started = time.time()
         contest.add(name, forecast(), splits, cfg, time.time() - started)

@@ -4,14 +4,14 @@
                                                 [--layers 6] [--epsilons 1,4,8] [--baselines all|naive]
 
 Each store is a merchant (its `--depts` largest full-length departments are its series). The real
-ServerApp and ClientApp run through Flower's simulation engine (simulations.federated.simulate),
+ServerApp and ClientApp run through Flower's simulation engine (simulations.federated.federate),
 once without DP and once per ε with DP-SGD at the series level (privacy.target_epsilon = ε). Every
 merchant trains `rounds x local-steps` steps in all; the noise multiplier is chosen with opacus'
 get_noise_multiplier(ε, δ, q, rounds x local-steps, accountant="rdp"), q being the sample rate the
 merchant's ledger is charged (shared.privacy.PrivateTraining: one unit per series), so the planned
 steps spend the whole budget and each merchant's ledger ends at ε. The final global adapter of each
 run is scored on the same last `horizon` weeks of every department (simulations.compare:
-merchant_splits, model_forecast, Contest), next to the untrained initial adapter, seasonal naive
+merchant_splits, Contest), next to the untrained initial adapter, seasonal naive
 and (with --baselines all) AutoETS, AutoTheta and per-store LightGBM: mean MASE / WQL and their
 geometric means relative to seasonal naive.
 
@@ -133,15 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     quiet(progress=False)
 
-    from shared.adapter import adapter_state, load_adapter, load_adapter_state
     from shared.config import load_config, parse_overrides
     from shared.metrics import per_merchant, to_markdown
     from shared.pipeline import ForecastPipeline
     from shared.privacy import noise_for, sample_rate
     from shared.rundir import fresh_run_dir
     from shared.sources import load_table
-    from simulations.compare import Contest, baselines, merchant_splits, model_forecast
-    from simulations.federated import simulate
+    from simulations.compare import Contest, add_federated, baselines, merchant_splits
+    from simulations.federated import federate
     from simulations.report import accuracy_summary, merchant_wql
 
     stores = [f"store_{int(s)}" for s in args.stores.split(",")]
@@ -159,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     with Run("benchmarks.dp_accuracy", argv, threads=args.threads) as run:
         table = load_table(cfg)
         pipeline = ForecastPipeline.from_config(cfg, table)
-        model = pipeline.model
-        initial = adapter_state(model)
+        initial = pipeline.state()
         splits = merchant_splits(pipeline, table)
         rates = {m: sample_rate(cfg, s.train) for m, s in splits.items()}  # what each merchant's ledger is charged
         q = max(rates.values())  # one noise multiplier for all: the one the most-sampled merchant needs
@@ -178,14 +176,13 @@ def main(argv: list[str] | None = None) -> None:
             out = fresh_run_dir(WORK / name)  # no resumed checkpoint, no spent ledgers
             overrides = base | extra | {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
             t = time.time()
-            summary = simulate(load_config(args.config, overrides), args.config, overrides, len(stores))
+            federated = federate(load_config(args.config, overrides), len(stores))
             seconds = time.time() - t
-            load_adapter(model, out / "federated" / "final_adapter")
-            contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds)
-            runs[name] = {**meta, "simulate_s": seconds, **digest(summary)}
+            add_federated(contest, name, federated, pipeline, splits, seconds)
+            runs[name] = {**meta, "simulate_s": seconds, **digest(federated.summary)}
             print(f"[dp_accuracy] {name}: {seconds:.0f} s, {runs[name]}", flush=True)
-        load_adapter_state(model, initial)
-        contest.add("shopcast_untrained", model_forecast(pipeline, splits), splits, cfg, 0.0)
+        pipeline.restore(initial)
+        contest.add("shopcast_untrained", pipeline.forecast_merchants(splits), splits, cfg, 0.0)
         t = time.time()
         if args.baselines == "all":
             baselines(contest, splits, cfg, table.known)
@@ -197,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             forecast = seasonal_naive(history, cfg.data.horizon, season_for(table.freq), cfg.model.quantiles, freq=table.freq)
             contest.add("seasonal_naive", forecast, splits, cfg, time.time() - t)
         baselines_s = time.time() - t
-        del model, pipeline
+        del pipeline
         speed = speed_results()
         timing_layers = args.timing_layers
         if timing_layers == "auto":
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
            if cfg.model.llm_layers < default_layers else " (the config's own)") + f", LoRA r={cfg.model.lora.r}",
         (f"data: stores {', '.join(stores)}, per store the {args.depts} full-length departments with the largest total sales; "
         f"training windows per store {({m: len(sp.train) for m, sp in splits.items()})}; test = the last {cfg.data.horizon} weeks"),
-        (f"federation: simulations.federated.simulate (Flower simulation engine, real ServerApp/ClientApp), {cfg.federation.strategy}, "
+        (f"federation: simulations.federated.federate (Flower simulation engine, real ServerApp/ClientApp), {cfg.federation.strategy}, "
         f"{args.rounds} rounds x {args.local_steps} local steps = {planned} steps per store, all stores every round"),
         (f"DP: DP-SGD per store, unit = {cfg.privacy.unit} (one clipped window per Poisson-sampled series per step), max_grad_norm "
         f"{cfg.privacy.max_grad_norm}, δ = {cfg.privacy.delta:g}; sample rate q = 1/ceil(series / batch) = {q:.3f}; noise from "

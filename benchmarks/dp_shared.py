@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.dp_shared configs/benchmarks/synthetic.toml
                      [--epsilons 1,4,8] [--parts "all;llm;linear"] [--sweep llm] [--at 8]
 
-Every run is the real federation (simulations.federated.simulate: Flower's simulation engine, the
+Every run is the real federation (simulations.federated.federate: Flower's simulation engine, the
 ServerApp and ClientApp) from the shipped base, with DP-SGD at the config's unit and σ "auto": each
 merchant's accountant picks the σ with which its planned rounds x local steps end on ε. The shared
 part ([model] shared) is what trains, travels and is noised; the rest of the adapter keeps the base's
@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
-from shared.adapter import load_adapter
 from shared.config import Config, load_config
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
@@ -35,8 +34,8 @@ from shared.privacy import dp_learning_rate, federated_steps, merchant_units, no
 from shared.rundir import fresh_run_dir
 from shared.sources import load_table
 from shared.windows import Splits
-from simulations.compare import Contest, add_seasonal_naive, local_only, merchant_splits, model_forecast, personalised
-from simulations.federated import simulate
+from simulations.compare import Contest, add_federated, add_seasonal_naive, local_only, merchant_splits
+from simulations.federated import federate
 from simulations.report import accuracy_summary
 
 
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         pipeline = ForecastPipeline.from_config(cfg, table)
         splits = merchant_splits(pipeline, table)
         if pipeline.base is not None:
-            contest.add("shopcast_zero_shot", model_forecast(pipeline, splits), splits, cfg, 0.0)
+            contest.add("shopcast_zero_shot", pipeline.forecast_merchants(splits), splits, cfg, 0.0)
         started = time.time()
         contest.add("shopcast_local_only", local_only(pipeline, splits, federated_steps(cfg)), splits, cfg, time.time() - started)
         add_seasonal_naive(contest, splits, cfg)
@@ -94,11 +93,9 @@ def main(argv: list[str] | None = None) -> Path | None:
                 extra["privacy.target_epsilon"] = epsilon
             run_cfg = load_config(config, overrides | extra)
             started = time.time()
-            d = simulate(run_cfg, config, overrides | extra, len(splits))["shared_size"]
-            seconds = time.time() - started
-            load_adapter(pipeline.model, out / label / "final_adapter")
-            contest.add(label, model_forecast(pipeline, splits), splits, cfg, seconds)
-            contest.add(f"{label}_personal", personalised(pipeline, splits), splits, cfg, seconds)
+            federated = federate(run_cfg, len(splits))
+            d = federated.summary["shared_size"]
+            add_federated(contest, label, federated, pipeline, splits, time.time() - started, personal=True)
             plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr}
             rows.append({"run": label, "shared": part, "d": d, "epsilon": epsilon or float("inf"), **plan})
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)

@@ -24,7 +24,6 @@ from shared.config import Config, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.sources import load_table
-from shared.train import fit, predict
 from shared.windows import PromptEncoder, Windows, calendar_features, series_windows, stack_windows
 
 TRAIN_HOURS, VAL_HOURS, TEST_HOURS = 12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24
@@ -84,16 +83,16 @@ def main(argv: list[str] | None = None) -> Path | None:
         for variant in ("llm", *cfg.benchmark.ablations):
             vcfg = load_config(args.config, overrides | {"model.variant": variant})
             t = time.time()
-            model = ForecastPipeline.from_config(vcfg).model
-            train, test = (windows(values, dates, s, vcfg, model.encode_prompts) for s in (train_starts, test_starts))
-            result = fit(model, train, None, vcfg.train, steps=vcfg.train.max_steps)
-            quantiles = predict(model, test, next(model.parameters()).device)
+            pipeline = ForecastPipeline.from_config(vcfg)
+            train, test = (windows(values, dates, s, vcfg, pipeline.encode_prompts) for s in (train_starts, test_starts))
+            result = pipeline.fit(train, steps=vcfg.train.max_steps)
+            quantiles = pipeline.quantiles(test)
             median = quantiles[..., list(vcfg.model.quantiles).index(0.5)]
             name = "shopcast" if variant == "llm" else f"ablation_{variant}"
             seconds[name] = time.time() - t
             rows.append({"model": name, **errors(median, test.target), "steps": result.steps, "seconds": seconds[name]})
             print(f"[etth1] {name}: {rows[-1]['mse']:.3f} MSE, {rows[-1]['mae']:.3f} MAE after {result.steps} steps, {seconds[name]:.0f} s", flush=True)
-            del model
+            del pipeline
         context = test.context
         rows.append({"model": "repeat last value", **errors(np.repeat(context[:, -1:], H, axis=1), test.target)})
         rows.append({"model": "repeat last day", **errors(np.tile(context[:, -24:], H // 24), test.target)})

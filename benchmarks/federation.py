@@ -4,7 +4,7 @@
                                               [--backbone smollm2] [--set key=value ...]
 
 For each merchant count N, one run of the real ServerApp and ClientApp through Flower's simulation
-engine (simulations.federated.simulate) on N synthetic merchants, in its own subprocess. A thread in
+engine (simulations.federated.federate) on N synthetic merchants, in its own subprocess. A thread in
 this process samples the subprocess and all its descendants (driver, Ray's raylet and GCS, the
 ClientApp actors) with psutil: summed RSS (an upper bound: shared pages count once per process),
 summed PSS (shared pages split; the better estimate) and the largest single process. Bytes come
@@ -51,14 +51,14 @@ def child(args: argparse.Namespace) -> None:
     """One simulation, in this process (a fresh Ray cluster per run)."""
     from shared.config import load_config
     from shared.rundir import fresh_run_dir
-    from simulations.federated import simulate
+    from simulations.federated import federate
 
     n = int(args.child)
     overrides = run_overrides(args, n)
     fresh_run_dir(WORK / f"n{n}")  # no resumed checkpoint, no spent ledgers
     cfg = load_config(args.config, overrides)
     started = time.time()
-    summary = simulate(cfg, args.config, overrides, n)
+    summary = federate(cfg, n).summary
     reply(args, {"summary": summary, "simulate_s": time.time() - started})
 
 

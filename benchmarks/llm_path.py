@@ -25,7 +25,7 @@ from shared.pipeline import ForecastPipeline
 from shared.sources import load_table
 from shared.train import predict
 from shared.windows import concat_windows
-from simulations.compare import Contest, add_seasonal_naive, merchant_splits, model_forecast
+from simulations.compare import Contest, add_seasonal_naive, merchant_splits
 
 # name -> config overrides: L<blocks>, then the prompt (40 tokens: domain text and statistics, as today, which the
 # speed benchmark measured at 11.5 training windows per CPU-second; stats16: its last 16 tokens, the window's
@@ -61,7 +61,7 @@ def measure(args: Any) -> dict[str, Any]:
     predict(pipeline.model, tests, pipeline.device)
     infer_cpu = time.process_time() - cpu
     contest = Contest()
-    contest.add("model", model_forecast(pipeline, splits), splits, cfg, train_cpu)
+    contest.add("model", pipeline.forecast_merchants(splits), splits, cfg, train_cpu)
     add_seasonal_naive(contest, splits, cfg)
     summary = summarise(contest.scores).set_index("model").loc["model"]
     model = pipeline.model

@@ -30,14 +30,13 @@ import pandas as pd
 
 from benchmarks.scaffold import Monitor, Run, arguments, command, quiet
 from server.client_dp import adaptive_release_noise, client_epsilon, count_stddev
-from shared.adapter import load_adapter
 from shared.config import PROJECT_ROOT, FederationConfig, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.rundir import fresh_run_dir
 from shared.sources import load_table
-from simulations.compare import Contest, add_seasonal_naive, merchant_splits, model_forecast
-from simulations.federated import simulate
+from simulations.compare import Contest, add_federated, add_seasonal_naive, merchant_splits
+from simulations.federated import federate
 from simulations.report import accuracy_summary
 
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
         add_seasonal_naive(contest, splits, cfg)
         # what every merchant starts from (no base fits the tiny backbone: the seeded init, the window's
         # mean with a modest band): the reference a DP run should not fall below, as the base is elsewhere
-        contest.add("initial_adapter", model_forecast(pipeline, splits), splits, cfg, 0.0)
+        contest.add("initial_adapter", pipeline.forecast_merchants(splits), splits, cfg, 0.0)
         for epsilon in [None, *(float(e) for e in args.epsilons.split(","))]:
             label = "federated" if epsilon is None else f"merchant_dp_eps{epsilon:g}"
             extra: dict[str, Any] = {"federation.out_dir": str(out / label)}
@@ -95,10 +94,9 @@ def main(argv: list[str] | None = None) -> Path:
                 extra |= {"federation.client_dp": "server_adaptive", "federation.client_dp_noise": z}
             started = time.time()
             with Monitor() as monitor:
-                summary = simulate(load_config(CONFIG, base | extra), CONFIG, base | extra, n)
-            wall = time.time() - started
-            load_adapter(pipeline.model, out / label / "final_adapter")
-            contest.add(label, model_forecast(pipeline, splits), splits, cfg, wall)
+                federated = federate(load_config(CONFIG, base | extra), n)
+            wall, summary = time.time() - started, federated.summary
+            add_federated(contest, label, federated, pipeline, splits, wall)
             releases = [r["client_dp"] for r in summary["history"] if "client_dp" in r]
             replies = [len(r.get("merchants", {})) for r in summary["history"]]
             load = monitor.summary()

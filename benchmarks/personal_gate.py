@@ -25,12 +25,10 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.scaffold import Run, arguments, command, dataset_config, quiet
-from shared.adapter import adapter_state, load_adapter_state
 from shared.metrics import to_markdown
 from shared.pipeline import ForecastPipeline
 from shared.schema import DS, ID, SeriesTable
 from shared.sources import load_table
-from shared.train import evaluate_loss
 from simulations.compare import merchant_splits
 
 
@@ -57,14 +55,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         pipeline = ForecastPipeline.from_config(cfg, table)
         if pipeline.base is None:
             raise SystemExit("no shipped base adapter fits this config; pretrain one (python -m server.pretrain)")
-        base = adapter_state(pipeline.model)
+        base = pipeline.state()
         for origin in range(args.origins):
             seen = earlier_origin(table, origin * cfg.data.horizon)
             for merchant, s in merchant_splits(pipeline, seen).items():
-                load_adapter_state(pipeline.model, base)
-                test_before = evaluate_loss(pipeline.model, s.test, pipeline.device)
+                pipeline.restore(base)
+                test_before = pipeline.loss(s.test)
                 val_before, val_after, steps = pipeline.personalise(s)  # the refits the check chose, before the rerun with the latest windows
-                test_after = evaluate_loss(pipeline.model, s.test, pipeline.device)
+                test_after = pipeline.loss(s.test)
                 rows.append({"origin": origin, "test_ends": str(s.test_actuals()[DS].max().date()), "merchant": merchant,
                              "train_windows": len(s.train), "val_windows": len(s.val), "kept": steps > 0, "steps": steps,
                              "val_change": val_after / val_before - 1, "test_change": test_after / test_before - 1,

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         contest = Contest()
         for k in refits:
             for seed in seeds:
-                pipeline.cfg = with_overrides(cfg, {"train.personal_refits": k, "train.seed": seed})
-                contest.add(f"refits_{k}_seed_{seed}", personalised(pipeline, splits), splits, cfg, 0.0)
+                refitting = ForecastPipeline.from_config(with_overrides(cfg, {"train.personal_refits": k, "train.seed": seed}), table)
+                contest.add(f"refits_{k}_seed_{seed}", personalised(refitting, splits), splits, cfg, 0.0)
         add_seasonal_naive(contest, splits, cfg)
         history = pd.concat([s.history_before_test() for s in splits.values()])
         add_lightgbm(contest, splits, cfg, table.known, history)

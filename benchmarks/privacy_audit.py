@@ -142,20 +142,9 @@ def pooled_table(cfg, n_merchants: int, n_days: int, seed: int, n_canaries: int 
 # ---------------------------------------------------------------- model side
 
 
-def series_losses(model, windows, n_series: int, batch_size: int = 64) -> np.ndarray:
+def series_losses(pipeline, windows, n_series: int) -> np.ndarray:
     """Mean per-window pinball loss (Forecaster.loss, in units of each window's step change) of each series over `windows`; NaN where none."""
-    import torch
-
-    device = next(model.parameters()).device
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            index = np.arange(start, min(start + batch_size, len(windows)))
-            inputs = {k: v.to(device) for k, v in windows.tensors(index).items()}
-            target = torch.as_tensor(windows.target[index], dtype=torch.float32, device=device)
-            losses.append(model.loss(target, **inputs).cpu().numpy())
-    per_window = np.concatenate(losses) if losses else np.zeros(0)
+    per_window = pipeline.window_losses(windows)
     total = np.bincount(windows.series, weights=per_window, minlength=n_series)
     count = np.bincount(windows.series, minlength=n_series)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -234,12 +223,12 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
     ledgers = Path(tempfile.mkdtemp(prefix="shopcast_audit_ledgers_"))
 
     started = time.time()
-    init_loss = series_losses(model, splits.train, n_series)
+    init_loss = series_losses(pipeline, splits.train, n_series)
     eval_s = time.time() - started
     train_cfg0 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=10_000))
     ref_info = train_once(model, initial, ref_splits.train.subset(np.isin(ref_splits.train.series, ref_members)), train_cfg0,
                           p["steps"], None, ledgers)
-    ref_loss = series_losses(model, splits.train, n_series)
+    ref_loss = series_losses(pipeline, splits.train, n_series)
     log(f"[audit] reference model: {len(ref_members)} series of a separate draw, {ref_info['steps_run']} steps in "
         f"{ref_info['train_s']:.0f} s; scoring {len(splits.train)} windows took {eval_s:.0f} s")
 
@@ -257,7 +246,7 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
             label = "non-DP" if epsilon is None else f"DP eps={epsilon:g}"
             info = train_once(model, initial, train, seed_cfg, p["steps"], epsilon, ledgers)
             t = time.time()
-            loss = series_losses(model, splits.train, n_series)
+            loss = series_losses(pipeline, splits.train, n_series)
             info["score_s"] = time.time() - t
             scores = {"loss": -loss, "loss_minus_init": -(loss - init_loss), "loss_minus_ref": -(loss - ref_loss)}
             attacks = {name: attack_metrics(s, members, nonmembers) for name, s in scores.items()}

@@ -35,7 +35,7 @@ from shared.config import PROJECT_ROOT, load_config, parse_overrides
 from shared.metrics import to_markdown
 from shared.privacy import open_ledger
 from shared.sources import load_table
-from simulations.federated import simulate
+from simulations.federated import federate as federate_once
 from simulations.report import dp_spent
 
 TINY = PROJECT_ROOT / "configs" / "tiny.toml"
@@ -66,7 +66,7 @@ def federate(overrides: dict[str, Any], stops: list[int], merchants: int, dropou
     started = time.time()
     for rounds in [*stops, overrides["federation.num_rounds"]]:
         segment = overrides | {"federation.num_rounds": rounds}
-        summary = simulate(load_config(TINY, segment), TINY, segment, merchants, client)
+        summary = federate_once(load_config(TINY, segment), merchants, client).summary
     return summary, out, time.time() - started
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import lru_cache, wraps
 
 import numpy as np
@@ -23,8 +22,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.mods import client_privacy_mod
-from shared.adapter import FEDERATION_ROUND, AdapterMismatch, load_shared_state, shared_bytes, shared_state
-from shared.config import Config, config_from_run
+from shared.adapter import FEDERATION_ROUND, AdapterMismatch
+from shared.config import Config, with_overrides
+from shared.handoff import run_config
 from shared.pipeline import ForecastPipeline
 from shared.privacy import MerchantPins
 from shared.schema import SeriesTable
@@ -64,18 +64,18 @@ def _merchant(cfg: Config, partition_id: int, data_path: str | None, name: str |
         table = _simulated_table(cfg)
         merchant = merchant_of_partition(table.merchants(), partition_id)
     else:
-        merchant, table = one_merchant(load_table(replace(cfg, data=replace(cfg.data, source="file", path=data_path))), name)
+        merchant, table = one_merchant(load_table(with_overrides(cfg, {"data.source": "file", "data.path": data_path})), name)
     return merchant, _pipeline(cfg).splits(table.for_merchant(merchant))
 
 
 def _setup(msg: Message, context: Context) -> tuple[ForecastPipeline, str, Splits]:
-    cfg = config_from_run(context.run_config)
+    cfg = run_config(context.run_config)
     node = context.node_config
     data_path, name = node.get("data-path"), node.get("merchant")
     merchant, splits = _merchant(cfg, int(node.get("partition-id", 0)), None if data_path is None else str(data_path),
                                  None if name is None else str(name))
     pipeline = _pipeline(cfg)
-    load_shared_state(pipeline.model, msg.content["arrays"].to_torch_state_dict())
+    pipeline.load_shared_state(msg.content["arrays"].to_torch_state_dict())
     return pipeline, merchant, splits
 
 
@@ -143,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     if result.status == "budget_exhausted":
         return _decline(msg, BUDGET_EXHAUSTED, f"merchant {merchant}: privacy budget spent (ε={result.epsilon:.3f} of "
                                                f"{privacy.ledger.target_epsilon}); declining to train")
-    state = shared_state(pipeline.model)
+    state = pipeline.shared_state()
     if not all(torch.isfinite(t).all() for t in state.values()):
         return _decline(msg, DIVERGED, f"merchant {merchant}: training diverged to a non-finite adapter; nothing sent"
                                        + (f" (ε {result.epsilon:.3f} spent)" if result.epsilon is not None else ""))
@@ -151,7 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": result.train_loss,
         "num-examples": len(splits.train),
         "steps": result.steps,
-        "bytes-sent": shared_bytes(pipeline.model),
+        "bytes-sent": pipeline.shared_bytes(),
         **_identity(context),
     }
     if result.epsilon is not None:

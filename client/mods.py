@@ -14,7 +14,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from shared.adapter import ADAPTER_KEYS
-from shared.config import Config, config_from_run
+from shared.config import Config
+from shared.handoff import run_config
 
 # --------------------------------------------------------------------------------------------------
 # The merchants' side of client_dp = "client_fixed" and secagg = true
@@ -83,5 +84,5 @@ def client_mods(cfg: Config) -> list[Callable]:
 
 def client_privacy_mod(msg: Message, ctxt: Context, call_next: Callable) -> Message:
     """One client mod for every option: applies `client_mods` of the run's config."""
-    mods = client_mods(config_from_run(ctxt.run_config))
+    mods = client_mods(run_config(ctxt.run_config))
     return make_ffn(call_next, mods)(msg, ctxt) if mods else call_next(msg, ctxt)

@@ -30,19 +30,9 @@ from flwr.serverapp.strategy import FedAvg
 from server.checkpoint import StrategyState, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from server.secagg import SecAggAggregation, secagg_workflow
 from server.strategy import make_strategy
-from shared.adapter import (
-    adapter_shapes,
-    backbone_bytes,
-    load_adapter_state,
-    load_shared_state,
-    save_adapter,
-    shared_bytes,
-    shared_shapes,
-    shared_size,
-    shared_state,
-)
-from shared.config import Config, config_from_run
-from shared.model import Forecaster
+from shared.adapter import adapter_shapes, backbone_bytes, shared_shapes, shared_size
+from shared.config import Config
+from shared.handoff import run_config
 from shared.pipeline import ForecastPipeline
 from shared.privacy import ledger_unit
 
@@ -54,33 +44,33 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     """All rounds still to run for this config; returns the run summary."""
     out = Path(cfg.federation.out_dir)
     # seeded, from the base, frozen outside the shared part: the same model as every merchant's
-    model = ForecastPipeline.from_config(cfg).model
-    strategy = resumed_strategy(cfg, model, out)
+    pipeline = ForecastPipeline.from_config(cfg)
+    strategy = resumed_strategy(cfg, pipeline, out)
     remaining = cfg.federation.num_rounds - len(strategy.history)
     started = time.time()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            load_shared_state(model, arrays.to_torch_state_dict())
-            save_checkpoint(out, model, strategy.history, strategy_state(strategy))
+            pipeline.load_shared_state(arrays.to_torch_state_dict())
+            save_checkpoint(out, pipeline.model, strategy.history, strategy_state(strategy))
         return None
 
     if remaining > 0 and cfg.federation.secagg:
-        run_secagg(grid, cfg, model, strategy.history, remaining, out)
+        run_secagg(grid, cfg, pipeline, strategy.history, remaining, out)
     elif remaining > 0:
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(shared_state(model)), num_rounds=remaining,
+            grid=grid, initial_arrays=ArrayRecord(pipeline.shared_state()), num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord({"local-steps": cfg.federation.local_steps}),
             evaluate_fn=after_round,
         )
-    save_adapter(model, out / "final_adapter", {"round": len(strategy.history)})
+    pipeline.save(out / "final_adapter", {"round": len(strategy.history)})
     summary = {
         "rounds": len(strategy.history),
         "strategy": cfg.federation.strategy,
         "wall_s": time.time() - started,
-        "adapter_bytes": shared_bytes(model),  # of one message, each way: the shared part
-        "shared_size": shared_size(model),  # the numbers that train and travel: d under DP-SGD
-        "backbone_bytes": backbone_bytes(model),
+        "adapter_bytes": pipeline.shared_bytes(),  # of one message, each way: the shared part
+        "shared_size": shared_size(pipeline.model),  # the numbers that train and travel: d under DP-SGD
+        "backbone_bytes": backbone_bytes(pipeline.model),
         "privacy": {"enabled": cfg.privacy.enabled, "unit": ledger_unit(cfg.privacy), "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
     }
@@ -95,20 +85,21 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def resumed_strategy(cfg: Config, model: Forecaster, out: Path) -> FedAvg:
+def resumed_strategy(cfg: Config, pipeline: ForecastPipeline, out: Path) -> FedAvg:
     """The config's strategy, carrying on from the newest usable checkpoint under `out` if there is one
-    (its adapter goes into `model`), so the next round is the one an uninterrupted run would have run."""
-    resumed = load_checkpoint(out, adapter_shapes(model), shared_shapes(model))
+    (its adapter goes into `pipeline`), so the next round is the one an uninterrupted run would have run."""
+    shared = shared_shapes(pipeline.model)
+    resumed = load_checkpoint(out, adapter_shapes(pipeline.model), shared)
     if resumed is None:
-        return make_strategy(cfg, shared_shapes(model))
-    load_adapter_state(model, resumed.adapter)
+        return make_strategy(cfg, shared)
+    pipeline.restore(resumed.adapter)
     log.info("resuming from %s after round %d", resumed.directory, len(resumed.history))
-    strategy = make_strategy(cfg, shared_shapes(model), resumed.history)
+    strategy = make_strategy(cfg, shared, resumed.history)
     restore_strategy_state(strategy, resumed.strategy)
     return strategy
 
 
-def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], num_rounds: int, out: Path) -> None:
+def run_secagg(grid: Grid, cfg: Config, pipeline: ForecastPipeline, history: list[dict[str, Any]], num_rounds: int, out: Path) -> None:
     """`num_rounds` rounds through SecAggPlusWorkflow: the server only ever sees the merchants' mean adapter.
 
     Flower 1.41 has SecAgg+ for the legacy workflow API only (a `LegacyContext` around a legacy
@@ -116,10 +107,10 @@ def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], nu
     """
 
     def after_round(server_round: int, arrays: dict[str, Any]) -> None:
-        load_shared_state(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
-        save_checkpoint(out, model, history, StrategyState())  # the legacy FedAvg keeps nothing across rounds
+        pipeline.load_shared_state({k: torch.from_numpy(v) for k, v in arrays.items()})
+        save_checkpoint(out, pipeline.model, history, StrategyState())  # the legacy FedAvg keeps nothing across rounds
 
-    initial = {k: v.numpy() for k, v in shared_state(model).items()}
+    initial = {k: v.numpy() for k, v in pipeline.shared_state().items()}
     strategy = SecAggAggregation(cfg, initial, history, after_round)
     # the workflow keeps its state in a Context; the Grid API gives run_federation none, and it needs no more
     context = LegacyContext(
@@ -132,4 +123,4 @@ def run_secagg(grid: Grid, cfg: Config, model, history: list[dict[str, Any]], nu
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, config_from_run(context.run_config))
+    run_federation(grid, run_config(context.run_config))

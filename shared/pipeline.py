@@ -3,7 +3,9 @@
 As Chronos' pipeline does for its users, `ForecastPipeline` holds the config and the forecaster
 together, so the model's input shape is derived in one place (`input_shape`), every caller cuts
 windows the same way, and a saved adapter brings back the settings it was trained with. The
-ClientApp, the CLI, the server and the benchmarks all go through it.
+ClientApp, the CLI, the server, the simulations and the benchmarks all go through it: none of them
+reaches into the forecaster to load, save, snapshot or exchange its adapter (or the adapter's shared
+part), so how the adapter is kept can change here alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import logging
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +25,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shared.adapter import AdapterMismatch, load_adapter, save_adapter
+from shared.adapter import (
+    AdapterMismatch,
+    adapter_state,
+    load_adapter,
+    load_adapter_state,
+    load_shared_state,
+    save_adapter,
+    shared_bytes,
+    shared_state,
+)
 from shared.analogues import description_vectors, stand_in_history
 from shared.calibration import Calibration
 from shared.config import PROJECT_ROOT, Config, ConfigError, with_overrides
 from shared.metrics import score, season_for
 from shared.model import Forecaster, SeriesShape
-from shared.personal import PersonalFit, Progress, no_progress, personal_fits, personalise
+from shared.personal import PersonalFit, Progress, no_progress, personal_fits, personalise, use_personal
 from shared.privacy import MerchantPins, PrivateTraining
 from shared.schema import DS, ID, MERCHANT, SeriesTable, Y, known_channel_names, quantile_column
-from shared.train import TrainResult, fit, predict, resolve_device
+from shared.train import TrainResult, evaluate_loss, fit, predict, resolve_device, window_losses
 from shared.windows import Splits, Windows, build_splits, calendar_features
 
 log = logging.getLogger(__name__)
@@ -342,3 +355,61 @@ class ForecastPipeline:
 
     def save(self, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
         return save_adapter(self.model, directory, meta)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """The adapter saved in `directory` (a federation's final_adapter) in place of this one; its meta.json."""
+        return load_adapter(self.model, directory)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the whole adapter, to `restore` after trying something on it."""
+        return adapter_state(self.model)
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, state)
+
+    @contextmanager
+    def keep_state(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The adapter as it was on entry comes back on exit: several regimes trained one after another
+        must each start from the same adapter, never from where the previous one ended. Yields that
+        adapter, for restoring it in between."""
+        kept = self.state()
+        try:
+            yield kept
+        finally:
+            self.restore(kept)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's shared part ([model] shared; shared.adapter): what a federation round sends and averages."""
+        return shared_state(self.model)
+
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A received shared part in place of this one; the rest of the adapter keeps its values."""
+        load_shared_state(self.model, state)
+
+    def shared_bytes(self) -> int:
+        """The size of one message's shared part, each way."""
+        return shared_bytes(self.model)
+
+    def use_personal(self, refit: PersonalFit) -> None:
+        """A merchant's own output layers (from `personal_fits`) in place of the current ones."""
+        use_personal(self.model, refit)
+
+    def loss(self, windows: Windows) -> float:
+        """The mean pinball loss on `windows`, as training's validation measures it."""
+        return evaluate_loss(self.model, windows, self.device)
+
+    def window_losses(self, windows: Windows) -> np.ndarray:
+        """Each of `windows`' pinball loss, in order (`loss` is their mean)."""
+        return window_losses(self.model, windows, self.device).numpy()
+
+    def quantiles(self, windows: Windows) -> np.ndarray:
+        """Quantile forecasts [windows, horizon, levels] of windows cut outside `splits` (a benchmark's own protocol)."""
+        return predict(self.model, windows, self.device)
+
+    def encode_prompts(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt tokens this model reads beside each context, for windows cut outside `splits`."""
+        return self.model.encode_prompts(context)
+
+    def forecast_merchants(self, splits: dict[str, Splits]) -> pd.DataFrame:
+        """The test-window forecast of several merchants (a simulation's) as one long frame."""
+        return pd.concat([self.predict_frame(s, s.test) for s in splits.values()], ignore_index=True)

@@ -56,11 +56,17 @@ def _in_order(windows: Windows, device: torch.device, batch_size: int) -> Iterat
 
 
 @torch.no_grad()
-def evaluate_loss(model: Forecaster, windows: Windows, device: torch.device, batch_size: int = 64) -> float:
+def window_losses(model: Forecaster, windows: Windows, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Each window's pinball loss, in order: a membership-inference audit ranks series by them."""
     model.eval()
     losses = [model.loss(torch.as_tensor(windows.target[index], dtype=torch.float32, device=device), **inputs).cpu()
               for index, inputs in _in_order(windows, device, batch_size)]
-    return float(torch.cat(losses).mean()) if losses else float("nan")
+    return torch.cat(losses) if losses else torch.zeros(0)
+
+
+def evaluate_loss(model: Forecaster, windows: Windows, device: torch.device, batch_size: int = 64) -> float:
+    losses = window_losses(model, windows, device, batch_size)
+    return float(losses.mean()) if len(losses) else float("nan")
 
 
 @torch.no_grad()

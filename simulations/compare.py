@@ -16,18 +16,16 @@ from typing import Any
 
 import pandas as pd
 
-from shared.adapter import adapter_state, load_adapter, load_adapter_state
 from shared.baselines import lightgbm, seasonal_naive, statistical
 from shared.config import Config, load_config, with_overrides
 from shared.metrics import score, season_for
-from shared.personal import use_personal
 from shared.pipeline import ForecastPipeline
 from shared.privacy import federated_steps
 from shared.rundir import fresh_run_dir
 from shared.schema import DS, ID, MERCHANT, OPEN, SeriesTable
 from shared.sources import load_table
 from shared.windows import Splits, concat_windows
-from simulations.federated import simulate
+from simulations.federated import FederatedRun, federate
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +51,44 @@ def merchant_splits(pipeline: ForecastPipeline, table: SeriesTable) -> dict[str,
     return {m: pipeline.splits(table.for_merchant(m)) for m in table.merchants()}
 
 
-def model_forecast(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
-    return pd.concat([pipeline.predict_frame(s, s.test) for s in splits.values()], ignore_index=True)
-
-
 def local_only(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
     """Each merchant alone: the same initial adapter and step budget as a federated merchant."""
-    initial = adapter_state(pipeline.model)
     forecasts = []
-    for merchant, s in splits.items():
-        load_adapter_state(pipeline.model, initial)
-        if len(s.train):  # a shop too new to have a window to learn from keeps the initial adapter's forecast
-            pipeline.fit(s.train, steps=steps)
-        forecasts.append(model_forecast(pipeline, {merchant: s}))
-    load_adapter_state(pipeline.model, initial)
+    with pipeline.keep_state() as initial:
+        for merchant, s in splits.items():
+            pipeline.restore(initial)
+            if len(s.train):  # a shop too new to have a window to learn from keeps the initial adapter's forecast
+                pipeline.fit(s.train, steps=steps)
+            forecasts.append(pipeline.forecast_merchants({merchant: s}))
     return pd.concat(forecasts, ignore_index=True)
 
 
 def personalised(pipeline: ForecastPipeline, splits: dict[str, Splits]) -> pd.DataFrame:
     """The pipeline's adapter with each merchant's own output layers refitted on its windows (shared.personal)."""
-    global_adapter = adapter_state(pipeline.model)
     forecasts = []
-    for (merchant, s), fit in zip(splits.items(), pipeline.personal_fits(list(splits.values())), strict=True):
-        use_personal(pipeline.model, fit)
-        forecasts.append(model_forecast(pipeline, {merchant: s}))
-    load_adapter_state(pipeline.model, global_adapter)
+    with pipeline.keep_state():
+        for (merchant, s), fit in zip(splits.items(), pipeline.personal_fits(list(splits.values())), strict=True):
+            pipeline.use_personal(fit)
+            forecasts.append(pipeline.forecast_merchants({merchant: s}))
     return pd.concat(forecasts, ignore_index=True)
 
 
 def centralised(pipeline: ForecastPipeline, splits: dict[str, Splits], steps: int) -> pd.DataFrame:
     """All merchants' windows pooled in one place: the non-private upper bound."""
-    initial = adapter_state(pipeline.model)
-    pipeline.fit(concat_windows([s.train for s in splits.values()]), steps=steps)
-    forecast = model_forecast(pipeline, splits)
-    load_adapter_state(pipeline.model, initial)
-    return forecast
+    with pipeline.keep_state():
+        pipeline.fit(concat_windows([s.train for s in splits.values()]), steps=steps)
+        return pipeline.forecast_merchants(splits)
+
+
+def add_federated(contest: Contest, name: str, run: FederatedRun, pipeline: ForecastPipeline, splits: dict[str, Splits],
+                  seconds: float, personal: bool = False) -> None:
+    """A federation's final adapter, loaded into `pipeline`, as contender `name`; with `personal`, also
+    with every merchant's own output layers refitted (`<name>_personal`, the refit's time added)."""
+    pipeline.load(run.adapter_dir)
+    contest.add(name, pipeline.forecast_merchants(splits), splits, pipeline.cfg, seconds)
+    if personal:
+        started = time.time()
+        contest.add(f"{name}_personal", personalised(pipeline, splits), splits, pipeline.cfg, seconds + time.time() - started)
 
 
 def future_known(splits: dict[str, Splits], known: tuple[str, ...]) -> pd.DataFrame:
@@ -162,27 +163,22 @@ def run_contest(
     runs = {"shopcast_federated": {"privacy.enabled": False}} if federated else {}
     if federated and cfg.privacy.enabled:
         runs["shopcast_federated_dp"] = {"privacy.enabled": True}
-    summaries, seconds = {}, {}
+    runs_done: dict[str, FederatedRun] = {}
+    seconds: dict[str, float] = {}
     for name, extra in runs.items():
-        run_overrides = overrides | extra | {"federation.out_dir": str(out / name)}
         started = time.time()
-        summaries[name] = simulate(load_config(config, run_overrides), config, run_overrides, len(merchants))
+        runs_done[name] = federate(with_overrides(cfg, extra | {"federation.out_dir": str(out / name)}), len(merchants))
         seconds[name] = time.time() - started
         log.info("%s: %.0f s", name, seconds[name])
 
     contest = Contest()
     pipeline = ForecastPipeline.from_config(cfg, table)
     splits = merchant_splits(pipeline, table)
-    initial = adapter_state(pipeline.model)  # the base (or the seeded init) every shopcast row starts from
     if pipeline.base is not None:
-        contest.add("shopcast_zero_shot", model_forecast(pipeline, splits), splits, cfg, 0.0)
-    for name in runs:
-        load_adapter(pipeline.model, out / name / "final_adapter")
-        contest.add(name, model_forecast(pipeline, splits), splits, cfg, seconds[name])
-        if cfg.train.personalise != "none":
-            started = time.time()
-            contest.add(f"{name}_personal", personalised(pipeline, splits), splits, cfg, seconds[name] + time.time() - started)
-    load_adapter_state(pipeline.model, initial)  # local-only and centralised must not start where a federation ended
+        contest.add("shopcast_zero_shot", pipeline.forecast_merchants(splits), splits, cfg, 0.0)
+    with pipeline.keep_state():  # local-only and centralised must not start where a federation ended
+        for name, run in runs_done.items():
+            add_federated(contest, name, run, pipeline, splits, seconds[name], personal=cfg.train.personalise != "none")
     steps = federated_steps(cfg)
     for name, train, budget in (("shopcast_local_only", local_only, steps), ("shopcast_centralised", centralised, steps * len(merchants))):
         started = time.time()
@@ -197,4 +193,4 @@ def run_contest(
         log.info("%s: %.0f s", name, contest.seconds[name])
         del ablation
     baselines(contest, splits, cfg, table.known, pooled_lightgbm)
-    return ContestRun(contest, cfg, table, summaries, steps)
+    return ContestRun(contest, cfg, table, {name: run.summary for name, run in runs_done.items()}, steps)

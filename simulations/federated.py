@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,16 @@ from flwr.simulation import run_simulation
 
 from client.app import app as default_client_app
 from server.app import app as server_app
-from shared.config import Config
+from shared.config import Config, with_overrides
+from shared.handoff import handed_over
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """What one federation leaves: the server's summary.json and the folder of its final adapter."""
+
+    summary: dict[str, Any]
+    adapter_dir: Path  # load it with ForecastPipeline.load or from_adapter
 
 
 def round_timeout(cfg: Config, num_merchants: int) -> float:
@@ -25,27 +35,15 @@ def round_timeout(cfg: Config, num_merchants: int) -> float:
     return cfg.federation.round_timeout_s * math.ceil(num_merchants / workers)
 
 
-def simulate(
-    cfg: Config, config_path: str | Path | None, overrides: dict[str, Any], num_merchants: int, client_app: ClientApp = default_client_app
-) -> dict[str, Any]:
-    """One federated run; returns the server's summary.json.
-
-    The engine's Python API passes no run config to the apps, so the config travels in the
-    environment, which the simulation's worker processes inherit.
-    """
-    saved = {k: os.environ.get(k) for k in ("SHOPCAST_CONFIG", "SHOPCAST_OVERRIDES")}
-    os.environ["SHOPCAST_CONFIG"] = str(config_path or "")
-    os.environ["SHOPCAST_OVERRIDES"] = json.dumps(overrides | {"federation.round_timeout_s": round_timeout(cfg, num_merchants)})
+def federate(cfg: Config, num_merchants: int, client_app: ClientApp = default_client_app) -> FederatedRun:
+    """One federated run of `num_merchants` simulated merchants under `cfg` (results in
+    cfg.federation.out_dir); the apps get `cfg` through shared.handoff."""
+    run_cfg = with_overrides(cfg, {"federation.round_timeout_s": round_timeout(cfg, num_merchants)})
     gpus = 1.0 / num_merchants if torch.cuda.is_available() else 0.0
-    try:
+    with handed_over(run_cfg):
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=num_merchants,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}},
         )
-    finally:  # later code in this process must not inherit this run's config
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return json.loads((Path(cfg.federation.out_dir) / "summary.json").read_text())
+    out = Path(cfg.federation.out_dir)
+    return FederatedRun(json.loads((out / "summary.json").read_text()), out / "final_adapter")

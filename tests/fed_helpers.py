@@ -26,7 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import make_app
 from client.mods import client_privacy_mod
 from shared.config import PROJECT_ROOT, Config, load_config
-from simulations.federated import simulate
+from simulations.federated import federate
 
 TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
 N_MERCHANTS = 3
@@ -147,7 +147,7 @@ def run_overrides(base: Path, **extra: Any) -> dict[str, Any]:
 def run(base: Path, overrides: dict[str, Any], mods: Sequence[Mod] = ()) -> tuple[Config, dict[str, Any]]:
     """One real Flower simulation of N_MERCHANTS merchants on configs/tiny.toml; returns (config, summary)."""
     cfg = load_config(TINY_CONFIG, overrides)
-    summary = simulate(cfg, TINY_CONFIG, overrides, N_MERCHANTS, client_app=make_app([*mods, client_privacy_mod]))
+    summary = federate(cfg, N_MERCHANTS, client_app=make_app([*mods, client_privacy_mod])).summary
     return cfg, summary
 
 

@@ -190,17 +190,15 @@ def test_local_only_and_centralised_do_not_start_where_a_federation_ended(monkey
     """run_contest loaded each federated adapter into its pipeline and then trained local-only and
     centralised from whatever was loaded last. With a stand-in federation that ends on a far-off
     adapter, those rows must equal the ones of a contest without federated rows."""
-    from shared.adapter import adapter_state, load_adapter_state
     from shared.pipeline import ForecastPipeline
     from simulations import compare
 
-    def far_off_federation(cfg, config_path, overrides, num_merchants, **_):
+    def far_off_federation(cfg, num_merchants, **_):
         pipeline = ForecastPipeline.from_config(cfg)
-        load_adapter_state(pipeline.model, {k: v + 1.0 for k, v in adapter_state(pipeline.model).items()})
-        pipeline.save(Path(cfg.federation.out_dir) / "final_adapter")
-        return {}
+        pipeline.restore({k: v + 1.0 for k, v in pipeline.state().items()})
+        return compare.FederatedRun({}, pipeline.save(Path(cfg.federation.out_dir) / "final_adapter"))
 
-    monkeypatch.setattr(compare, "simulate", far_off_federation)
+    monkeypatch.setattr(compare, "federate", far_off_federation)
     overrides = {"model.backbone": "tiny", "model.llm_layers": 2, "federation.num_rounds": 1, "federation.local_steps": 2,
                  "data.synthetic.n_merchants": 2, "data.synthetic.n_days": 200, "train.personalise": "none"}
     rows = {}

@@ -5,7 +5,6 @@ Drives `client.app.train` directly with a real message on the tiny config (no si
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ from fed_helpers import TINY_CONFIG, enter_task
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
-from shared.adapter import shared_state
 from shared.config import ConfigError, load_config
+from shared.handoff import RUN_ENV, config_payload
 from shared.pipeline import ForecastPipeline
 from shared.synthetic import generate_merchants
 
@@ -28,10 +27,9 @@ def run(monkeypatch, tmp_path: Path):
 
     def train(config: dict, node: dict | None = None, evaluate: bool = False, arrays: ArrayRecord | None = None, **more) -> Message:
         """Sends `config` (and by default the adapter the server would send) to a train, or an evaluate, message."""
-        monkeypatch.setenv("SHOPCAST_CONFIG", str(TINY_CONFIG))
-        monkeypatch.setenv("SHOPCAST_OVERRIDES", json.dumps(overrides | more))
         cfg = load_config(TINY_CONFIG, overrides | more)
-        arrays = arrays or ArrayRecord(shared_state(ForecastPipeline.from_config(cfg).model))  # what the server sends
+        monkeypatch.setenv(RUN_ENV, config_payload(cfg))
+        arrays = arrays or ArrayRecord(ForecastPipeline.from_config(cfg).shared_state())  # what the server sends
         kind = MessageType.EVALUATE if evaluate else MessageType.TRAIN
         msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type=kind)
         context = Context(run_id=1, node_id=1, node_config=node or {"partition-id": 0}, state=RecordDict(), run_config={})

@@ -38,7 +38,7 @@ from shared.adapter import ADAPTER_KEYS, adapter_state
 from shared.config import ConfigError, load_config
 from shared.pipeline import ForecastPipeline
 from shared.privacy import dp_learning_rate
-from simulations.federated import simulate
+from simulations.federated import federate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
 
@@ -317,7 +317,7 @@ def _simulate(base: Path, n: int, federation: dict[str, Any], mods_for) -> tuple
     }
     cfg = load_config(TINY_CONFIG, overrides)
     app = make_app([Tap(taps["outer"]), *mods_for(cfg), Tap(taps["inner"])])
-    return cfg, simulate(cfg, TINY_CONFIG, overrides, n, client_app=app), taps
+    return cfg, federate(cfg, n, client_app=app).summary, taps
 
 
 def _by_round(entries: list[dict[str, Any]]) -> dict[int, dict[int, dict[str, Any]]]:
