@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import numbers
-import os
 import tomllib
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -455,15 +454,6 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = text
     return overrides
-
-
-def config_from_run(run_config: Mapping[str, Any]) -> Config:
-    """The config a Flower app runs with: `config` from the run config (flwr run), else from
-    SHOPCAST_CONFIG, plus dotted overrides from SHOPCAST_OVERRIDES (JSON) that a simulation driver
-    sets before it starts the engine, whose Python API passes no run config to the apps."""
-    path = run_config.get("config") or os.environ.get("SHOPCAST_CONFIG")
-    overrides = json.loads(os.environ.get("SHOPCAST_OVERRIDES", "{}"))
-    return load_config(PROJECT_ROOT / path if path and not Path(path).is_absolute() else path, overrides)
 
 
 def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
