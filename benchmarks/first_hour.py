@@ -102,16 +102,17 @@ def shopcast(folder: Path, *args: str) -> None:
     subprocess.run(command, cwd=folder, check=True, env=os.environ | {"TQDM_DISABLE": "1"})
 
 
-def journey(folder: Path, runs: Path) -> tuple[dict[str, pd.DataFrame], float]:
-    """Per store, the journey's `shopcast local ... --future planned.csv`, then `shopcast forecast` with the
-    adapter it saved and no plan (the forecast a merchant gets without `--future`); both forecasts'
-    frames, and the wall time of the `local` commands."""
+def journey(folder: Path, runs: Path, seed: int) -> tuple[dict[str, pd.DataFrame], float]:
+    """Per store, the journey's `shopcast local ... --future planned.csv` (with `--set train.seed=<seed>`),
+    then `shopcast forecast` with the adapter it saved and no plan (the forecast a merchant gets without
+    `--future`); both forecasts' frames, and the wall time of the `local` commands."""
     frames: dict[str, list[pd.DataFrame]] = {"shopcast_with_plan": [], "shopcast_without_plan": []}
     seconds = 0.0
     for store in STORES:
         out = runs / store.replace(" ", "_")
         started = time.time()
-        shopcast(folder, "local", "--config", "mine.toml", "--merchant", store, "--out", str(out), "--future", "planned.csv")
+        shopcast(folder, "local", "--config", "mine.toml", "--merchant", store, "--out", str(out), "--future", "planned.csv",
+                 "--set", f"train.seed={seed}")
         seconds += time.time() - started
         shopcast(folder, "forecast", "--config", "mine.toml", "--merchant", store, "--adapter", str(out), "--out", str(out / "no_plan"))
         frames["shopcast_with_plan"].append(pd.read_csv(out / "forecast.csv", parse_dates=[DS]))
@@ -123,31 +124,42 @@ def journey(folder: Path, runs: Path) -> tuple[dict[str, pd.DataFrame], float]:
 def main() -> None:
     parser = scaffold.arguments(__doc__)
     parser.add_argument("--work", type=Path, default=Path("runs/first_hour"), help="folder for the case and the runs")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds of the journey, comma-separated")
     args = parser.parse_args()
     if scaffold.data_missing("online_retail", "first_hour"):
         return
-    work = args.work.resolve()
+    work, seeds = args.work.resolve(), [int(s) for s in args.seeds.split(",")]
+    columns = [MERCHANT, ID, DS, *(quantile_column(q) for q in LEVELS)]
     with scaffold.Run("benchmarks.first_hour", None) as run:
         history, kept = write_case(work)
         past, actual = long_frame(history), long_frame(kept)
-        forecasts, seconds = journey(work, work / "runs")
-        forecasts["seasonal_naive"] = seasonal_naive(past, HORIZON, 7, LEVELS, freq="D")
         known = ["open", *HOLIDAY_LEVELS]
-        forecasts["lightgbm_per_store"] = lightgbm(past, HORIZON, 7, LEVELS, known, actual[[MERCHANT, ID, DS, *known]], pooled=False, freq="D")
-    columns = [MERCHANT, ID, DS, *(quantile_column(q) for q in LEVELS)]
-    scores = {name: score(frame[columns], actual, past, 7, LEVELS) for name, frame in forecasts.items()}
-    summary = summarise(scores)
-    per_store = pd.concat([frame.assign(model=name) for name, frame in scores.items()])[["model", ID, "mase", "wql", "coverage_80"]]
+        baselines = {"seasonal_naive": seasonal_naive(past, HORIZON, 7, LEVELS, freq="D"),
+                     "lightgbm_per_store": lightgbm(past, HORIZON, 7, LEVELS, known, actual[[MERCHANT, ID, DS, *known]],
+                                                    pooled=False, freq="D")}
+        summaries, stores, seconds = [], [], []
+        for seed in seeds:
+            forecasts, wall = journey(work, work / f"runs_seed{seed}", seed)
+            scores = {name: score(frame[columns], actual, past, 7, LEVELS) for name, frame in {**forecasts, **baselines}.items()}
+            summaries.append(summarise(scores).assign(seed=seed))
+            stores.append(pd.concat([frame.assign(model=name, seed=seed) for name, frame in scores.items()]))
+            seconds.append(wall)
+    every = pd.concat(summaries)
+    spread = every.groupby("model", sort=False)[["mase_gmean_rel", "wql_gmean_rel", "coverage_80"]].agg(["mean", "std"])
+    table = pd.DataFrame({"model": spread.index, **{f"{metric} {stat}": spread[(metric, stat)].fillna(0.0).to_numpy()
+                                                      for metric in ("mase_gmean_rel", "wql_gmean_rel", "coverage_80")
+                                                      for stat in ("mean", "std")}})
+    per_store = pd.concat(stores).groupby(["model", ID], sort=False)[["mase", "wql", "coverage_80"]].mean().reset_index()
     body = (
-        "Mean over the three stores and gmean relative to seasonal naive (lower is better):\n\n"
-        + to_markdown(summary[["model", "mase", "wql", "coverage_80", "mase_gmean_rel", "wql_gmean_rel"]])
-        + "\nPer store:\n\n" + to_markdown(per_store.sort_values([ID, "model"]).reset_index(drop=True))
+        f"Gmean over the three stores relative to seasonal naive (lower is better), mean and standard deviation over "
+        f"training seeds {seeds} (the baselines do not depend on them):\n\n" + to_markdown(table)
+        + "\nPer store, mean over the seeds:\n\n" + to_markdown(per_store.sort_values([ID, "model"]).reset_index(drop=True))
     )
     given = (f"stores {', '.join(STORES)}; {len(history) // len(STORES)} days each given, the last {HORIZON} kept aside "
              f"({kept['Date'].min().date()} to {kept['Date'].max().date()})")
-    extra = [given, f"`shopcast local` wall time, three stores: {seconds:.0f} s"]
+    extra = [given, "`shopcast local` wall time for the three stores, per seed: " + ", ".join(f"{s:.0f} s" for s in seconds)]
     run.save("first_hour", "A merchant's first hour on a daily store export (UCI Online Retail, three stores)", extra, body,
-             {"summary": summary.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"), "config": readme_config()})
+             {"summary": every.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"), "config": readme_config()}, args.results)
 
 
 if __name__ == "__main__":
