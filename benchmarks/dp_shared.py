@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             load_adapter(pipeline.model, out / label / "final_adapter")
             contest.add(label, model_forecast(pipeline, splits), splits, cfg, seconds)
             contest.add(f"{label}_personal", personalised(pipeline, splits), splits, cfg, seconds)
-            plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr}
+            no_noise = {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr}
+            plan = noise_plan(run_cfg, splits, d) if epsilon is not None else no_noise
             rows.append({"run": label, "shared": part, "d": d, "epsilon": epsilon or float("inf"), **plan})
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)
     summary = accuracy_summary(contest).set_index("model")
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     references = summary.loc[[m for m in ("shopcast_local_only", "shopcast_zero_shot", "seasonal_naive") if m in summary.index],
                              ["wql_gmean_rel"]].reset_index()
     body = "\n".join([
-        f"## Accuracy vs ε (shared part `{args.sweep}`; gmean WQL relative to seasonal naive, lower is better)", "", to_markdown(by_epsilon),
+        f"## Accuracy vs ε (shared part `{args.sweep}`; gmean WQL relative to seasonal naive, lower is better)", "",
+        to_markdown(by_epsilon),
         f"\n## Accuracy vs the DP-trained part's size d (ε = {args.at:g})", "", to_markdown(by_size),
         "\n## References on the same splits", "", to_markdown(references),
         "\n## Every contender", "", to_markdown(summary.reset_index()),

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             name = "shopcast" if variant == "llm" else f"ablation_{variant}"
             seconds[name] = time.time() - t
             rows.append({"model": name, **errors(median, test.target), "steps": result.steps, "seconds": seconds[name]})
-            print(f"[etth1] {name}: {rows[-1]['mse']:.3f} MSE, {rows[-1]['mae']:.3f} MAE after {result.steps} steps, {seconds[name]:.0f} s", flush=True)
+            print(f"[etth1] {name}: {rows[-1]['mse']:.3f} MSE, {rows[-1]['mae']:.3f} MAE after {result.steps} steps, "
+                  f"{seconds[name]:.0f} s", flush=True)
             del model
         context = test.context
         rows.append({"model": "repeat last value", **errors(np.repeat(context[:, -1:], H, axis=1), test.target)})
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> Path | None:
           for a in ours.index if a.startswith("ablation_")),
         "Not like for like: the published models use a 7B (Time-LLM) or 124M (GPT-2) backbone, all its blocks, tens of "
         "epochs over every hourly window and a GPU; here the first "
-        f"{cfg.model.llm_layers} blocks of `{cfg.model.backbone}`, {cfg.train.max_steps} steps of batch {cfg.train.batch_size} on 2 CPU cores, and a quantile head scored on its median.",
+        f"{cfg.model.llm_layers} blocks of `{cfg.model.backbone}`, {cfg.train.max_steps} steps of batch {cfg.train.batch_size} "
+        "on 2 CPU cores, and a quantile head scored on its median.",
     ]
     extra = [
         f"config: `{args.config}`, overrides {overrides}; seed {cfg.model.seed}; channels {channels}",

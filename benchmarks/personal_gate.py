@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             for merchant, s in merchant_splits(pipeline, seen).items():
                 load_adapter_state(pipeline.model, base)
                 test_before = evaluate_loss(pipeline.model, s.test, pipeline.device)
-                val_before, val_after, steps = pipeline.personalise(s)  # the refits the check chose, before the rerun with the latest windows
+                # the refits the check chose, before the rerun with the latest windows
+                val_before, val_after, steps = pipeline.personalise(s)
                 test_after = evaluate_loss(pipeline.model, s.test, pipeline.device)
                 rows.append({"origin": origin, "test_ends": str(s.test_actuals()[DS].max().date()), "merchant": merchant,
                              "train_windows": len(s.train), "val_windows": len(s.val), "kept": steps > 0, "steps": steps,
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     tally = pd.DataFrame([tally_row(origin, group) for origin, group in per_merchant.groupby("origin")])
     print(per_merchant.to_string(), "\n", tally.to_string(), flush=True)
     extra = [f"config: `{args.config}`, overrides {overrides}; base: the shipped one that fits; "
-             f"{cfg.train.personal_refits} refits x {cfg.train.personal_steps} steps at lr {cfg.train.personal_lr}, train seed {cfg.train.seed}; "
+             f"{cfg.train.personal_refits} refits x {cfg.train.personal_steps} steps at lr {cfg.train.personal_lr}, "
+             f"train seed {cfg.train.seed}; "
              f"{args.origins} origin(s), one horizon ({cfg.data.horizon} steps) apart; "
              "loss: the model's mean pinball loss over the quantile levels, in the window's scale"]
     body = "\n".join([

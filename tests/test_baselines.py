@@ -42,7 +42,8 @@ def _assert_well_formed(forecast: pd.DataFrame, history: pd.DataFrame) -> None:
     assert (np.diff(values, axis=1) >= 0).all(), "quantiles cross"
     last = history.groupby([MERCHANT, ID])[DS].max()
     expected = pd.concat(
-        [pd.DataFrame({MERCHANT: m, ID: u, DS: pd.date_range(t + pd.Timedelta(days=1), periods=H, freq="D")}) for (m, u), t in last.items()],
+        [pd.DataFrame({MERCHANT: m, ID: u, DS: pd.date_range(t + pd.Timedelta(days=1), periods=H, freq="D")})
+         for (m, u), t in last.items()],
         ignore_index=True,
     )
     pd.testing.assert_frame_equal(forecast[[MERCHANT, ID, DS]], expected, check_dtype=False)

@@ -78,7 +78,8 @@ def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() 
 
 def test_a_corpus_of_public_presets_alone_keeps_prior_shops_for_validation_only(monkeypatch) -> None:
     cfg = load_config(None, SMALL | {"pretrain.shops": 0, "pretrain.validation_shops": 2})
-    public = in_slots(retail_prior(1, seed=5).assign(merchant_id="public_shop"), cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
+    shop = retail_prior(1, seed=5).assign(merchant_id="public_shop")
+    public = in_slots(shop, cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
     monkeypatch.setattr("server.pretrain.public_frames", lambda cfg: [public])
     train, validation = corpus(cfg)
     assert train.merchants() == ["public_shop"] and validation.merchants() == ["prior_00000", "prior_00001"]
