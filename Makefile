@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# the suite without the tests marked slow (real backbone, Flower simulations, deployment): for quick local checks
+# the suite without the tests marked slow (a few seconds or more each: training runs, benchmarks, Flower
+# simulations, the real backbone): under 3 minutes on 2 cores, for quick local checks
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"

@@ -109,6 +109,7 @@ def test_lightgbm_needs_every_future_covariate() -> None:
         lightgbm(history, H, SEASON, LEVELS, known=["promo"], future_known=test.iloc[1:].drop(columns=Y))
 
 
+@pytest.mark.slow  # ~4 s on 2 cores: starts worker processes
 def test_worker_processes_give_the_same_forecasts_as_one_after_another() -> None:
     """`jobs` only buys time: each series (ETS) or merchant (LightGBM) is fitted alone either way."""
     history, test = _split(_promo_panel(n=80))

@@ -66,6 +66,7 @@ def record_fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
     return fits
 
 
+@pytest.mark.slow  # a full benchmark run each: ~5-15 s on 2 cores
 @pytest.mark.parametrize(
     ("dataset", "extra"),
     [
@@ -102,6 +103,7 @@ def shop_csv(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: two Flower simulations
 def test_any_shop_csv_is_benchmarked_by_a_config_alone(tmp_path: Path) -> None:
     csv = shop_csv(tmp_path / "shops.csv")
     config = tmp_path / "shops.toml"
@@ -146,6 +148,7 @@ def test_a_missing_preset_is_skipped_with_a_message(monkeypatch, tmp_path: Path,
     assert "skipped" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # ~7 s on 2 cores: a full benchmark run
 @pytest.mark.skipif(not preset_available("etth1"), reason="ETTh1 not in SHOPCAST_SHARED_DATA")
 def test_etth1_benchmark_sets_measured_rows_beside_published_ones(tmp_path: Path) -> None:
     quick = ["model.backbone=tiny", "model.llm_layers=2", "train.max_steps=3", "benchmark.test_stride=480", "benchmark.threads=1"]
@@ -212,6 +215,7 @@ def test_seed_table_averages_the_trained_rows_and_leaves_out_the_baselines() -> 
     assert table.loc["shopcast_federated", "mase_gmean_rel"] == pytest.approx(0.9)
 
 
+@pytest.mark.slow  # ~18 s on 2 cores: two contests
 def test_local_only_and_centralised_do_not_start_where_a_federation_ended(monkeypatch, tmp_path: Path) -> None:
     """run_contest loaded each federated adapter into its pipeline and then trained local-only and
     centralised from whatever was loaded last. With a stand-in federation that ends on a far-off

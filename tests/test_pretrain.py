@@ -30,6 +30,7 @@ def base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the `base` fixture pretrains, ~5 s on 2 cores
 def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes(base: Path) -> None:
     progress = json.loads((base / "llm" / "progress.json").read_text())
     assert progress["steps"] == 4 and [h["step"] for h in progress["history"]] == [2, 4]
@@ -44,6 +45,7 @@ def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # uses the pretraining `base` fixture
 def test_a_config_starts_from_a_base_that_fits_and_refuses_one_that_does_not(base: Path) -> None:
     cfg = load_config(None, SMALL | {"model.base": str(base)})
     pipeline = ForecastPipeline.from_config(cfg)
@@ -85,6 +87,7 @@ def test_a_corpus_of_public_presets_alone_keeps_prior_shops_for_validation_only(
     assert train.merchants() == ["public_shop"] and validation.merchants() == ["prior_00000", "prior_00001"]
 
 
+@pytest.mark.slow  # uses the pretraining `base` fixture
 def test_the_base_meets_the_same_prototypes_under_any_run_seed(base: Path, synthetic_table) -> None:
     """The prototypes used to follow model.seed, so a base trained under seed 0 met other prototypes
     under seed 1 and forecast worse; they are now the backbone's, whatever the run's seed."""
