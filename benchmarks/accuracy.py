@@ -44,7 +44,8 @@ def head_to_head(scores: dict[str, pd.DataFrame], model: str, others: list[str],
         theirs = scores[other].set_index(keys)[metric].reindex(mine.index)
         usable = mine.notna() & theirs.notna()
         ratio = (mine[usable] / theirs[usable]).replace([np.inf, -np.inf], np.nan).dropna()
-        rows.append({"versus": other, "series": int(usable.sum()), f"{model} better ({metric})": float((mine[usable] < theirs[usable]).mean()),
+        rows.append({"versus": other, "series": int(usable.sum()),
+                     f"{model} better ({metric})": float((mine[usable] < theirs[usable]).mean()),
                      f"median {metric} ratio": float(ratio.median()) if len(ratio) else float("nan")})
     return pd.DataFrame(rows)
 
@@ -65,7 +66,8 @@ def where_shopcast_loses(summary: pd.DataFrame) -> list[str]:
             theirs = s.loc[ablation, "wql"]
             verdict = ("no clear difference (under 2%, within one seed's noise)" if abs(mine - theirs) < 0.02 * theirs
                        else "the pretrained LLM helps" if mine < theirs else "the pretrained LLM does not help")
-            lines.append(f"LLM vs {ablation} (same data, same steps): mean WQL {mine:.3f} vs {theirs:.3f}, {verdict} ({mine - theirs:+.3f}).")
+            lines.append(f"LLM vs {ablation} (same data, same steps): mean WQL {mine:.3f} vs {theirs:.3f}, "
+                         f"{verdict} ({mine - theirs:+.3f}).")
     return lines
 
 
@@ -113,7 +115,8 @@ def describe(run: ContestRun, config: str, overrides: dict[str, Any], seeds: lis
         f"{int(series.sum())} series ({', '.join(f'{m}: {n}' for m, n in series.items())}), {lengths.min()}-{lengths.max()} steps each",
         f"task: context {cfg.data.context}, horizon {cfg.data.horizon}; test = the last {cfg.data.horizon} steps of every series, "
         f"known covariates {list(table.known)}, observed covariates {list(table.observed)}; quantile levels {list(cfg.model.quantiles)}",
-        f"shopcast: backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), LoRA r={cfg.model.lora.r} on {list(cfg.model.lora.targets)}, "
+        f"shopcast: backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), "
+        f"LoRA r={cfg.model.lora.r} on {list(cfg.model.lora.targets)}, "
         f"batch {cfg.train.batch_size}, lr {cfg.train.lr}; {run.steps} steps per merchant (federated: {cfg.federation.num_rounds} rounds x "
         f"{cfg.federation.local_steps} of {cfg.federation.strategy}; local-only: {run.steps} alone); centralised and ablations: "
         f"{run.steps * merchants} steps on the pooled windows; DP: σ = {cfg.privacy.noise_multiplier}, clip {cfg.privacy.max_grad_norm}",

@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         timings = []
         for layers in [int(x) for x in timing_layers.split(",") if x]:
             timings.append(step_times(cfg, table, layers, args.timing_steps, 2, args.seed))
-            print(f"[dp_accuracy] step time {layers} blocks: {timings[-1]['step_s_nondp']:.3f} s non-DP, {timings[-1]['step_s_dp']:.3f} s DP",
-                  flush=True)
+            print(f"[dp_accuracy] step time {layers} blocks: {timings[-1]['step_s_nondp']:.3f} s non-DP, "
+                  f"{timings[-1]['step_s_dp']:.3f} s DP", flush=True)
 
     summary = accuracy_summary(contest)
     by_store = merchant_wql(contest, summary["model"])
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         eps_values = list(r["epsilon_per_merchant"].values())
         privacy_rows.append({
             "model": name, "target ε": r.get("epsilon_target", float("inf")), "noise σ": r.get("noise_multiplier", 0.0),
-            "sample rate q": r.get("sample_rate", float("nan")), "ε spent (max over stores)": max(eps_values) if eps_values else float("inf"),
+            "sample rate q": r.get("sample_rate", float("nan")),
+            "ε spent (max over stores)": max(eps_values) if eps_values else float("inf"),
             "steps per store": ", ".join(str(v) for v in r["steps_per_merchant"].values()), "failures": r["failures"],
             "WQL": s.loc[name, "wql"], "MASE": s.loc[name, "mase"], "WQL gmean rel": s.loc[name, "wql_gmean_rel"],
             "MASE gmean rel": s.loc[name, "mase_gmean_rel"], "simulate s": r["simulate_s"],
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     for eps in epsilons:
         name = f"shopcast_federated_dp_eps{eps:g}"
         lines.append(f"DP ε = {eps:g}: WQL {s.loc[name, 'wql']:.3f} ({s.loc[name, 'wql'] / nondp['wql'] - 1:+.1%} vs non-DP), MASE "
-                     f"{s.loc[name, 'mase']:.3f} ({s.loc[name, 'mase'] / nondp['mase'] - 1:+.1%}); gmean rel. WQL {s.loc[name, 'wql_gmean_rel']:.3f}.")
+                     f"{s.loc[name, 'mase']:.3f} ({s.loc[name, 'mase'] / nondp['mase'] - 1:+.1%}); "
+                     f"gmean rel. WQL {s.loc[name, 'wql_gmean_rel']:.3f}.")
     extra = [
         f"config: `{args.config}` + {base}: context {cfg.data.context} weeks, horizon {cfg.data.horizon} weeks, batch "
         f"{cfg.train.batch_size}, lr {cfg.train.lr}, backbone `{cfg.model.backbone}` truncated to {cfg.model.llm_layers} blocks"

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     references = summary.loc[[m for m in ("shopcast_local_only", "shopcast_zero_shot", "seasonal_naive") if m in summary.index],
                              ["wql_gmean_rel"]].reset_index()
     body = "\n".join([
-        f"## Accuracy vs ε (shared part `{args.sweep}`; gmean WQL relative to seasonal naive, lower is better)", "", to_markdown(by_epsilon),
+        f"## Accuracy vs ε (shared part `{args.sweep}`; gmean WQL relative to seasonal naive, lower is better)", "",
+        to_markdown(by_epsilon),
         f"\n## Accuracy vs the DP-trained part's size d (ε = {args.at:g})", "", to_markdown(by_size),
         "\n## References on the same splits", "", to_markdown(references),
         "\n## Every contender", "", to_markdown(summary.reset_index()),

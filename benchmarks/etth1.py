@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> Path | None:
           for a in ours.index if a.startswith("ablation_")),
         "Not like for like: the published models use a 7B (Time-LLM) or 124M (GPT-2) backbone, all its blocks, tens of "
         "epochs over every hourly window and a GPU; here the first "
-        f"{cfg.model.llm_layers} blocks of `{cfg.model.backbone}`, {cfg.train.max_steps} steps of batch {cfg.train.batch_size} on 2 CPU cores, and a quantile head scored on its median.",
+        f"{cfg.model.llm_layers} blocks of `{cfg.model.backbone}`, {cfg.train.max_steps} steps of batch {cfg.train.batch_size} "
+        "on 2 CPU cores, and a quantile head scored on its median.",
     ]
     extra = [
         f"config: `{args.config}`, overrides {overrides}; seed {cfg.model.seed}; channels {channels}",

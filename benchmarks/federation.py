@@ -88,7 +88,8 @@ def digest(n: int, run: dict[str, Any], load: dict[str, Any], wall: float, break
         "rejected": sum(len(r.get("rejected", [])) for r in history),
         "late": sum(len(r.get("late", [])) for r in history),
         "bytes_per_client_round": float(np.mean(sent)) if sent else float("nan"),
-        "bytes_per_round_all_clients_up": float(np.mean([sum(float(m["bytes-sent"]) for m in r["merchants"].values() if "bytes-sent" in m) for r in history])),
+        "bytes_per_round_all_clients_up": float(np.mean([
+            sum(float(m["bytes-sent"]) for m in r["merchants"].values() if "bytes-sent" in m) for r in history])),
         "adapter_bytes": summary["adapter_bytes"],
         "backbone_bytes": summary["backbone_bytes"],
         "round_train_s": round_s,
@@ -187,13 +188,16 @@ def describe(args: argparse.Namespace, info: dict[str, Any], results: list[dict[
     cfg = load_config(args.config, run_overrides(args, 1))  # the settings shown do not depend on the merchant count
     priv = cfg.privacy
     load_lines = "; ".join(
-        f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average (max {r['load_other_processes_cores_max']})"
+        f"{r['merchants']} merchants: other processes {r['load_other_processes_cores_mean']} cores on average "
+        f"(max {r['load_other_processes_cores_max']})"
         for r in results)
+    dp = (f"on (unit {priv.unit}, noise {priv.noise_multiplier}, clip {priv.max_grad_norm}, target ε {priv.target_epsilon})"
+          if priv.enabled else "off")
     extra = [
         f"concurrent load per run: {load_lines}",
         f"config: `{args.config}` + {run_overrides(args, 'N')}; backbone `{cfg.model.backbone}` ({cfg.model.llm_layers} blocks), "
         f"strategy {cfg.federation.strategy}, {args.rounds} rounds x {args.local_steps} local steps, batch {args.batch}, "
-        f"DP {'on (unit ' + priv.unit + f', noise {priv.noise_multiplier}, clip {priv.max_grad_norm}, target ε {priv.target_epsilon})' if priv.enabled else 'off'}",
+        f"DP {dp}",
         f"Flower simulation engine on Ray, 1 CPU per ClientApp (so about {info['nproc']} actors run at a time and "
         "merchants beyond that queue), seed 0, synthetic merchants (data.synthetic.n_merchants = N)",
         "bytes are tensor payload only (Flower/gRPC framing not counted); per-process RSS at the peak is in the JSON",

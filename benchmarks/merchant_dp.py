@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
     n = args.merchants
     base = {"model.backbone": "tiny", "model.llm_layers": 2, "data.synthetic.n_merchants": n, "data.synthetic.n_days": args.days,
             "data.max_series_per_merchant": args.series, "federation.num_merchants": n, "federation.num_rounds": args.rounds,
-            "federation.local_steps": args.local_steps, "federation.min_replies": n // 2, "privacy.enabled": False} | parse_overrides(args.set)
+            "federation.local_steps": args.local_steps, "federation.min_replies": n // 2,
+            "privacy.enabled": False} | parse_overrides(args.set)
     cfg = load_config(CONFIG, base)
     out = fresh_run_dir(Path(cfg.federation.out_dir) / "merchant_dp")
     contest, rows = Contest(), []
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> Path:
                    f"{cfg.federation.client_dp_delta}; unit-level DP-SGD off; overrides {base}",
                    "step kept: the share s²/(1 + s²) of each noised mean's step the server applies, s = n·√R/(z·√d) "
                    "(server/client_dp.py); initial_adapter: the seeded init every merchant starts from, never trained"]
-    payload = {"args": vars(args) | {"results": str(args.results)}, "runs": rows, "summary": summary_table.reset_index().to_dict(orient="records")}
+    payload = {"args": vars(args) | {"results": str(args.results)}, "runs": rows,
+               "summary": summary_table.reset_index().to_dict(orient="records")}
     return run.save("merchant_dp", f"Merchant-level DP with {n} merchants", extra_lines, body, payload, args.results)
 
 

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     tally = pd.DataFrame([tally_row(origin, group) for origin, group in per_merchant.groupby("origin")])
     print(per_merchant.to_string(), "\n", tally.to_string(), flush=True)
     extra = [f"config: `{args.config}`, overrides {overrides}; base: the shipped one that fits; "
-             f"{cfg.train.personal_refits} refits x {cfg.train.personal_steps} steps at lr {cfg.train.personal_lr}, train seed {cfg.train.seed}; "
+             f"{cfg.train.personal_refits} refits x {cfg.train.personal_steps} steps at lr {cfg.train.personal_lr}, "
+             f"train seed {cfg.train.seed}; "
              f"{args.origins} origin(s), one horizon ({cfg.data.horizon} steps) apart; "
              "loss: the model's mean pinball loss over the quantile levels, in the window's scale"]
     body = "\n".join([

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         summary = accuracy_summary(contest).set_index("model")
         for k in refits:
             mine = summary.loc[[f"refits_{k}_seed_{seed}" for seed in seeds]]
-            rows.append({"personal_refits": k, "wql_gmean_rel": mine["wql_gmean_rel"].mean(), "wql_gmean_rel_sd": mine["wql_gmean_rel"].std(),
+            rows.append({"personal_refits": k, "wql_gmean_rel": mine["wql_gmean_rel"].mean(),
+                         "wql_gmean_rel_sd": mine["wql_gmean_rel"].std(),
                          "wql_gmean_rel_min": mine["wql_gmean_rel"].min(), "wql_gmean_rel_max": mine["wql_gmean_rel"].max(),
                          "mase_gmean_rel": mine["mase_gmean_rel"].mean(), "coverage_80": mine["coverage_80"].mean()})
     spread = pd.DataFrame(rows)

@@ -279,7 +279,8 @@ def run_audit(p: dict[str, Any], seeds: list[int], epsilons: list[float], log=pr
                    "windows_per_series_max": int(windows_per_series[ordinary].max()), "training_period_windows": len(splits.train)},
         "reference": {**ref_info, "series": len(ref_members), "data_seed": data_seed + 10_000},
         "init_loss_mean": float(np.nanmean(init_loss[ordinary])), "ref_loss_mean": float(np.nanmean(ref_loss[ordinary])),
-        "base": str(pipeline.base.relative_to(PROJECT_ROOT)) if pipeline.base else "", "runs": runs, "torch_threads": torch.get_num_threads(),
+        "base": str(pipeline.base.relative_to(PROJECT_ROOT)) if pipeline.base else "", "runs": runs,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -346,8 +347,9 @@ def markdown_tables(summary: pd.DataFrame, result: dict[str, Any]) -> list[str]:
     n_candidates = result["runs"][0]["canaries_heldout"] + 1
     for _, r in summary.iterrows():
         for attack in ATTACKS:
-            lines.append(f"| {r['setting']} | {ATTACK_LABELS[attack]} | {r[f'{attack}:exposure_mean']:.2f} | {r[f'{attack}:exposure_median']:.2f} | "
-                         f"{r[f'{attack}:exposure_max']:.2f} | {r['exposure_possible']:.2f} | {r[f'{attack}:rank_mean']:.1f} of {n_candidates} |")
+            lines.append(f"| {r['setting']} | {ATTACK_LABELS[attack]} | {r[f'{attack}:exposure_mean']:.2f} | "
+                         f"{r[f'{attack}:exposure_median']:.2f} | {r[f'{attack}:exposure_max']:.2f} | {r['exposure_possible']:.2f} | "
+                         f"{r[f'{attack}:rank_mean']:.1f} of {n_candidates} |")
     inserted = result["runs"][0]["canaries_inserted"] * len(result["seeds"])
     lines += ["", (f"Over {inserted} inserted canaries ({result['runs'][0]['canaries_inserted']} per seed), each ranked among "
                    f"itself and the {n_candidates - 1} held-out canaries. A uniformly random rank gives about log2(e) = 1.44 bits "
@@ -362,7 +364,8 @@ def per_seed_table(result: dict[str, Any]) -> list[str]:
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["runs"]:
         sigma = f"{r['noise_multiplier']:.3f}" if r.get("noise_multiplier") else "-"
-        lines.append(f"| {r['seed']} | {r['setting']} | {sigma} | {r['steps_run']} | {r['train_s']:.0f} | {r['attacks']['loss']['auc']:.3f} | "
+        lines.append(f"| {r['seed']} | {r['setting']} | {sigma} | {r['steps_run']} | {r['train_s']:.0f} | "
+                     f"{r['attacks']['loss']['auc']:.3f} | "
                      f"{r['attacks']['loss_minus_init']['auc']:.3f} | {r['attacks']['loss_minus_ref']['auc']:.3f} | "
                      f"{', '.join(f'{e:.2f}' for e in r['canary_exposure']['loss'])} / "
                      f"{', '.join(f'{e:.2f}' for e in r['canary_exposure']['loss_minus_init'])} |")
@@ -414,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         f"the rest non-members; plus {s['canaries']} canaries (constant 20 with 6x spikes on random days, p = 0.08/day), "
         f"{p['insert']} inserted as members per seed"),
         (f"training: shared.train.fit, {p['steps']} steps, batch {p['batch']} (DP: Poisson-sampled series, expected batch "
-        f"{p['batch']}), AdamW lr {p['lr']} (DP steps: [privacy] lr {cfg['privacy']['lr']!r}, the table's lr), no early stopping; DP-SGD unit = series, max_grad_norm "
+        f"{p['batch']}), AdamW lr {p['lr']} (DP steps: [privacy] lr {cfg['privacy']['lr']!r}, the table's lr), no early stopping; "
+        "DP-SGD unit = series, max_grad_norm "
         f"{cfg['privacy']['max_grad_norm']}, δ = {result['delta']:g}, noise from get_noise_multiplier(ε, δ, q, steps, 'rdp'); "
         f"seeds {seeds} (the seed draws the member split, the inserted canaries and the non-DP batches; DP sampling and "
         "noise come from a fresh secret seed in shared.privacy, so DP rows do not repeat exactly)"),

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
         plain, plain_out, plain_s = federate(base, [], args.merchants, dropout)
         restarted, restarted_out, restarted_s = federate(base, stops, args.merchants, dropout)
         # a fixed σ: under "auto" each segment would plan σ for its own rounds only and spend the budget in the first
-        private, private_out, private_s = federate(base | {"privacy.enabled": True, "privacy.noise_multiplier": 1.5}, stops, args.merchants, dropout)
+        fixed_sigma = base | {"privacy.enabled": True, "privacy.noise_multiplier": 1.5}
+        private, private_out, private_s = federate(fixed_sigma, stops, args.merchants, dropout)
     a, b = final_adapter(plain_out), final_adapter(restarted_out)
     max_diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     ledgers = ledger_check(private, private_out, base | {"privacy.enabled": True})

@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         f"context {cfg.data.context}, horizon {cfg.data.horizon}, batch sizes {args.batch_sizes or cfg.train.batch_size} "
         f"(config: {cfg.train.batch_size}), prompt {m.prompt_max_tokens} tokens, "
         f"LoRA r={m.lora.r} on {list(m.lora.targets)}",
-        f"data: synthetic merchant `{next(iter(results.values()))['merchant']}` ({next(iter(results.values()))['train_windows']} training windows); "
+        f"data: synthetic merchant `{next(iter(results.values()))['merchant']}` "
+        f"({next(iter(results.values()))['train_windows']} training windows); "
         f"seed {args.seed}; {args.warmup} warm-up steps, then {args.steps} timed steps per measurement, step time = median "
         f"over the timed steps (means are in the JSON); "
         f"inference over {next(iter(results.values()))['predict_windows']} windows",

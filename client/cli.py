@@ -81,7 +81,8 @@ AdapterOption = Annotated[Path | None, typer.Option(help="adapter directory (def
 OutOption = Annotated[Path | None, typer.Option(help="output directory (default: the adapter directory)")]
 AdapterOutOption = Annotated[Path | None, typer.Option("--out", help="adapter directory (default: runs/local/<merchant>)")]
 ForceOption = Annotated[bool, typer.Option("--force", help="write the adapter into a folder of other files, over any of its names")]
-DpOption = Annotated[bool, typer.Option("--dp", help="train under DP-SGD (the privacy settings), spending the merchant's ledger: an adapter to share")]
+DpOption = Annotated[bool, typer.Option(
+    "--dp", help="train under DP-SGD (the privacy settings), spending the merchant's ledger: an adapter to share")]
 AcceptUntrainedOption = Annotated[bool, typer.Option("--accept-untrained", help="write the outputs even if nothing was trained")]
 
 
@@ -245,7 +246,8 @@ def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, ou
     frame = pipeline.predict_frame(splits, splits.future, calibration)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
-    fan_chart(splits.frame, frame, out / "forecast.png", f"{merchant}: forecast from {frame[DS].min().date()} (median, calibrated 80% band)")
+    title = f"{merchant}: forecast from {frame[DS].min().date()} (median, calibrated 80% band)"
+    fan_chart(splits.frame, frame, out / "forecast.png", title)
     typer.echo(f"forecast of {frame[ID].nunique()} series x {pipeline.cfg.data.horizon} steps written to {out / 'forecast.csv'}")
 
 
@@ -401,8 +403,10 @@ def stock(
     adapter: AdapterOption = None,
     out: OutOption = None,
     future: FutureOption = None,
-    service_level: Annotated[float, typer.Option(help="chance of not running out before the delivery, 0.5 to the model's top level")] = 0.95,
-    lead_time: Annotated[int, typer.Option(min=1, help="steps the stock must last: the supplier's lead time (+ days to the next order)")] = 7,
+    service_level: Annotated[float, typer.Option(
+        help="chance of not running out before the delivery, 0.5 to the model's top level")] = 0.95,
+    lead_time: Annotated[int, typer.Option(
+        min=1, help="steps the stock must last: the supplier's lead time (+ days to the next order)")] = 7,
     sets: SetOption = None,
     force: ForceOption = False,
 ) -> None:

@@ -100,7 +100,8 @@ def stand_in_history(table: SeriesTable, describe: Describe, k: int) -> SeriesTa
         if not new:
             continue
         if not donors:
-            log.warning("shop %s: no product with a full history to stand in for %s; they keep closed days before their first", merchant, new)
+            log.warning("shop %s: no product with a full history to stand in for %s; they keep closed days before their first",
+                        merchant, new)
             continue
         history = {s: shop[shop[ID] == s].set_index(DS) for s in donors}
         for uid in new:

@@ -310,7 +310,8 @@ class Forecaster(nn.Module):
         observed = (observed / mean_abs_scale(observed)).clamp(-MAX_SCALED, MAX_SCALED)
         channels = torch.cat([series, observed, known[:, :L]], dim=-1)
         patches = channels.unfold(1, P, S).flatten(2)  # [B, n_patches, channels * P]
-        patch_tokens = self.reprogram(self.patch_embed(patches) + self.patch_position(self._positions(batch, self.n_patches)), self.prototypes)
+        positions = self.patch_position(self._positions(batch, self.n_patches))
+        patch_tokens = self.reprogram(self.patch_embed(patches) + positions, self.prototypes)
         future = known[:, L:].unfold(1, P, P).flatten(2)  # [B, n_future, n_known * P]
         future_tokens = self.future_embed(future) + self.future_position(self._positions(batch, self.n_future))
         tokens = torch.cat([patch_tokens, future_tokens], dim=1)

@@ -7,8 +7,8 @@ promotions, holidays, closed days, intermittent products, visits) and adds what 
 shifts, dips after a promotion, stock-outs (zero sales on an open day), scales from single units to
 10^5, series that start late, and what store-level data has: a weekday some shops always close,
 shop-wide promotions on a fixed cycle, and the shop's total as a series of its own. Seeds are drawn
-from a range the embedded data never uses, so the corpus never holds a benchmark's series. `weekly` sums the days into weeks ending on Friday, as
-Walmart's data is.
+from a range the embedded data never uses, so the corpus never holds a benchmark's series. `weekly` sums
+the days into weeks ending on Friday, as Walmart's data is.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from __future__ import annotations
 import codecs
 import gzip
 import logging
-import warnings
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -175,7 +175,8 @@ def add_indicators(raw: pd.DataFrame, names: Iterable[str], source: str | Path =
         if unlisted.any():
             value = codes[unlisted].iloc[0]
             raise DataValidationError(
-                f'level {value!r} is not listed; add "{column}={value}" to the [data.columns] list of its other levels (listed: {sorted(named)})',
+                f'level {value!r} is not listed; add "{column}={value}" to the [data.columns] list of its other levels '
+                f'(listed: {sorted(named)})',
                 file=source, row=_spreadsheet_row(unlisted), column=column,
             )
         raw = raw.assign(**{name: (codes == level).astype(float) for level, name in named.items()})
@@ -453,7 +454,9 @@ def regularise(frame: pd.DataFrame, freq: str, fill: str, source: str | Path = "
     return pd.concat(pieces, ignore_index=True)
 
 
-def fit_short(frame: pd.DataFrame, min_length: int, policy: str, freq: str, source: str | Path = "<frame>") -> tuple[pd.DataFrame, dict[str, int]]:
+def fit_short(
+    frame: pd.DataFrame, min_length: int, policy: str, freq: str, source: str | Path = "<frame>",
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Series shorter than one training window, a validation and a test horizon: an error, dropped, or
     (`pad`, a shop or product that is new) preceded by closed days, which the model neither scales by
     nor learns from, so the forecast rests on the days that exist and on what the federation learnt;

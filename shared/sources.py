@@ -52,7 +52,8 @@ def one_merchant(table: SeriesTable, merchant: str | None) -> tuple[str, SeriesT
     """The named merchant's rows; without a name the table must hold exactly one merchant."""
     if merchant is None:
         if len(table.merchants()) != 1:
-            raise ConfigError(f"name the merchant (--merchant, or merchant=... in a SuperNode's node config); the data has {table.merchants()}")
+            raise ConfigError(f"name the merchant (--merchant, or merchant=... in a SuperNode's node config); "
+                              f"the data has {table.merchants()}")
         merchant = table.merchants()[0]
     return merchant, select_merchants(table, [merchant])
 

@@ -171,7 +171,8 @@ def baseline_run(tmp_path_factory) -> dict[str, Any]:
         # a fixed σ: the restart test extends this run by a round, which a σ planned ("auto") for two would refuse
         overrides = run_overrides(base, **{"privacy.enabled": True, "privacy.noise_multiplier": 1.5})
         cfg, summary = run(base, overrides, [Recorder(records)])
-        return {"base": base, "cfg": cfg, "overrides": overrides, "summary": json.loads(json.dumps(summary)), "records": read_records(records)}
+        return {"base": base, "cfg": cfg, "overrides": overrides, "summary": json.loads(json.dumps(summary)),
+                "records": read_records(records)}
 
     return memo("baseline", make)
 

@@ -15,7 +15,8 @@ from shared.schema import DS, ID, MERCHANT, OPEN, Y, prepare, quantile_column
 
 DAYS = 200
 PROFILE = 1 + 0.5 * np.sin(2 * np.pi * np.arange(DAYS) / 7)  # weekly shape, mean 1 over whole weeks
-ANALOGUES = {"data.short_series": "analogues", "data.columns.promo": [], "data.columns.holiday": [], "data.columns.observed": [], "data.columns.open": ""}
+ANALOGUES = {"data.short_series": "analogues", "data.columns.promo": [], "data.columns.holiday": [], "data.columns.observed": [],
+             "data.columns.open": ""}
 
 
 def _shop(levels: dict[str, float], new: str = "new", merchant: str = "m", new_days: int = 21) -> pd.DataFrame:

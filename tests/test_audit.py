@@ -87,6 +87,7 @@ def test_canaries_are_constant_with_spikes():
     assert len(set(spikes)) == 3  # each canary's secret spike days differ
 
 
+@pytest.mark.slow  # ~4 s on 2 cores: trains a non-DP and a DP model
 def test_tiny_audit_catches_a_memorising_non_dp_model():
     # 60 steps at a high learning rate: the tiny non-DP model memorises its ~10 member series (AUC ~1 on seeds 0-4)
     settings = {"merchants": 1, "days": 140, "stride": 7, "steps": 60, "canaries": 5, "insert": 1, "backbone": "tiny",

@@ -42,7 +42,8 @@ def _assert_well_formed(forecast: pd.DataFrame, history: pd.DataFrame) -> None:
     assert (np.diff(values, axis=1) >= 0).all(), "quantiles cross"
     last = history.groupby([MERCHANT, ID])[DS].max()
     expected = pd.concat(
-        [pd.DataFrame({MERCHANT: m, ID: u, DS: pd.date_range(t + pd.Timedelta(days=1), periods=H, freq="D")}) for (m, u), t in last.items()],
+        [pd.DataFrame({MERCHANT: m, ID: u, DS: pd.date_range(t + pd.Timedelta(days=1), periods=H, freq="D")})
+         for (m, u), t in last.items()],
         ignore_index=True,
     )
     pd.testing.assert_frame_equal(forecast[[MERCHANT, ID, DS]], expected, check_dtype=False)
@@ -108,6 +109,7 @@ def test_lightgbm_needs_every_future_covariate() -> None:
         lightgbm(history, H, SEASON, LEVELS, known=["promo"], future_known=test.iloc[1:].drop(columns=Y))
 
 
+@pytest.mark.slow  # ~4 s on 2 cores: starts worker processes
 def test_worker_processes_give_the_same_forecasts_as_one_after_another() -> None:
     """`jobs` only buys time: each series (ETS) or merchant (LightGBM) is fitted alone either way."""
     history, test = _split(_promo_panel(n=80))

@@ -63,7 +63,8 @@ def _history(rounds: int) -> list[dict[str, Any]]:
 
 
 def _moments(model: Forecaster, value: float) -> StrategyState:
-    return StrategyState({f"{name}/{k}": np.full(s, value, dtype=np.float32) for name in ("m_t", "v_t") for k, s in shared_shapes(model).items()})
+    return StrategyState({f"{name}/{k}": np.full(s, value, dtype=np.float32)
+                          for name in ("m_t", "v_t") for k, s in shared_shapes(model).items()})
 
 
 def _two_checkpoints(model: Forecaster, out: Path) -> None:

@@ -198,6 +198,7 @@ def test_local_saves_a_calibration_and_scores_the_test_split_before_and_after_it
     assert set(meta["test_calibrated"]) == set(meta["test"])
 
 
+@pytest.mark.slow  # ~35 s on 2 cores: calibrates from scratch
 def test_anomalies_calibrates_a_bare_adapter_and_finds_an_injected_spike(local_run: Path, tmp_path: Path) -> None:
     """A federated adapter comes without calibration.json: the merchant's own validation windows calibrate it."""
     bare = tmp_path / "adapter"
@@ -250,6 +251,7 @@ def test_local_trains_without_dp_and_says_so(local_result: tuple[Path, Result]) 
     assert json.loads((out / "meta.json").read_text())["epsilon"] is None
 
 
+@pytest.mark.slow  # ~6 s on 2 cores: three CLI runs
 def test_a_dp_run_on_a_spent_budget_writes_nothing_unless_accepted(tmp_path: Path) -> None:
     ledgers = {"privacy.ledger_dir": f'"{tmp_path / "ledgers"}"'}
     first = invoke("train", "--merchant", "shop_00", "--out", str(tmp_path / "first"), "--dp", **ledgers)

@@ -51,7 +51,8 @@ def _task_identity(monkeypatch):
 
 
 def _cfg(**federation: Any):
-    return load_config(overrides={"federation.num_merchants": 3, "federation.min_replies": 2, **{f"federation.{k}": v for k, v in federation.items()}})
+    return load_config(overrides={"federation.num_merchants": 3, "federation.min_replies": 2,
+                                  **{f"federation.{k}": v for k, v in federation.items()}})
 
 
 def _norm(update: dict[str, np.ndarray]) -> float:
@@ -94,7 +95,8 @@ def global_() -> dict[str, np.ndarray]:
 def test_guard_sees_raw_replies_before_the_dp_wrapper_clips(global_) -> None:
     np.random.seed(0)
     strategy = make_strategy(_cfg(client_dp="server_fixed", client_dp_noise=1e-9, client_dp_clip=1.0, max_update_norm=50.0), SHAPES)
-    assert [c.__name__ for c in type(strategy).__mro__[1:4]] == ["GuardedAggregation", "ClientLevelDP", "DifferentialPrivacyServerSideFixedClipping"]
+    wrappers = [c.__name__ for c in type(strategy).__mro__[1:4]]
+    assert wrappers == ["GuardedAggregation", "ClientLevelDP", "DifferentialPrivacyServerSideFixedClipping"]
     assert strategy.strategy.weighted_by_key == DP_WEIGHT  # the wrapped FedAvg averages with weight 1 each
     rng = np.random.default_rng(0)
     good = [_random(rng, 3.0), _random(rng, 0.5)]
@@ -161,7 +163,8 @@ def test_client_fixed_rejects_an_update_that_was_not_clipped(global_) -> None:
 def test_adaptive_clip_grows_when_updates_are_clipped_and_noise_uses_the_clip_applied(global_) -> None:
     np.random.seed(3)
     # a (nearly) noiseless count, which Flower only allows with an even smaller noise multiplier (z < 2 σ_b)
-    strategy = make_strategy(_cfg(client_dp="server_adaptive", client_dp_noise=1e-9, client_dp_clip=0.1, client_dp_count_stddev=1e-6), SHAPES)
+    cfg = _cfg(client_dp="server_adaptive", client_dp_noise=1e-9, client_dp_clip=0.1, client_dp_count_stddev=1e-6)
+    strategy = make_strategy(cfg, SHAPES)
     rng = np.random.default_rng(3)
     clips = [strategy.clipping_norm]
     for _ in range(3):  # every update is far longer than the bound: Andrew et al.'s rule raises it
@@ -244,7 +247,8 @@ def test_legacy_bridge_serves_fitins_with_the_unchanged_train_function() -> None
         seen["keys"] = list(m.content["arrays"].keys())
         seen["config"] = dict(m.content["config"])
         trained = {k: np.asarray(v.numpy()) + 1 for k, v in reversed(list(m.content["arrays"].items()))}  # any key order
-        return Message(RecordDict({"arrays": float32_arrays(trained), "metrics": MetricRecord({"train-loss": 0.5, "num-examples": 77})}), reply_to=m)
+        metrics = MetricRecord({"train-loss": 0.5, "num-examples": 77})
+        return Message(RecordDict({"arrays": float32_arrays(trained), "metrics": metrics}), reply_to=m)
 
     reply = legacy_bridge_mod(msg, _context(), train)
     assert seen == {"keys": keys, "config": {"server-round": 2, "local-steps": 3}}
@@ -268,7 +272,8 @@ def test_legacy_bridge_serves_evaluateins_and_raises_declines() -> None:
     res = compat.recorddict_to_evaluateres(legacy_bridge_mod(msg, _context(), evaluate).content)
     assert (res.loss, res.num_examples, res.metrics["mase"]) == (0.25, 9, 1.5)
 
-    fit = Message(compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), {ADAPTER_KEYS: "w"}), True), dst_node_id=1, message_type=MessageType.TRAIN)
+    fit_ins = FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), {ADAPTER_KEYS: "w"})
+    fit = Message(compat.fitins_to_recorddict(fit_ins, True), dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(RuntimeError, match="code 901"):
         legacy_bridge_mod(fit, _context(), lambda m, _c: Message(Error(code=901, reason="privacy budget spent"), reply_to=m))
 

@@ -39,7 +39,8 @@ def test_pinball_by_hand() -> None:
     np.testing.assert_allclose(losses, [[0.1 * 2, 0.0, 0.1 * 3]])
 
 
-@given(st.floats(-1e3, 1e3, allow_subnormal=False), st.floats(-1e3, 1e3, allow_subnormal=False), st.floats(0.01, 0.99))  # a subnormal x level underflows to 0
+# a subnormal x level underflows to 0
+@given(st.floats(-1e3, 1e3, allow_subnormal=False), st.floats(-1e3, 1e3, allow_subnormal=False), st.floats(0.01, 0.99))
 def test_pinball_weighs_under_forecasts_by_level_and_over_forecasts_by_one_minus_level(y: float, q: float, level: float) -> None:
     loss = pinball(np.array([y]), np.array([[q]]), [level])[0, 0]
     assert loss == pytest.approx(level * (y - q) if y >= q else (1 - level) * (q - y))

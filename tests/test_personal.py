@@ -27,6 +27,7 @@ def _personal_names(pipeline: ForecastPipeline) -> set[str]:
     return {name for name, _ in pipeline.model.named_parameters() if _is_personal(name)}
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: refits and reruns
 def test_personalise_moves_only_the_output_layers_and_keeps_what_helps(tiny_cfg, synthetic_table) -> None:
     """Without latest windows the rerun for the chosen steps retraces the refit exactly: the layers kept
     score on validation what the check measured."""
@@ -47,6 +48,7 @@ def _without_latest(splits: Splits) -> Splits:
     return dataclasses.replace(splits, latest=splits.latest.subset(np.arange(0)))
 
 
+@pytest.mark.slow  # ~55 s on 2 cores
 def test_the_refit_kept_learns_from_the_latest_windows_that_validation_did_not_choose_with(tiny_cfg, synthetic_table) -> None:
     """Validation chooses the steps and whether to keep the refit; the layers kept are then refitted
     with the latest windows too: their targets change the layers, not the choice."""
@@ -76,6 +78,7 @@ def test_a_refit_that_does_not_help_is_not_kept(tiny_cfg, synthetic_table) -> No
     assert all(torch.equal(start[k], end[k]) for k in start)
 
 
+@pytest.mark.slow  # ~30 s each on 2 cores
 @pytest.mark.parametrize("shared", [["llm"], ["llm", "head"]])
 def test_the_output_layers_refit_in_or_out_of_the_shared_part_and_it_stays_as_it_was(tiny_cfg, synthetic_table, shared) -> None:
     """Outside [model] shared the output layers are frozen for the federation: the refit still moves
@@ -91,6 +94,7 @@ def test_the_output_layers_refit_in_or_out_of_the_shared_part_and_it_stays_as_it
     assert set(shared_parameters(pipeline.model)) == sharing
 
 
+@pytest.mark.slow  # ~45 s on 2 cores
 def test_several_refits_are_kept_as_the_average_of_their_output_layers(tiny_cfg, synthetic_table) -> None:
     """The output layers are linear in their features, so averaging the refits' weights averages their
     forecasts: with two refits the kept layers are the mean of the two refits made one at a time."""
@@ -114,6 +118,7 @@ def test_several_refits_are_kept_as_the_average_of_their_output_layers(tiny_cfg,
         torch.testing.assert_close(value, (alone[0][name] + alone[1][name]) / 2)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores
 def test_merchants_refitted_together_get_what_each_gets_alone(tiny_cfg) -> None:
     """A simulation refits all its merchants in one batched refit (shared.personal.personal_fits): each
     must end where it would refitting alone on its own machine, and the global adapter stays as it was."""

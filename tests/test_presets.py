@@ -76,6 +76,7 @@ def test_online_retail(retail):
 
 @needs_retail
 def test_online_retail_preset_narrows_by_config():
-    cfg = load_config(PROJECT_ROOT / "configs" / "online_retail.toml", {"data.merchants": ["United_Kingdom"], "data.max_series_per_merchant": 2})
+    cfg = load_config(PROJECT_ROOT / "configs" / "online_retail.toml",
+                      {"data.merchants": ["United_Kingdom"], "data.max_series_per_merchant": 2})
     frame = load_preset("online_retail", cfg.data)
     assert frame["unique_id"].unique().tolist() == ["United_Kingdom/22423", "United_Kingdom/85123A"]

@@ -30,6 +30,7 @@ def base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the `base` fixture pretrains, ~5 s on 2 cores
 def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes(base: Path) -> None:
     progress = json.loads((base / "llm" / "progress.json").read_text())
     assert progress["steps"] == 4 and [h["step"] for h in progress["history"]] == [2, 4]
@@ -44,6 +45,7 @@ def test_pretraining_writes_an_adapter_a_loss_curve_and_a_model_card_and_resumes
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # uses the pretraining `base` fixture
 def test_a_config_starts_from_a_base_that_fits_and_refuses_one_that_does_not(base: Path) -> None:
     cfg = load_config(None, SMALL | {"model.base": str(base)})
     pipeline = ForecastPipeline.from_config(cfg)
@@ -78,12 +80,14 @@ def test_the_corpus_holds_no_benchmark_test_period_and_fills_the_config_slots() 
 
 def test_a_corpus_of_public_presets_alone_keeps_prior_shops_for_validation_only(monkeypatch) -> None:
     cfg = load_config(None, SMALL | {"pretrain.shops": 0, "pretrain.validation_shops": 2})
-    public = in_slots(retail_prior(1, seed=5).assign(merchant_id="public_shop"), cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
+    shop = retail_prior(1, seed=5).assign(merchant_id="public_shop")
+    public = in_slots(shop, cfg, {"promo": "promo", "holiday": "holiday"}, ["visits"], "open")
     monkeypatch.setattr("server.pretrain.public_frames", lambda cfg: [public])
     train, validation = corpus(cfg)
     assert train.merchants() == ["public_shop"] and validation.merchants() == ["prior_00000", "prior_00001"]
 
 
+@pytest.mark.slow  # uses the pretraining `base` fixture
 def test_the_base_meets_the_same_prototypes_under_any_run_seed(base: Path, synthetic_table) -> None:
     """The prototypes used to follow model.seed, so a base trained under seed 0 met other prototypes
     under seed 1 and forecast worse; they are now the backbone's, whatever the run's seed."""

@@ -356,7 +356,8 @@ def test_ledger_is_charged_the_rate_opacus_samples_with(make_forecaster, tmp_pat
 
     # Poisson sampling of units: each batch holds distinct units, on average rate * units of them
     sizes, rng = [], torch.Generator().manual_seed(0)
-    sampler = DPDataLoader.from_data_loader(DataLoader(WindowDataset(splits.train, privacy.units), batch_size=3), generator=rng).batch_sampler
+    loader = DataLoader(WindowDataset(splits.train, privacy.units), batch_size=3)
+    sampler = DPDataLoader.from_data_loader(loader, generator=rng).batch_sampler
     for _, indices in zip(range(400), sampler):
         assert len(set(indices)) == len(indices)
         sizes.append(len(indices))
@@ -526,7 +527,8 @@ def test_a_bad_pin_is_a_config_error(node_config: dict[str, Any]) -> None:
 
 
 def test_units_are_ordered_by_what_they_protect() -> None:
-    assert unit_strength("day") == unit_strength("window-1") < unit_strength("window-7") < unit_strength("window-28") < unit_strength("series")
+    assert (unit_strength("day") == unit_strength("window-1") < unit_strength("window-7") < unit_strength("window-28")
+            < unit_strength("series"))
 
 
 @pytest.mark.parametrize(("asked", "refused"), [({"unit": "day"}, True), ({"unit": "window", "window_days": 3}, True),

@@ -44,8 +44,8 @@ def _frame(n: int = 5, uid: str = "a", start: str = "2024-01-01", **extra) -> pd
 
 
 def _config(**overrides):
-    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.promo": [], "data.columns.holiday": [], "data.columns.known": [],
-                                  "data.columns.observed": [], "data.columns.open": "", **overrides})
+    return load_config(overrides={"data.context": 14, "data.horizon": 7, "data.columns.promo": [], "data.columns.holiday": [],
+                                  "data.columns.known": [], "data.columns.observed": [], "data.columns.open": "", **overrides})
 
 
 def _error(call, *args, **kwargs) -> DataValidationError:
@@ -249,7 +249,8 @@ def test_negative_flag_adds_an_observed_column():
     frame = to_long(_with_negatives(), COLUMNS, SOURCE, negative="flag")
     assert frame[Y].tolist() == [1, -2, 3, -5, 5]
     assert frame[NEGATIVE_FLAG].tolist() == [0, 1, 0, 1, 0]
-    raw = pd.concat([_with_negatives().assign(ds=pd.date_range("2024-01-01", periods=5).strftime("%Y-%m-%d")), _frame(40, start="2024-01-06")], ignore_index=True)
+    negatives = _with_negatives().assign(ds=pd.date_range("2024-01-01", periods=5).strftime("%Y-%m-%d"))
+    raw = pd.concat([negatives, _frame(40, start="2024-01-06")], ignore_index=True)
     table = prepare(raw, _config(**{"data.negative": "flag"}).data, SOURCE)
     assert table.observed == (NEGATIVE_FLAG,) and NEGATIVE_FLAG in table.frame
     assert table.frame[NEGATIVE_FLAG].sum() == 2
@@ -422,8 +423,8 @@ def test_column_mapping_from_arbitrary_names(tmp_path):
     n = 40
     dates = pd.date_range("2024-03-01", periods=n, freq="D")
     raw = pd.concat(
-        [pd.DataFrame({"Store": store, "Date": dates.strftime("%d %b %Y"), "Sales": np.arange(n) + 100.0 * k, "Promo": (np.arange(n) % 7 == 0) * 1,
-                       "Open": (np.arange(n) % 7 != 6) * 1})
+        [pd.DataFrame({"Store": store, "Date": dates.strftime("%d %b %Y"), "Sales": np.arange(n) + 100.0 * k,
+                       "Promo": (np.arange(n) % 7 == 0) * 1, "Open": (np.arange(n) % 7 != 6) * 1})
          for k, store in enumerate(["s1", "s2"])],
         ignore_index=True,
     )

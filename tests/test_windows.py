@@ -187,8 +187,8 @@ def test_history_before_test_and_test_actuals(splits, ramp_table):
 @pytest.mark.filterwarnings("error::DeprecationWarning")
 def test_history_and_actuals_are_ready_for_pandas_3(splits):
     """groupby().apply over the grouping column is deprecated: pandas 3 drops ID from its result."""
-    splits.history_before_test()
-    splits.test_actuals()
+    history, actuals = splits.history_before_test(), splits.test_actuals()
+    assert set(history[ID]) == set(actuals[ID]) == set(splits.series_ids)
 
 
 def test_known_covariates_reach_into_the_horizon(splits, ramp_table):
