@@ -141,7 +141,8 @@ def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: in
     rows = []
     for attack in ATTACKS:
         for target in ("old ceiling", "new clip"):
-            row = {"merchants": merchants, "attack": attack, "norm": target, "honest_moved": float(np.linalg.norm(honest["old guard"][0][-1]))}
+            row = {"merchants": merchants, "attack": attack, "norm": target,
+                   "honest_moved": float(np.linalg.norm(honest["old guard"][0][-1]))}
             for name, cfg in configs.items():
                 def attacker(r: int, norms: np.ndarray, attack: str = attack, target: str = target) -> np.ndarray:
                     return attack_update(attack, attack_norm(target, configs["new guard"], norms), r, cohort.attack_direction)
@@ -198,10 +199,11 @@ def end_to_end(rounds: int, seed: int, overrides: dict[str, Any]) -> dict[str, A
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| merchants | attack | attacker's norm just under | old guard: last | largest | new guard: last | largest | honest run moved | "
-             "honest updates clipped (new) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['old guard largest']:.4g} | {r['new guard']:.4g} | "
-              f"{r['new guard largest']:.4g} | {r['honest_moved']:.4g} | {r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
+    lines = ["| merchants | attack | attacker's norm just under | old guard: last | largest | new guard: last | largest | "
+             "honest run moved | honest updates clipped (new) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['merchants']} | {r['attack']} | {r['norm']} | {r['old guard']:.4g} | {r['old guard largest']:.4g} | "
+              f"{r['new guard']:.4g} | {r['new guard largest']:.4g} | {r['honest_moved']:.4g} | "
+              f"{r['honest_clipped']} of {r['honest_updates']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> Path:
     overrides = parse_overrides(args.set)
     dims = shared_size(ForecastPipeline.from_config(load_config(TINY, overrides)).model)
     with Run("benchmarks.attack", argv, threads=1) as run:
-        rows = [row for n in (int(m) for m in args.merchants.split(",")) for row in measure(n, args.rounds, dims, args.honest_norm, args.seed, overrides)]
+        rows = [row for n in (int(m) for m in args.merchants.split(","))
+                for row in measure(n, args.rounds, dims, args.honest_norm, args.seed, overrides)]
         real = end_to_end(args.end_to_end, args.seed, overrides) if args.end_to_end else None
     cfg = load_config(TINY, overrides)
     extra = [

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             federated = federate(run_cfg, len(splits))
             d = federated.summary["shared_size"]
             add_federated(contest, label, federated, pipeline, splits, time.time() - started, personal=True)
-            plan = noise_plan(run_cfg, splits, d) if epsilon is not None else {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr}
+            plan = (noise_plan(run_cfg, splits, d) if epsilon is not None
+                    else {"sigma": 0.0, "signal_to_noise": float("inf"), "dp_lr": cfg.train.lr})
             rows.append({"run": label, "shared": part, "d": d, "epsilon": epsilon or float("inf"), **plan})
             print(f"[dp_shared] {label}: d {d}, {plan}", flush=True)
     summary = accuracy_summary(contest).set_index("model")

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             name = "shopcast" if variant == "llm" else f"ablation_{variant}"
             seconds[name] = time.time() - t
             rows.append({"model": name, **errors(median, test.target), "steps": result.steps, "seconds": seconds[name]})
-            print(f"[etth1] {name}: {rows[-1]['mse']:.3f} MSE, {rows[-1]['mae']:.3f} MAE after {result.steps} steps, {seconds[name]:.0f} s", flush=True)
+            print(f"[etth1] {name}: {rows[-1]['mse']:.3f} MSE, {rows[-1]['mae']:.3f} MAE after {result.steps} steps, "
+                  f"{seconds[name]:.0f} s", flush=True)
             del pipeline
         context = test.context
         rows.append({"model": "repeat last value", **errors(np.repeat(context[:, -1:], H, axis=1), test.target)})

@@ -159,7 +159,8 @@ def main() -> None:
              f"({kept['Date'].min().date()} to {kept['Date'].max().date()})")
     extra = [given, "`shopcast local` wall time for the three stores, per seed: " + ", ".join(f"{s:.0f} s" for s in seconds)]
     run.save("first_hour", "A merchant's first hour on a daily store export (UCI Online Retail, three stores)", extra, body,
-             {"summary": every.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"), "config": readme_config()}, args.results)
+             {"summary": every.to_dict(orient="records"), "per_store": per_store.to_dict(orient="records"),
+              "config": readme_config()}, args.results)
 
 
 if __name__ == "__main__":

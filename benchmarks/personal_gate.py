@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             for merchant, s in merchant_splits(pipeline, seen).items():
                 pipeline.restore(base)
                 test_before = pipeline.loss(s.test)
-                val_before, val_after, steps = pipeline.personalise(s)  # the refits the check chose, before the rerun with the latest windows
+                # the refits the check chose, before the rerun with the latest windows
+                val_before, val_after, steps = pipeline.personalise(s)
                 test_after = pipeline.loss(s.test)
                 rows.append({"origin": origin, "test_ends": str(s.test_actuals()[DS].max().date()), "merchant": merchant,
                              "train_windows": len(s.train), "val_windows": len(s.val), "kept": steps > 0, "steps": steps,

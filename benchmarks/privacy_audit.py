@@ -143,7 +143,8 @@ def pooled_table(cfg, n_merchants: int, n_days: int, seed: int, n_canaries: int 
 
 
 def series_losses(pipeline, windows, n_series: int) -> np.ndarray:
-    """Mean per-window pinball loss (Forecaster.loss, in units of each window's step change) of each series over `windows`; NaN where none."""
+    """Mean per-window pinball loss (Forecaster.loss, in units of each window's step change) of each series over `windows`;
+    NaN where none."""
     per_window = pipeline.window_losses(windows)
     total = np.bincount(windows.series, weights=per_window, minlength=n_series)
     count = np.bincount(windows.series, minlength=n_series)

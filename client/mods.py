@@ -65,9 +65,11 @@ def legacy_bridge_mod(msg: Message, ctxt: Context, call_next: Callable) -> Messa
     if is_fit:
         state = reply.content["arrays"]
         parameters = ndarrays_to_parameters([np.asarray(state[k].numpy()) for k in keys])
-        reply.content = compat.fitres_to_recorddict(FitRes(status=ok, parameters=parameters, num_examples=1, metrics=metrics), keep_input=True)
+        reply.content = compat.fitres_to_recorddict(FitRes(status=ok, parameters=parameters, num_examples=1, metrics=metrics),
+                                                    keep_input=True)
     else:
-        res = EvaluateRes(status=ok, loss=float(metrics.get("wql", float("nan"))), num_examples=int(metrics.get("num-examples", 1)), metrics=metrics)
+        res = EvaluateRes(status=ok, loss=float(metrics.get("wql", float("nan"))), num_examples=int(metrics.get("num-examples", 1)),
+                          metrics=metrics)
         reply.content = compat.evaluateres_to_recorddict(res)
     return reply
 

@@ -71,7 +71,8 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         "adapter_bytes": pipeline.shared_bytes(),  # of one message, each way: the shared part
         "shared_size": shared_size(pipeline.model),  # the numbers that train and travel: d under DP-SGD
         "backbone_bytes": backbone_bytes(pipeline.model),
-        "privacy": {"enabled": cfg.privacy.enabled, "unit": ledger_unit(cfg.privacy), "delta": cfg.privacy.delta, "target_epsilon": cfg.privacy.target_epsilon},
+        "privacy": {"enabled": cfg.privacy.enabled, "unit": ledger_unit(cfg.privacy), "delta": cfg.privacy.delta,
+                    "target_epsilon": cfg.privacy.target_epsilon},
         "history": strategy.history,
     }
     fed = cfg.federation

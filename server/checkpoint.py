@@ -151,10 +151,12 @@ def load_checkpoint(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: 
             problems.append(f"{directory}: {type(exc).__name__}: {exc}")
             continue
         if problems:
-            log.warning("newest checkpoint unusable (%s); resuming from %s after round %d", "; ".join(problems), directory, len(checkpoint.history))
+            log.warning("newest checkpoint unusable (%s); resuming from %s after round %d",
+                        "; ".join(problems), directory, len(checkpoint.history))
             _set_aside(out_dir / CURRENT, out_dir / CORRUPT)
         return checkpoint
-    raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}): restore one, or use a new out_dir for a new federation")
+    raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}): "
+                          "restore one, or use a new out_dir for a new federation")
 
 
 def _finish_commit(out_dir: Path, adapter: dict[str, tuple[int, ...]], shared: dict[str, tuple[int, ...]]) -> None:

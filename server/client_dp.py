@@ -51,7 +51,8 @@ def check_privacy_options(cfg: Config) -> None:
             raise ConfigError("[federation] client-level DP needs client_dp_noise > 0, client_dp_clip > 0 and 0 < client_dp_delta < 1")
     if fed.secagg:
         if fed.strategy not in _SECAGG_STRATEGIES:
-            raise ConfigError(f"[federation] secagg = true gives the server only the mean of the adapters; strategy must be fedavg or fedprox, not {fed.strategy!r}")
+            raise ConfigError("[federation] secagg = true gives the server only the mean of the adapters; "
+                              f"strategy must be fedavg or fedprox, not {fed.strategy!r}")
         if fed.client_dp in ("server_fixed", "server_adaptive"):
             raise ConfigError(
                 "[federation] secagg = true hides each merchant's update from the server, so the server cannot clip it: "
@@ -74,7 +75,8 @@ def client_epsilon(noise_multipliers: list[float], delta: float) -> float:
     return float(eps)
 
 
-def release_record(mode: str, clip: float, update_noise: float, cohort: int, release_noise: float, delta: float, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+def release_record(mode: str, clip: float, update_noise: float, cohort: int, release_noise: float, delta: float,
+                   earlier: list[dict[str, Any]]) -> dict[str, Any]:
     """What a round record keeps about one noised release, with the ε any one merchant has spent so far."""
     released = [r["client_dp"]["release_noise_multiplier"] for r in earlier if "client_dp" in r]
     return {
@@ -106,7 +108,8 @@ class ClientLevelDP:
         replies = [self._equal_weight(msg) for msg in replies if self._within_clip(server_round, msg)]
         self._current["accepted"] = len(replies)
         if len(replies) < self.min_replies:
-            log.warning("round %d: %d updates within the client clip < min_replies %d; global adapter unchanged", server_round, len(replies), self.min_replies)
+            log.warning("round %d: %d updates within the client clip < min_replies %d; global adapter unchanged",
+                        server_round, len(replies), self.min_replies)
             return None, None
         self.num_sampled_clients = len(replies)
         clip, update_noise = self.clipping_norm, self.noise_multiplier
@@ -114,7 +117,8 @@ class ClientLevelDP:
         if arrays is not None:
             earlier = [r for r in self.history if r is not self._current]
             release_noise = self._release_noise_multiplier(update_noise)
-            self._current["client_dp"] = release_record(self.client_dp_mode, clip, update_noise, len(replies), release_noise, self.client_dp_delta, earlier)
+            self._current["client_dp"] = release_record(self.client_dp_mode, clip, update_noise, len(replies), release_noise,
+                                                        self.client_dp_delta, earlier)
             arrays, self._current["client_dp"]["step"] = self._scaled_step(arrays, update_noise, len(replies))
         self._apply_pending_clip()
         return arrays, metrics

@@ -145,7 +145,8 @@ def npy_values(data: bytes, shape: tuple[int, ...], kinds: str, itemsize: int | 
 def check_record_names(content: RecordDict, arrays: Sequence[str]) -> None:
     """A reply holds the ArrayRecords `arrays`, one MetricRecord "metrics" and nothing else."""
     if list(content.array_records) != list(arrays) or list(content.metric_records) != ["metrics"] or content.config_records:
-        raise ReplyRejected(f"expected ArrayRecords {list(arrays)} and one MetricRecord 'metrics', got arrays {sorted(content.array_records)}, "
+        raise ReplyRejected(f"expected ArrayRecords {list(arrays)} and one MetricRecord 'metrics', "
+                            f"got arrays {sorted(content.array_records)}, "
                             f"metrics {sorted(content.metric_records)} and configs {sorted(content.config_records)}")
 
 
@@ -153,7 +154,8 @@ def checked_arrays(content: RecordDict, expected: dict[str, tuple[int, ...]]) ->
     """The adapter of a train reply, if its ArrayRecord "arrays" holds exactly the expected tensors, each decodable."""
     arrays = content.array_records["arrays"]
     if set(arrays) != set(expected):
-        raise ReplyRejected(f"adapter keys differ: missing {sorted(set(expected) - set(arrays))[:3]}, unexpected {sorted(set(arrays) - set(expected))[:3]}")
+        raise ReplyRejected(f"adapter keys differ: missing {sorted(set(expected) - set(arrays))[:3]}, "
+                            f"unexpected {sorted(set(arrays) - set(expected))[:3]}")
     decoded = {}
     for name in expected:
         try:
@@ -417,7 +419,8 @@ class GuardedAggregation:
         self._current["wall_s"] = time.time() - self._started
         self.history.append(self._current)
         if len(messages) < self.min_replies or sum(weights) <= 0:
-            log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged", server_round, len(messages), self.min_replies)
+            log.warning("round %d: %d valid replies < min_replies %d; global adapter unchanged",
+                        server_round, len(messages), self.min_replies)
             return None, None
         # the run's round, not this start's: FedAdam corrects its moments' bias by it
         arrays, aggregated = super().aggregate_train(server_round + self.round_offset, messages)

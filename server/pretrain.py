@@ -125,7 +125,8 @@ batch {p.batch_size}, lr {p.lr}, {progress['seconds'] / 60:.1f} min on {progress
   patches {m.patch_len}/{m.patch_stride}, prompt {m.prompt_max_tokens if m.prompt else 0} tokens, known slots {m.known_slots},
   observed slots {m.observed_slots}, quantiles {list(m.quantiles)}
 - corpus: {train.frame[MERCHANT].nunique()} shops, {train.frame[ID].nunique()} series, {len(train.frame):,} steps
-  ({p.shops} synthetic retail-prior shops drawn, shared/prior.py, seed {p.seed}, those shorter than context + 3 horizons dropped; public: {list(p.public) or 'none'}, without the
+  ({p.shops} synthetic retail-prior shops drawn, shared/prior.py, seed {p.seed}, those shorter than context + 3 horizons dropped; \
+public: {list(p.public) or 'none'}, without the
   merchants a benchmark scores and without every series' last two horizons); {p.windows_per_shop} training windows per shop
 - validation: {validation.frame[ID].nunique()} series of {p.validation_shops} held-out prior shops (their validation windows)
 

@@ -99,7 +99,8 @@ class SecAggAggregation(LegacyFedAvg):
     `on_round(server_round, {name: array})` runs after every round (the checkpoint).
     """
 
-    def __init__(self, cfg: Config, initial: dict[str, np.ndarray], history: list[dict[str, Any]], on_round: Callable[[int, dict[str, np.ndarray]], None]) -> None:
+    def __init__(self, cfg: Config, initial: dict[str, np.ndarray], history: list[dict[str, Any]],
+                 on_round: Callable[[int, dict[str, np.ndarray]], None]) -> None:
         fed = self.fed = cfg.federation
         self.keys, self.history, self.on_round = list(initial), history, on_round
         self.expected = {k: tuple(v.shape) for k, v in initial.items()}
@@ -173,7 +174,8 @@ class SecAggAggregation(LegacyFedAvg):
         self._current["accepted"], self._current["halted"] = len(results), False
         self._current["wall_s"] = time.time() - self._started
         if len(results) < fed.min_replies:
-            log.warning("round %d: %d merchants in the secure sum < min_replies %d; global adapter unchanged", server_round, len(results), fed.min_replies)
+            log.warning("round %d: %d merchants in the secure sum < min_replies %d; global adapter unchanged",
+                        server_round, len(results), fed.min_replies)
             return None, {}
         mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters), strict=True))  # every FitRes holds the mean
         reason = update_rejection(mean, self.expected, self._global, fed.max_update_norm)
@@ -183,7 +185,8 @@ class SecAggAggregation(LegacyFedAvg):
             return None, {}
         edge = max(float(np.abs(v).max()) for v in mean.values())
         if edge >= fed.secagg_clipping_range:
-            log.warning("adapter values reach the SecAgg+ clipping range %g (max |x| = %.3g); raise secagg_clipping_range", fed.secagg_clipping_range, edge)
+            log.warning("adapter values reach the SecAgg+ clipping range %g (max |x| = %.3g); raise secagg_clipping_range",
+                        fed.secagg_clipping_range, edge)
         arrays = [mean[k].astype(self._global[k].dtype, copy=True) for k in self.keys]
         if fed.client_dp == "client_fixed":  # central noise on the unmasked mean of client-clipped updates
             add_gaussian_noise_inplace(arrays, fed.client_dp_noise * fed.client_dp_clip / len(results))

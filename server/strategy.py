@@ -18,7 +18,8 @@ _BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian":
 def make_strategy(cfg: Config, expected: dict[str, tuple[int, ...]], history: list[dict[str, Any]] | None = None) -> FedAvg:
     fed = cfg.federation
     base = _BASES[fed.strategy]
-    kwargs: dict[str, Any] = {"min_train_nodes": fed.min_replies, "min_evaluate_nodes": fed.min_replies, "min_available_nodes": fed.min_replies}
+    kwargs: dict[str, Any] = {"min_train_nodes": fed.min_replies, "min_evaluate_nodes": fed.min_replies,
+                              "min_available_nodes": fed.min_replies}
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy == "fedadam":

@@ -73,8 +73,9 @@ Names = Annotated[tuple[str, ...], _LIST_AS_TUPLE]
 AutoOrPositive = Annotated[float | Literal["auto"], Rule('either "auto" or a number above 0',
                                                         lambda value: value == "auto" or value > 0)]
 Variant = Literal["llm", "no_llm", "attention", "random_llm"]
-Quantiles = Annotated[tuple[float, ...], _LIST_AS_TUPLE, Rule("increasing, each strictly between 0 and 1, one of them 0.5",
-                                                             lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs))]
+Quantiles = Annotated[tuple[float, ...], _LIST_AS_TUPLE,
+                      Rule("increasing, each strictly between 0 and 1, one of them 0.5",
+                           lambda qs: 0.5 in qs and list(qs) == sorted(set(qs)) and all(0 < q < 1 for q in qs))]
 
 # Strict: TOML's `true` is no count, 2.5 no integer and "8" no number (an integer is still a float);
 # no inf or nan, which would surface only as a diverged run.
@@ -162,7 +163,8 @@ class DataConfig:
     decimal: Character = "."
     encoding: Annotated[str, Rule('a text encoding Python knows, e.g. "utf-8", "latin-1" or "cp1252"', _is_encoding)] = "utf-8"
     # strftime, e.g. "%d.%m.%Y"; "auto" infers one format for the whole column
-    date_format: Annotated[str, Rule('"auto" or a strftime format such as "%d.%m.%Y"', lambda value: value == "auto" or "%" in value)] = "auto"
+    date_format: Annotated[str, Rule('"auto" or a strftime format such as "%d.%m.%Y"',
+                                     lambda value: value == "auto" or "%" in value)] = "auto"
     max_abs_value: Positive = 1e9  # a sale or covariate beyond it is an error naming its cell, never trained on
     columns: Columns = field(default_factory=lambda: SYNTHETIC_COLUMNS)  # source = "file" starts from Columns() (load_config)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -270,7 +272,8 @@ class FederationConfig:
     out_dir: NotEmpty = "runs/demo"
     # client-level DP (whole merchant protected, on top of the per-unit DP-SGD above); see docs/privacy.md
     client_dp: Literal["off", "server_fixed", "server_adaptive", "client_fixed"] = "off"
-    client_dp_noise: NonNegative = 1.0  # noise multiplier z of the Gaussian mechanism on the averaged update; > 0 once client_dp is on (server/client_dp.py)
+    # noise multiplier z of the Gaussian mechanism on the averaged update; > 0 once client_dp is on (server/client_dp.py)
+    client_dp_noise: NonNegative = 1.0
     client_dp_clip: Positive = 1.0  # L2 bound on one merchant's update (initial bound for server_adaptive)
     client_dp_delta: OpenUnit = 1e-5
     client_dp_target_quantile: Annotated[float, Ge(0), Le(1)] = 0.5  # server_adaptive: share of updates the bound should leave unclipped
@@ -491,7 +494,8 @@ def _check_documented(documented: dict[str, Any], path: Path) -> None:
     defaults = _leaves(dataclasses.asdict(Config()))
     for key, value in _leaves(documented).items():
         if key not in defaults or defaults[key] != value:
-            raise ConfigError(f"{path.name} sets {key} = {value!r}, but it only documents the defaults (here {defaults.get(key, 'no such key')!r}); "
+            raise ConfigError(f"{path.name} sets {key} = {value!r}, but it only documents the defaults "
+                              f"(here {defaults.get(key, 'no such key')!r}); "
                               f"set it in your own config file or with {key}=... on the command line")
 
 

@@ -58,7 +58,8 @@ def input_shape(cfg: Config, table: SeriesTable | None = None) -> SeriesShape:
     elif data.freq == "auto":
         raise ConfigError('[data] freq = "auto" is decided by the data; set it (e.g. "D", "W-FRI") to size the model without data')
     else:  # prepare emits exactly the configured covariates, plus the negative-sales flag under negative = "flag"
-        freq, n_known, n_observed = data.freq, len(known_channel_names(data.columns)), len(data.columns.observed) + (data.negative == "flag")
+        freq, n_known, n_observed = (data.freq, len(known_channel_names(data.columns)),
+                                     len(data.columns.observed) + (data.negative == "flag"))
     n_known, n_observed = _slots(n_known, cfg.model.known_slots, "known"), _slots(n_observed, cfg.model.observed_slots, "observed")
     n_calendar = calendar_features(pd.date_range("2020-01-06", periods=2, freq=freq), freq).shape[1]
     return SeriesShape(data.context, data.horizon, n_known=n_calendar + 1 + n_known, n_observed=n_observed,  # + the open flag
@@ -120,7 +121,8 @@ def _base_mismatch(folder: Path, cfg: Config, shape: SeriesShape) -> list[str]:
     """The settings in which the adapter in `folder` differs from what `cfg` builds ([] when it fits)."""
     meta = json.loads((folder / "meta.json").read_text())
     mine = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
-    differ = [f"model.{key} = {mine[key]!r} (base: {meta['model'].get(key)!r})" for key in BASE_MUST_MATCH if meta["model"].get(key) != mine[key]]
+    differ = [f"model.{key} = {mine[key]!r} (base: {meta['model'].get(key)!r})" for key in BASE_MUST_MATCH
+              if meta["model"].get(key) != mine[key]]
     return differ + [f"shape {key} = {value} (base: {meta['shape'].get(key)})" for key, value in dataclasses.asdict(shape).items()
                      if meta["shape"].get(key) != value]
 

@@ -25,7 +25,9 @@ log = logging.getLogger("shopcast.demo")
 
 @user_errors
 def main(
-    config: Annotated[Path, typer.Option(help="TOML config; keys not set fall back to configs/default.toml")] = Path("configs/default.toml"),
+    config: Annotated[
+        Path, typer.Option(help="TOML config; keys not set fall back to configs/default.toml")
+    ] = Path("configs/default.toml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set federation.num_rounds=2")] = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)  # Ray's import set a handler

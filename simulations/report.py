@@ -102,7 +102,8 @@ def write_report(out: Path, contest: Contest, summary: dict[str, Any], context: 
         ]
     else:
         lines.append("DP is **off** in this run: no ε guarantee (only raw data stays local).")
-    per_round = rounds.groupby("round").agg(wall_s=("wall_s", "first"), bytes_per_client=("bytes-sent", "mean"), replies=("merchant", "count"))
+    per_round = rounds.groupby("round").agg(wall_s=("wall_s", "first"), bytes_per_client=("bytes-sent", "mean"),
+                                            replies=("merchant", "count"))
     lines += [
         "",
         "## Traffic and time",

@@ -126,7 +126,8 @@ def test_an_edited_default_toml_is_one_line_not_silently_ignored(tmp_path: Path,
     edited = tmp_path / "default.toml"
     edited.write_text(DEFAULT_CONFIG.read_text().replace("llm_layers = 2 ", "llm_layers = 6 "))
     monkeypatch.setattr("shared.config.DEFAULT_CONFIG", edited)
-    with pytest.raises(ConfigError, match=r"^default.toml sets model.llm_layers = 6, but it only documents the defaults \(here 2\); [^\n]*$"):
+    with pytest.raises(ConfigError, match=r"^default.toml sets model.llm_layers = 6, but it only documents the defaults "
+                                          r"\(here 2\); [^\n]*$"):
         load_config(edited)
 
 

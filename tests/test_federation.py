@@ -158,7 +158,8 @@ def faults(tmp_path_factory):
     records = base / "records"
     records.mkdir()
     overrides = run_overrides(base, **{"federation.num_rounds": 4, "federation.strategy": "fedmedian", "privacy.enabled": False})
-    n_coordinates = sum(math.prod(s) for s in shared_shapes(ForecastPipeline.from_config(load_config(TINY_CONFIG, overrides)).model).values())
+    n_coordinates = sum(math.prod(s)
+                        for s in shared_shapes(ForecastPipeline.from_config(load_config(TINY_CONFIG, overrides)).model).values())
     shift = SHIFT_NORM / math.sqrt(n_coordinates)
     mods = [
         Recorder(records, keep_incoming=True),  # outermost: records what actually leaves the merchant
