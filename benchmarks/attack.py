@@ -47,7 +47,7 @@ from server.strategy import make_strategy
 from shared.adapter import shared_size
 from shared.config import PROJECT_ROOT, Config, load_config, parse_overrides
 from shared.pipeline import ForecastPipeline
-from simulations.federated import simulate
+from simulations.federated import federate
 
 TINY = PROJECT_ROOT / "configs" / "tiny.toml"
 KEY = "adapter"  # the adapter as one flat tensor: the guard and FedAvg see only its norm and its mean
@@ -102,7 +102,7 @@ def attack_norm(target: str, cfg: Config, honest_norms: np.ndarray) -> float:
     return 0.999 * fed.median_norm_clip * float(np.sort(honest_norms)[(merchants - 1) // 2])
 
 
-def federate(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], np.ndarray] | None) -> tuple[list[np.ndarray], int]:
+def guarded_rounds(cfg: Config, cohort: Cohort, attacker: Callable[[int, np.ndarray], np.ndarray] | None) -> tuple[list[np.ndarray], int]:
     """The global adapter after each round of `cohort` (the last merchant replaced by `attacker(round,
     honest norms)` where given), and how many honest updates the guard clipped."""
     rounds, merchants, dims = cohort.updates.shape
@@ -137,7 +137,7 @@ def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: in
     cohort = Cohort.draw(merchants, rounds, dims, honest_norm, seed)
     guards = {"old guard": {"federation.median_norm_clip": 0.0}, "new guard": {}}
     configs = {name: load_config(TINY, {"federation.min_replies": 1, **overrides, **extra}) for name, extra in guards.items()}
-    honest = {name: federate(cfg, cohort, None) for name, cfg in configs.items()}
+    honest = {name: guarded_rounds(cfg, cohort, None) for name, cfg in configs.items()}
     rows = []
     for attack in ATTACKS:
         for target in ("old ceiling", "new clip"):
@@ -147,7 +147,7 @@ def measure(merchants: int, rounds: int, dims: int, honest_norm: float, seed: in
                 def attacker(r: int, norms: np.ndarray, attack: str = attack, target: str = target) -> np.ndarray:
                     return attack_update(attack, attack_norm(target, configs["new guard"], norms), r, cohort.attack_direction)
 
-                attacked, _ = federate(cfg, cohort, attacker)
+                attacked, _ = guarded_rounds(cfg, cohort, attacker)
                 gaps = [float(np.linalg.norm(a - h)) for a, h in zip(attacked, honest[name][0], strict=True)]
                 row[name], row[f"{name} largest"] = gaps[-1], max(gaps)
             rows.append(row)
@@ -188,8 +188,9 @@ def end_to_end(rounds: int, seed: int, overrides: dict[str, Any]) -> dict[str, A
         for label, mods in (("honest", ()), ("attacked", (attacker,))):
             out = Path(tempfile.mkdtemp(prefix="shopcast_attack_"))
             run = base | extra | {"federation.out_dir": str(out / "federated"), "privacy.ledger_dir": str(out / "ledgers")}
-            summary = simulate(load_config(TINY, run), TINY, run, 3, make_app((*mods, client_privacy_mod)))
-            finals[name, label] = load_file(str(out / "federated" / "final_adapter" / "adapter.safetensors"))
+            federated = federate(load_config(TINY, run), 3, make_app((*mods, client_privacy_mod)))
+            summary = federated.summary
+            finals[name, label] = load_file(str(federated.adapter_dir / "adapter.safetensors"))
             if label == "honest" and name == "new guard":
                 clipped = sum(len(h.get("norm_clip", {}).get("clipped", [])) for h in summary["history"])
     return {"merchants": 3, "rounds": rounds, "old guard": adapter_distance(finals["old guard", "attacked"], finals["old guard", "honest"]),

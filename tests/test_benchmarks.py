@@ -7,6 +7,7 @@ file with its own column names and weekly frequency is benchmarked without touch
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fed_helpers import enter_task
 
 from benchmarks import accuracy, etth1, personal_gate
 from benchmarks.merchant_dp import noise_for_merchants, release_noise
@@ -253,3 +255,20 @@ def test_an_earlier_origin_cuts_every_series_by_the_same_steps(synthetic_table) 
     before, after = (t.frame.groupby(ID)[DS].agg(["max", "size"]) for t in (synthetic_table, cut))
     assert (after["size"] == before["size"] - 14).all()
     assert (after["max"] == before["max"] - pd.Timedelta(days=14)).all()
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (PROJECT_ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_imports(module: str) -> None:
+    """A benchmark no test runs still must not break on a rename elsewhere (attack.py once imported a
+    function the facade had renamed)."""
+    importlib.import_module(f"benchmarks.{module}")
+
+
+def test_one_in_bound_attacker_moves_the_mean_far_less_with_the_median_clip(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.attack import measure
+
+    enter_task(monkeypatch)
+    rows = measure(merchants=3, rounds=4, dims=16, honest_norm=0.003, seed=0, overrides={})
+    steady = next(r for r in rows if r["attack"] == "steady" and r["norm"] == "old ceiling")
+    assert steady["new guard"] < 0.01 * steady["old guard"]
+    assert steady["new guard"] < 10 * steady["honest_moved"]
