@@ -182,6 +182,19 @@ def mean_scores(scores: pd.DataFrame) -> dict[str, float]:
     return scores[list(METRICS)].mean().round(4).to_dict()
 
 
+def start_training(config: Path | None, merchant: str | None, out: Path | None, sets: list[str] | None,
+                   force: bool) -> tuple[str, SeriesTable, ForecastPipeline, Path]:
+    """What `train` and `local` start from: the merchant's table, a pipeline from the base that fits, and
+    the adapter folder, checked before anything is trained or spent."""
+    cfg = read_config(config, sets)
+    merchant, table = merchant_table(cfg, merchant)
+    out = out or Path("runs/local") / merchant
+    check_out(out, adapter=True, force=force)
+    pipeline = ForecastPipeline.from_config(cfg, table)
+    pipeline.progress = progress_bars
+    return merchant, table, pipeline, out
+
+
 def train_model(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path, dp: bool, accept_untrained: bool) -> Calibration:
     """Early-stopped local training (fixed length under DP), then the calibration, test-split scores
     before and after it, and the adapter with its calibration.json."""
@@ -239,11 +252,16 @@ def check_trained(result: TrainResult, accept_untrained: bool) -> None:
                 fg=typer.colors.YELLOW, err=True)
 
 
-def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path, calibration: Calibration) -> None:
-    """The horizon after the last date: forecast.csv and a fan chart under `out`."""
+def future_forecast(pipeline: ForecastPipeline, splits: Splits, calibration: Calibration) -> pd.DataFrame:
+    """The calibrated forecast of the horizon after the last date, saying what it assumed where no plan spoke."""
     if splits.assumed:
         typer.secho(f"warning: where --future plans nothing, {splits.assumed}", fg=typer.colors.YELLOW, err=True)
-    frame = pipeline.predict_frame(splits, splits.future, calibration)
+    return pipeline.predict_frame(splits, splits.future, calibration)
+
+
+def write_forecast(pipeline: ForecastPipeline, merchant: str, splits: Splits, out: Path, calibration: Calibration) -> None:
+    """The horizon after the last date: forecast.csv and a fan chart under `out`."""
+    frame = future_forecast(pipeline, splits, calibration)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
     title = f"{merchant}: forecast from {frame[DS].min().date()} (median, calibrated 80% band)"
@@ -312,12 +330,7 @@ def train(
     force: ForceOption = False,
 ) -> None:
     """Train an adapter on one merchant's data; writes the adapter, its calibration and its test-split scores."""
-    cfg = read_config(config, sets)
-    merchant, table = merchant_table(cfg, merchant)
-    out = out or Path("runs/local") / merchant
-    check_out(out, adapter=True, force=force)
-    pipeline = ForecastPipeline.from_config(cfg, table)
-    pipeline.progress = progress_bars
+    merchant, table, pipeline, out = start_training(config, merchant, out, sets, force)
     train_model(pipeline, merchant, pipeline.splits(table), out, dp, accept_untrained)
 
 
@@ -353,13 +366,8 @@ def local(
     force: ForceOption = False,
 ) -> None:
     """Train on one merchant's data, then forecast its next horizon: the quick start."""
-    cfg = read_config(config, sets)
-    merchant, table = merchant_table(cfg, merchant)
-    out = out or Path("runs/local") / merchant
-    check_out(out, adapter=True, force=force)
-    pipeline = ForecastPipeline.from_config(cfg, table)
-    pipeline.progress = progress_bars
-    splits = pipeline.splits(table, read_future(future, cfg, table))
+    merchant, table, pipeline, out = start_training(config, merchant, out, sets, force)
+    splits = pipeline.splits(table, read_future(future, pipeline.cfg, table))
     calibration = train_model(pipeline, merchant, splits, out, dp, accept_untrained)
     write_forecast(pipeline, merchant, splits, out, calibration)
 
@@ -416,7 +424,7 @@ def stock(
     choice); order the order-up-to level less the stock on hand and on order.
     """
     run = load_trained(config, merchant, adapter, out, future, sets, force)
-    frame = run.pipeline.predict_frame(run.splits, run.splits.future, run.calibration)
+    frame = future_forecast(run.pipeline, run.splits, run.calibration)
     try:
         levels = stock_levels(frame, run.pipeline.cfg.model.quantiles, service_level, lead_time)
     except ValueError as exc:

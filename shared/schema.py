@@ -322,6 +322,8 @@ def _read_dates(text: pd.Series, date_format: str) -> pd.Series:
 
 def _format_name(date_format: str) -> str:
     return "ISO 8601 (e.g. 2024-01-31)" if date_format == ISO else repr(date_format)
+
+
 def require_columns(raw: pd.DataFrame, names: Iterable[str], columns: Columns, source: str | Path) -> None:
     """Every named column in the file (for `Column=level`, its column): else one line naming those the
     file lacks beside those it has, never the indicator columns shopcast makes from them."""
