@@ -133,16 +133,21 @@ def _fitting(folder: Path, base: str, cfg: Config, shape: SeriesShape) -> Path:
     return folder
 
 
+def _listed_bases(variant: str) -> list[Path]:
+    """The shipped bases of `variant` that the meta.json files beside this code list, in name order."""
+    return [meta.parent for meta in sorted(SHIPPED_BASES.glob(f"*/{variant}/meta.json"))]
+
+
 def _shipped_base(cfg: Config, shape: SeriesShape) -> Path | None:
     """The first shipped base that fits, decided by the meta.json files beside this code (the app bundle
     carries them too, fab-include), its weights from the first root that has them. A base that fits but
     whose weights are nowhere is an error: the SuperLink and the SuperNodes would otherwise start from
     different models, or all from the seeded init, without a word."""
-    listed = sorted(SHIPPED_BASES.glob(f"*/{cfg.model.variant}/meta.json"))
+    listed = _listed_bases(cfg.model.variant)
     if not listed:
         log.warning('[model] base = "auto": %s lists no shipped base; the model starts from the seeded init', SHIPPED_BASES)
         return None
-    fits = next((meta.parent for meta in listed if not _base_mismatch(meta.parent, cfg, shape)), None)
+    fits = next((folder for folder in listed if not _base_mismatch(folder, cfg, shape)), None)
     if fits is None:
         return None
     relative = fits.relative_to(PROJECT_ROOT)
@@ -337,7 +342,7 @@ class ForecastPipeline:
 
     def _closest_base(self) -> str:
         """The shipped base of this variant that differs in the fewest settings, and how."""
-        shipped = [f.parent for f in sorted(SHIPPED_BASES.glob(f"*/{self.cfg.model.variant}/meta.json"))]
+        shipped = _listed_bases(self.cfg.model.variant)
         if not shipped:
             return f"none ships for variant {self.cfg.model.variant!r}"
         differ, folder = min(((_base_mismatch(f, self.cfg, self.model.shape), f) for f in shipped), key=lambda pair: len(pair[0]))
