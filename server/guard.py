@@ -31,6 +31,7 @@ metrics) that checkpoints and the report read. The helpers below serve the SecAg
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -232,10 +233,15 @@ class Instructions:
     def __init__(self, messages: Sequence[Message]) -> None:
         self.messages, self.answered = list(messages), set()
 
+    @functools.cached_property
+    def sent(self) -> set[tuple[str, int]]:
+        """(message id, addressee) of every message, taken at the first reply, once the ids exist."""
+        return {(m.metadata.message_id, m.metadata.dst_node_id) for m in self.messages}
+
     def bind(self, reply: Message) -> None:
         """Raises ReplyRejected unless `reply` is the first answer to one of these messages, from its addressee."""
         pair = (reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        sent = {(m.metadata.message_id, m.metadata.dst_node_id) for m in self.messages}
+        sent = self.sent
         if pair not in sent:
             addressees = sorted(node for message_id, node in sent if message_id == pair[0])
             raise ReplyRejected(f"reply from node {pair[1]} to an instruction sent to node {addressees[0]}" if addressees
